@@ -1,0 +1,37 @@
+# make install: .venv with the pinned requirements (reinstalled only when requirements.txt changes)
+# make demo:    the whole pipeline on the built-in synthetic dataset, on a CPU, in a few minutes
+# make test:    the test suite
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-requirements
+DEMO := outputs/demo
+
+.PHONY: install demo test lint clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	cp requirements.txt $(STAMP)
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+demo: install
+	$(PY) data_preparation.py --make_synthetic --overwrite --raw_data $(DEMO)/raw --preprocessed_data $(DEMO)/preprocessed \
+		--dataset Synthetic --synthetic_size 120x180 --size 64x96
+	$(PY) train.py --config config/cpu.json --preprocessed_data $(DEMO)/preprocessed --dataset Synthetic \
+		--model_dir $(DEMO)/model --overwrite
+	$(PY) batch_scoring.py --preprocessed_data $(DEMO)/preprocessed --dataset Synthetic --model_dir $(DEMO)/model \
+		--scored_data $(DEMO)/scored --overwrite
+	$(PY) fit_anoms.py --scored_data $(DEMO)/scored --model_path $(DEMO)/anoms --overwrite
+
+clean:
+	rm -rf outputs .pytest_cache

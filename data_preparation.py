@@ -1,0 +1,82 @@
+"""Stage 1: read videos, resize, split by video, and hickle the frames to HDF5.
+
+    python data_preparation.py --raw_data data --preprocessed_data data/preprocessed --dataset UCSDped2
+    python data_preparation.py --make_synthetic --raw_data data/raw --dataset Synthetic --size 64x96
+
+See docs/data_preparation.md for the expected folder tree, the custom-video layout and the outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from models.cli import run
+from models.data.index import resolve_root
+from models.data.prepare import PrepareConfig, prepare
+from models.data.synthetic import SyntheticSpec, make_synthetic
+from models.io import atomic_dir
+from models.shapes import parse_size
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--raw_data", default="data", help="folder holding the dataset (or UCSD_Anomaly_Dataset.v1p2/)")
+    p.add_argument("--preprocessed_data", default="data/preprocessed", help="where to write <dataset>/")
+    p.add_argument("--dataset", default="UCSDped2", help="dataset folder name, e.g. UCSDped1, UCSDped2, Synthetic")
+    p.add_argument("--size", default="152x232", help="HEIGHTxWIDTH to resize to (must divide by 2^(n_layers-1))")
+    p.add_argument("--n_layers", type=int, default=4, help="PredNet layers the frame size must suit")
+    p.add_argument("--channels", default="auto", choices=["auto", "1", "3"], help="1 grey, 3 RGB, auto keeps the source's")
+    p.add_argument("--val_fraction", type=float, default=0.15, help="fraction of normal videos held out for validation")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compression", default="gzip", choices=["gzip", "lzf", "none"], help="HDF5 compression")
+    p.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    g = p.add_argument_group("synthetic dataset")
+    g.add_argument("--make_synthetic", action="store_true", help="first write the synthetic UCSD-like dataset to --raw_data")
+    g.add_argument("--synthetic_size", default="120x180", help="HEIGHTxWIDTH of the synthetic source frames")
+    g.add_argument("--synthetic_train_videos", type=int, default=8)
+    g.add_argument("--synthetic_test_videos", type=int, default=4)
+    g.add_argument("--synthetic_frames", type=int, default=120, help="frames per synthetic video")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out_dir = Path(args.preprocessed_data) / args.dataset
+    if args.make_synthetic:
+        h, w = parse_size(args.synthetic_size)
+        spec = SyntheticSpec(h, w, args.synthetic_train_videos, args.synthetic_test_videos, args.synthetic_frames, args.seed)
+        target = Path(args.raw_data) / "UCSD_Anomaly_Dataset.v1p2" / args.dataset
+        with atomic_dir(target, args.overwrite) as tmp:
+            # Written beside the target, then renamed into place.
+            staging = make_synthetic(tmp / "staging", args.dataset, spec)
+            for item in staging.iterdir():
+                item.rename(tmp / item.name)
+            for leftover in sorted((tmp / "staging").rglob("*"), reverse=True):
+                leftover.rmdir()
+            (tmp / "staging").rmdir()
+        print(f"wrote synthetic dataset to {target}")
+    config = PrepareConfig(
+        size=parse_size(args.size),
+        n_layers=args.n_layers,
+        channels=args.channels,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        compression=None if args.compression == "none" else args.compression,
+        workers=args.workers,
+    )
+    root = resolve_root(args.raw_data, args.dataset)
+    meta = prepare(root, out_dir, config, overwrite=args.overwrite, argv=sys.argv[1:] if argv is None else argv)
+    frames = meta["frames"]
+    print(
+        f"{args.dataset}: {frames['train']} train / {frames['val']} val / {frames['test']} test frames "
+        f"({len(meta['videos']['train'])}/{len(meta['videos']['val'])}/{len(meta['videos']['test'])} videos), "
+        f"{meta['height']}x{meta['width']}x{meta['channels']}, {meta['frames_per_second']:.0f} frames/s -> {out_dir}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,1 @@
+"""Reading videos, the synthetic dataset, and the preprocessed store."""

@@ -1,0 +1,205 @@
+"""Index of a video anomaly dataset on disk: which videos, which frames, which labels.
+
+UCSD layout (Ped1, Ped2; https://www.svcl.ucsd.edu/projects/anomaly/dataset.htm)::
+
+    UCSD_Anomaly_Dataset.v1p2/
+        UCSDped2/
+            Train/
+                Train001/001.tif 002.tif ...     normal videos, one folder of frames each
+            Test/
+                Test001/001.tif ...               test videos
+                Test001_gt/001.bmp ...            optional pixel masks of the anomalies
+                UCSDped2.m                        frame-level ground truth, one line per test video:
+                                                  TestVideoFile{end+1}.gt_frame = [61:180];
+
+Custom layout: the same `Train/` and `Test/` folders, where each video is either a folder of frames
+(any format Pillow reads: .tif, .jpg, .png, .bmp) or a video file (.mp4, .avi, .mov, .mkv), and the
+test labels are a UCSD-style `.m` file (entries in sorted video order) or `Test/labels.csv`::
+
+    video,start_frame,end_frame        1-based and inclusive; several rows per video allowed;
+    cam_03,61,180                      a test video without rows is all normal
+
+`build_index` turns such a tree into a list of `Video` records that the rest of the code consumes.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from models.errors import PipelineError
+
+FRAME_SUFFIXES = (".tif", ".tiff", ".jpg", ".jpeg", ".png", ".bmp")
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv")
+UCSD_URL = "http://www.svcl.ucsd.edu/projects/anomaly/dataset.htm"
+EXPECTED_TREE = """\
+    <raw_data>/UCSD_Anomaly_Dataset.v1p2/<dataset>/Train/Train001/001.tif ...
+    <raw_data>/UCSD_Anomaly_Dataset.v1p2/<dataset>/Test/Test001/001.tif ...
+    <raw_data>/UCSD_Anomaly_Dataset.v1p2/<dataset>/Test/<dataset>.m"""
+
+
+@dataclass
+class Video:
+    """One video of the dataset.
+
+    Attributes:
+        name: unique name, e.g. 'Train001' or 'cam_03'.
+        split: 'train' (normal videos, later split into train and val) or 'test'.
+        path: the frame folder or the video file.
+        frames: the frame files in order, or None for a video file.
+        ranges: anomalous frame ranges (1-based, inclusive) of a test video with labels, else None.
+        mask_dir: folder of per-frame pixel masks, if the dataset has one.
+    """
+
+    name: str
+    split: str
+    path: Path
+    frames: list[Path] | None = None
+    ranges: list[tuple[int, int]] | None = None
+    mask_dir: Path | None = None
+    mask_frames: list[Path] = field(default_factory=list)
+
+
+def parse_m_file(path: str | Path) -> list[list[tuple[int, int]]]:
+    """Parses UCSD ground truth: one list of (start, end) ranges per `gt_frame` entry, in file order.
+
+    Accepts several ranges and single frames per entry, e.g. `[1:52, 65:115]` or `[5 7:9]`.
+    """
+    path = Path(path)
+    text = path.read_text(errors="replace")
+    entries = re.findall(r"gt_frame\s*=\s*\[([^\]]*)\]", text)
+    if not entries:
+        raise PipelineError(f"No 'gt_frame = [...]' entries found in label file {path}.")
+    result = []
+    for i, body in enumerate(entries, 1):
+        ranges = []
+        for token in re.split(r"[\s,;]+", body.strip()):
+            if not token:
+                continue
+            m = re.fullmatch(r"(\d+)(?::(\d+))?", token)
+            if not m:
+                raise PipelineError(f"Entry {i} of {path} has an unreadable range {token!r}.")
+            start = int(m.group(1))
+            end = int(m.group(2) or start)
+            if start < 1 or end < start:
+                raise PipelineError(f"Entry {i} of {path} has an invalid range {token!r} (1-based, start <= end).")
+            ranges.append((start, end))
+        result.append(ranges)
+    return result
+
+
+def parse_labels_csv(path: str | Path) -> dict[str, list[tuple[int, int]]]:
+    """Parses `video,start_frame,end_frame` rows (1-based, inclusive) into ranges per video."""
+    path = Path(path)
+    ranges: dict[str, list[tuple[int, int]]] = {}
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        missing = {"video", "start_frame", "end_frame"} - set(reader.fieldnames or [])
+        if missing:
+            raise PipelineError(f"Label file {path} lacks the column(s) {sorted(missing)}; expected video,start_frame,end_frame.")
+        for line, row in enumerate(reader, 2):
+            try:
+                start, end = int(row["start_frame"]), int(row["end_frame"])
+            except (TypeError, ValueError):
+                raise PipelineError(f"Line {line} of {path}: frame numbers must be integers. Received: {row}") from None
+            if start < 1 or end < start:
+                raise PipelineError(f"Line {line} of {path}: invalid range {start}-{end} (1-based, start <= end).")
+            ranges.setdefault(row["video"].strip(), []).append((start, end))
+    return ranges
+
+
+def resolve_root(raw_data: str | Path, dataset: str) -> Path:
+    """Finds the dataset folder: `<raw_data>/<dataset>` or `<raw_data>/UCSD_Anomaly_Dataset.v1p2/<dataset>`."""
+    raw_data = Path(raw_data)
+    for candidate in (raw_data / dataset, raw_data / "UCSD_Anomaly_Dataset.v1p2" / dataset):
+        if (candidate / "Train").is_dir() or (candidate / "Test").is_dir():
+            return candidate
+    raise PipelineError(
+        f"Dataset {dataset!r} not found under {raw_data}: no Train/ or Test/ folder in {raw_data / dataset} "
+        f"or {raw_data / 'UCSD_Anomaly_Dataset.v1p2' / dataset}. Get UCSD from {UCSD_URL}, unpack it into "
+        f"{raw_data}, and check the tree:\n{EXPECTED_TREE}\n"
+        "Or make the synthetic dataset with --make_synthetic."
+    )
+
+
+def _frame_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in FRAME_SUFFIXES)
+
+
+def _list_videos(split_dir: Path, split: str) -> list[Video]:
+    videos = []
+    for entry in sorted(split_dir.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            if entry.name.endswith("_gt"):
+                continue
+            frames = _frame_files(entry)
+            if not frames:
+                raise PipelineError(f"Video folder {entry} has no frames ({', '.join(FRAME_SUFFIXES)}).")
+            video = Video(entry.name, split, entry, frames=frames)
+            gt = split_dir / f"{entry.name}_gt"
+            if gt.is_dir():
+                video.mask_dir, video.mask_frames = gt, _frame_files(gt)
+            videos.append(video)
+        elif entry.suffix.lower() in VIDEO_SUFFIXES:
+            videos.append(Video(entry.stem, split, entry))
+    return videos
+
+
+def _attach_labels(test_dir: Path, videos: list[Video]) -> None:
+    m_files = sorted(test_dir.glob("*.m"))
+    csv_file = test_dir / "labels.csv"
+    if csv_file.is_file():
+        table = parse_labels_csv(csv_file)
+        unknown = sorted(set(table) - {v.name for v in videos})
+        if unknown:
+            raise PipelineError(f"Label file {csv_file} names videos that are not in {test_dir}: {unknown}.")
+        for v in videos:
+            v.ranges = table.get(v.name, [])
+    elif m_files:
+        if len(m_files) > 1:
+            raise PipelineError(f"Several .m label files in {test_dir}: {[p.name for p in m_files]}; keep one.")
+        entries = parse_m_file(m_files[0])
+        if len(entries) != len(videos):
+            raise PipelineError(
+                f"Label file {m_files[0]} has {len(entries)} entries but {test_dir} has {len(videos)} test "
+                f"videos ({', '.join(v.name for v in videos)}); they must match one to one, in sorted order."
+            )
+        for v, ranges in zip(videos, entries, strict=True):
+            v.ranges = ranges
+
+
+def build_index(root: str | Path) -> list[Video]:
+    """Lists every video under `root/Train` and `root/Test`, with the test labels when there are any.
+
+    Raises:
+        PipelineError: no videos, an empty video folder, or labels that do not match the test videos.
+    """
+    root = Path(root)
+    videos = []
+    for split, sub in (("train", "Train"), ("test", "Test")):
+        if (root / sub).is_dir():
+            found = _list_videos(root / sub, split)
+            if split == "test":
+                _attach_labels(root / sub, found)
+            videos += found
+    if not any(v.split == "train" for v in videos):
+        raise PipelineError(f"No training videos in {root / 'Train'}; expected the tree:\n{EXPECTED_TREE}")
+    return videos
+
+
+def labels_for(video: Video, n_frames: int):
+    """0/1 per frame from the video's ranges, checking that no range runs past the video's end."""
+    import numpy as np
+
+    y = np.zeros(n_frames, dtype=np.uint8)
+    for start, end in video.ranges or []:
+        if end > n_frames:
+            raise PipelineError(
+                f"Label range {start}:{end} of test video {video.name} runs past its last frame ({n_frames})."
+            )
+        y[start - 1 : end] = 1
+    return y

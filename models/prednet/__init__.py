@@ -1,0 +1,21 @@
+"""PredNet (Lotter, Kreiman & Cox 2016) in Keras 3: the layer and the models built around it."""
+
+from models.prednet.layers import PredNet
+from models.prednet.model import (
+    WeightedError,
+    build_training_model,
+    expand_layer_weights,
+    find_prednet,
+    load_model,
+    predictor,
+)
+
+__all__ = [
+    "PredNet",
+    "WeightedError",
+    "build_training_model",
+    "expand_layer_weights",
+    "find_prednet",
+    "load_model",
+    "predictor",
+]

@@ -1,0 +1,207 @@
+"""PredNet (Lotter, Kreiman & Cox 2016) as one Keras 3 layer, written with `keras.ops` only.
+
+Per layer l and time step t (channels last):
+
+    R_l^t    = ConvLSTM(E_l^{t-1}, R_l^{t-1}, Upsample(R_{l+1}^t))     top-down first
+    Ahat_l^t = ReLU(Conv(R_l^t))                                         clipped at pixel_max in layer 0
+    A_l^t    = x^t if l == 0 else MaxPool(ReLU(Conv(E_{l-1}^t)))
+    E_l^t    = [ReLU(A_l^t - Ahat_l^t), ReLU(Ahat_l^t - A_l^t)]
+
+The loop over time runs inside `keras.ops.scan` (`lax.scan` on JAX, a while loop on TensorFlow), so a
+200-frame video compiles as quickly as a 10-frame window. The four LSTM gates of a layer are one fused
+convolution (the same function as the reference's four convolutions, fewer kernel launches).
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+from models.prednet.scan import scan
+
+OUTPUT_MODES = ("error", "prediction", "all")
+UNIT_TYPES = ("R", "E", "A", "Ahat")
+
+
+def _per_layer(value, n: int, name: str) -> tuple[int, ...]:
+    values = (value,) * n if isinstance(value, int) else tuple(int(v) for v in value)
+    if len(values) != n:
+        raise ValueError(f"`{name}` must have {n} entries (or be one int). Received: {name}={value}")
+    return values
+
+
+@keras.saving.register_keras_serializable(package="prednet")
+class PredNet(keras.layers.Layer):
+    """Stacked convolutional LSTM with predictive-coding errors between layers.
+
+    Args:
+        stack_sizes: channels of A and Ahat per layer; the first is the frames' channels, e.g. (1, 48, 96, 192).
+        R_stack_sizes: channels of the representation units per layer (default: `stack_sizes`).
+        A_filt_sizes: filter size of the target convolutions, one per layer above the first (or one int).
+        Ahat_filt_sizes: filter size of the prediction convolutions, one per layer (or one int).
+        R_filt_sizes: filter size of the LSTM convolutions, one per layer (or one int).
+        pixel_max: largest pixel value; the frame prediction is clipped to it.
+        error_activation, A_activation, LSTM_activation, LSTM_inner_activation: activation names.
+        output_mode: 'error' (mean of E per layer and step: (batch, time, layers)), 'prediction'
+            (the predicted frames), 'all' (a dict with both), or a unit and layer such as 'R0', 'E1',
+            'A2', 'Ahat3' (that unit's activations per step).
+        extrap_start_time: from this step on, the model's own previous prediction replaces the input
+            frame, for multi-step prediction. None to always read the input.
+
+    Input: frames (batch, time, height, width, channels) in [0, pixel_max]; height and width must divide
+    by 2^(layers-1). The prediction at step t is made from frames before t; step 0 predicts nothing useful.
+    """
+
+    def __init__(
+        self,
+        stack_sizes=(3, 48, 96, 192),
+        R_stack_sizes=None,
+        A_filt_sizes=3,
+        Ahat_filt_sizes=3,
+        R_filt_sizes=3,
+        pixel_max=1.0,
+        error_activation="relu",
+        A_activation="relu",
+        LSTM_activation="tanh",
+        LSTM_inner_activation="hard_sigmoid",
+        output_mode="error",
+        extrap_start_time=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.stack_sizes = tuple(int(s) for s in stack_sizes)
+        self.nb_layers = len(self.stack_sizes)
+        if self.nb_layers < 1 or min(self.stack_sizes) < 1:
+            raise ValueError(f"`stack_sizes` needs at least one positive entry. Received: stack_sizes={stack_sizes}")
+        self.R_stack_sizes = _per_layer(R_stack_sizes or self.stack_sizes, self.nb_layers, "R_stack_sizes")
+        self.A_filt_sizes = _per_layer(A_filt_sizes, self.nb_layers - 1, "A_filt_sizes")
+        self.Ahat_filt_sizes = _per_layer(Ahat_filt_sizes, self.nb_layers, "Ahat_filt_sizes")
+        self.R_filt_sizes = _per_layer(R_filt_sizes, self.nb_layers, "R_filt_sizes")
+        self.pixel_max = float(pixel_max)
+        self.activation_names = {
+            "error_activation": error_activation,
+            "A_activation": A_activation,
+            "LSTM_activation": LSTM_activation,
+            "LSTM_inner_activation": LSTM_inner_activation,
+        }
+        self.error_activation = keras.activations.get(error_activation)
+        self.A_activation = keras.activations.get(A_activation)
+        self.LSTM_activation = keras.activations.get(LSTM_activation)
+        self.LSTM_inner_activation = keras.activations.get(LSTM_inner_activation)
+        layer_modes = [f"{u}{n}" for n in range(self.nb_layers) for u in UNIT_TYPES]
+        if output_mode not in OUTPUT_MODES + tuple(layer_modes):
+            raise ValueError(
+                f"Unknown `output_mode`; expected one of {list(OUTPUT_MODES) + layer_modes}. Received: "
+                f"output_mode={output_mode!r}"
+            )
+        self.output_mode = output_mode
+        self.output_unit, self.output_layer = None, None
+        if output_mode in layer_modes:
+            self.output_unit, self.output_layer = output_mode[:-1], int(output_mode[-1])
+        self.extrap_start_time = None if extrap_start_time is None else int(extrap_start_time)
+        self.input_spec = keras.layers.InputSpec(ndim=5)
+
+    def build(self, input_shape):
+        _, _, height, width, channels = input_shape
+        if channels != self.stack_sizes[0]:
+            raise ValueError(
+                f"Input frames have {channels} channels but stack_sizes[0] is {self.stack_sizes[0]}. "
+                f"Received: input_shape={input_shape}"
+            )
+        m = 2 ** (self.nb_layers - 1)
+        if height is None or width is None or height % m or width % m:
+            raise ValueError(
+                f"Frame height and width must divide by {m} for {self.nb_layers} layers. Received: input_shape={input_shape}"
+            )
+        self.frame_shape = (height, width, channels)
+        conv = dict(padding="same", dtype=self.dtype_policy)
+        self.lstm_convs, self.ahat_convs, self.a_convs = [], [], []
+        for l in range(self.nb_layers):
+            h, w = height // 2**l, width // 2**l
+            in_ch = self.R_stack_sizes[l] + 2 * self.stack_sizes[l]
+            if l < self.nb_layers - 1:
+                in_ch += self.R_stack_sizes[l + 1]
+            lstm = keras.layers.Conv2D(4 * self.R_stack_sizes[l], self.R_filt_sizes[l], name=f"lstm_{l}", **conv)
+            lstm.build((None, h, w, in_ch))
+            self.lstm_convs.append(lstm)
+            ahat = keras.layers.Conv2D(self.stack_sizes[l], self.Ahat_filt_sizes[l], name=f"ahat_{l}", **conv)
+            ahat.build((None, h, w, self.R_stack_sizes[l]))
+            self.ahat_convs.append(ahat)
+            if l < self.nb_layers - 1:
+                a = keras.layers.Conv2D(self.stack_sizes[l + 1], self.A_filt_sizes[l], name=f"a_{l}", **conv)
+                a.build((None, h, w, 2 * self.stack_sizes[l]))
+                self.a_convs.append(a)
+        self.built = True
+
+    def _initial_state(self, batch):
+        height, width, _ = self.frame_shape
+        dtype = self.compute_dtype
+
+        def zeros(l, ch):
+            return ops.zeros((batch, height // 2**l, width // 2**l, ch), dtype=dtype)
+
+        r = [zeros(l, self.R_stack_sizes[l]) for l in range(self.nb_layers)]
+        c = [zeros(l, self.R_stack_sizes[l]) for l in range(self.nb_layers)]
+        e = [zeros(l, 2 * self.stack_sizes[l]) for l in range(self.nb_layers)]
+        return r, c, e, zeros(0, self.stack_sizes[0]), ops.zeros((), dtype="int32")
+
+    def step(self, state, frame):
+        """One time step: (state, frame) -> (new state, outputs of this step)."""
+        r_tm1, c_tm1, e_tm1, prediction_tm1, t = state
+        a = frame
+        if self.extrap_start_time is not None:
+            a = ops.where(t >= self.extrap_start_time, prediction_tm1, frame)
+
+        r, c = [None] * self.nb_layers, [None] * self.nb_layers
+        for l in reversed(range(self.nb_layers)):
+            inputs = [r_tm1[l], e_tm1[l]]
+            if l < self.nb_layers - 1:
+                inputs.append(ops.repeat(ops.repeat(r[l + 1], 2, axis=1), 2, axis=2))  # nearest up-sampling
+            z = self.lstm_convs[l](ops.concatenate(inputs, axis=-1))
+            i, f, c_hat, o = ops.split(z, 4, axis=-1)
+            c[l] = self.LSTM_inner_activation(f) * c_tm1[l] + self.LSTM_inner_activation(i) * self.LSTM_activation(c_hat)
+            r[l] = self.LSTM_inner_activation(o) * self.LSTM_activation(c[l])
+
+        e, units = [], {}
+        for l in range(self.nb_layers):
+            ahat = ops.relu(self.ahat_convs[l](r[l])) if l == 0 else self.A_activation(self.ahat_convs[l](r[l]))
+            if l == 0:
+                ahat = ops.minimum(ahat, self.pixel_max)
+                prediction = ahat
+            e.append(ops.concatenate([self.error_activation(a - ahat), self.error_activation(ahat - a)], axis=-1))
+            if l == self.output_layer:
+                units = {"R": r[l], "E": e[l], "A": a, "Ahat": ahat}
+            if l < self.nb_layers - 1:
+                a = ops.max_pool(self.A_activation(self.a_convs[l](e[l])), pool_size=2, strides=2)
+
+        if self.output_unit is not None:
+            out = units[self.output_unit]
+        else:
+            errors = ops.stack([ops.mean(ops.cast(e_l, "float32"), axis=(1, 2, 3)) for e_l in e], axis=-1)
+            out = {"prediction": prediction, "error": errors}
+            if self.output_mode != "all":
+                out = out[self.output_mode]
+        return (r, c, e, prediction, t + 1), out
+
+    def call(self, inputs):
+        frames = ops.transpose(inputs, (1, 0, 2, 3, 4))  # time-major for the scan
+        _, outputs = scan(self.step, self._initial_state(ops.shape(inputs)[0]), frames)
+
+        def batch_major(x):
+            return ops.transpose(x, (1, 0, *range(2, len(x.shape))))
+
+        return keras.tree.map_structure(batch_major, outputs)
+
+    def get_config(self):
+        config = {
+            "stack_sizes": self.stack_sizes,
+            "R_stack_sizes": self.R_stack_sizes,
+            "A_filt_sizes": self.A_filt_sizes,
+            "Ahat_filt_sizes": self.Ahat_filt_sizes,
+            "R_filt_sizes": self.R_filt_sizes,
+            "pixel_max": self.pixel_max,
+            **self.activation_names,
+            "output_mode": self.output_mode,
+            "extrap_start_time": self.extrap_start_time,
+        }
+        return {**super().get_config(), **config}

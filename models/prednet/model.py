@@ -1,0 +1,89 @@
+"""Models around the PredNet layer: the training model, and predicting models made from a trained one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+from keras import ops
+
+from models.errors import PipelineError
+from models.prednet.layers import PredNet
+
+
+@keras.saving.register_keras_serializable(package="prednet")
+class WeightedError(keras.layers.Layer):
+    """The PredNet training objective per sequence: errors weighted by layer, step 0 weighted 0.
+
+    As in the reference implementation, each step after the first weighs 1/(nt - 1) (the mean over
+    steps 1..nt-1), and `layer_weights` weigh the layers: (1, 0, 0, 0) is L_0, (1, .1, .1, .1) is L_all.
+    Input: (batch, time, layers) errors; output: (batch, 1).
+    """
+
+    def __init__(self, layer_weights, **kwargs):
+        super().__init__(**kwargs)
+        self.layer_weights = tuple(float(w) for w in layer_weights)
+
+    def call(self, errors):
+        per_step = ops.sum(errors[:, 1:, :] * ops.convert_to_tensor(self.layer_weights, dtype=errors.dtype), axis=-1)
+        return ops.mean(per_step, axis=1, keepdims=True)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], 1)
+
+    def get_config(self):
+        return {**super().get_config(), "layer_weights": self.layer_weights}
+
+
+def expand_layer_weights(weights, n_layers: int) -> tuple[float, ...]:
+    """'1,0' or (1, 0.1) -> one weight per layer: the first for layer 0, the second for all above."""
+    weights = tuple(float(w) for w in weights)
+    if len(weights) == n_layers:
+        return weights
+    if len(weights) == 2:
+        return (weights[0],) + (weights[1],) * (n_layers - 1)
+    raise PipelineError(f"layer_loss_weights needs 2 or {n_layers} values. Received: {weights}")
+
+
+def build_training_model(nt: int, frame_shape: tuple[int, int, int], layer_loss_weights, **prednet_kwargs) -> keras.Model:
+    """frames (batch, nt, h, w, c) -> weighted error (batch, 1); train it towards 0 with an MAE loss."""
+    inputs = keras.Input((nt, *frame_shape), name="frames")
+    prednet = PredNet(output_mode="error", name="prednet", **prednet_kwargs)
+    errors = prednet(inputs)
+    weights = expand_layer_weights(layer_loss_weights, prednet.nb_layers)
+    loss = WeightedError(weights, name="weighted_error", dtype="float32")(errors)
+    return keras.Model(inputs, loss, name="prednet_training")
+
+
+def find_prednet(model: keras.Model) -> PredNet:
+    for layer in model.layers:
+        if isinstance(layer, PredNet):
+            return layer
+    raise PipelineError(f"Model {model.name} has no PredNet layer.")
+
+
+def predictor(trained: keras.Model | PredNet, output_mode: str = "all", extrap_start_time: int | None = None) -> keras.Model:
+    """A model with the trained weights that outputs `output_mode`, for sequences of any length.
+
+    This is how a model trained with output_mode='error' predicts frames without retraining: a new
+    PredNet layer from the same config, with the other output mode, and the same weights.
+    """
+    layer = trained if isinstance(trained, PredNet) else find_prednet(trained)
+    config = {**layer.get_config(), "output_mode": output_mode, "extrap_start_time": extrap_start_time}
+    config.pop("name", None)
+    new = PredNet.from_config(config)
+    inputs = keras.Input((None, *layer.frame_shape), name="frames")
+    model = keras.Model(inputs, new(inputs), name=f"prednet_{output_mode}")
+    new.set_weights(layer.get_weights())
+    return model
+
+
+def load_model(path: str | Path, compile: bool = False) -> keras.Model:
+    """Loads a `.keras` file that train.py wrote, with a clear error when it is missing or unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"No model file {path}; run train.py first (it writes <model_dir>/model.keras).")
+    try:
+        return keras.saving.load_model(path, compile=compile)
+    except Exception as err:
+        raise PipelineError(f"Cannot load model {path}: {err}") from None

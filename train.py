@@ -1,0 +1,64 @@
+"""Stage 2: train PredNet to predict the next frame of normal video.
+
+    python train.py --config config/default.json --preprocessed_data data/preprocessed --dataset UCSDped2 \
+        --model_dir outputs/models/UCSDped2
+    python train.py --config config/cpu.json ...        # small CPU profile: seconds, for the demo and tests
+
+On the GPU machine without TensorFlow: KERAS_BACKEND=jax python train.py ... (see docs/model_development.md).
+Writes <model_dir>/model.keras, config.json, history.csv, history.png and checkpoints/.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from models.cli import run
+from models.config import float_list, int_list, parse_with_config
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="default", help="settings file in config/ (name or path); flags override it")
+    p.add_argument("--preprocessed_data", default="data/preprocessed")
+    p.add_argument("--dataset", default="UCSDped2")
+    p.add_argument("--model_dir", default=None, help="output folder (default: outputs/models/<dataset>)")
+    p.add_argument("--stack_sizes", type=int_list, help="channels of the layers above the pixels, e.g. 48,96,192")
+    p.add_argument("--filter_sizes", type=int_list, help="filter sizes of the A, Ahat and R convolutions, e.g. 3,3,3")
+    p.add_argument("--layer_loss_weights", type=float_list, help="L_0: 1,0; L_all: 1,0.1 (layer 0, layers above)")
+    p.add_argument("--nt", type=int, help="frames per training window")
+    p.add_argument("--batch_size", type=int)
+    p.add_argument("--nb_epoch", type=int)
+    p.add_argument("--samples_per_epoch", type=int, help="training windows per epoch")
+    p.add_argument("--val_samples", type=int, help="validation windows per epoch")
+    p.add_argument("--learning_rate", type=float)
+    p.add_argument("--lr_decay", type=float, help="learning rate times this after each epoch (1: constant)")
+    p.add_argument("--strides", type=int_list, help="frame strides sampled as augmentation, e.g. 1,2,3,4")
+    p.add_argument("--patience", type=int, help="early stopping: epochs without a better val loss")
+    p.add_argument("--output_mode", help="what the model outputs when scoring: all, prediction, error, or R0, E1, ...")
+    p.add_argument("--precision", choices=["float32", "mixed_bfloat16", "mixed_float16"])
+    p.add_argument("--fine_tuning", default=None, help="start from the model in this earlier model folder")
+    p.add_argument("--freeze_layers", type=int_list, default=(), help="PredNet layers whose weights stay fixed, e.g. 0,1")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last epoch")
+    p.add_argument("--overwrite", action="store_true", help="replace a model already in --model_dir")
+    p.add_argument("--verbose", type=int, default=1, choices=[0, 1, 2])
+    args = parse_with_config(p, argv)
+    for name in ("stack_sizes", "filter_sizes", "strides"):
+        setattr(args, name, int_list(getattr(args, name)))
+    args.layer_loss_weights = float_list(args.layer_loss_weights)
+    args.model_dir = args.model_dir or f"outputs/models/{args.dataset}"
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from models.training import TrainSettings, epochs_note, train  # imports Keras: after argument errors
+
+    settings = TrainSettings(**{k: v for k, v in vars(args).items() if k != "config"})
+    config = train(settings)
+    print(f"model -> {args.model_dir}/model.keras; {epochs_note(config)}")
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)
