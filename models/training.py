@@ -49,13 +49,17 @@ class WindowDataset(keras.utils.PyDataset):
         self.windows = window_starts(sources, nt, strides, step)
         if len(self.windows) == 0:
             raise PipelineError(f"No {nt}-frame windows fit in any video; lower --nt.")
+        # Shuffled sets sample `samples_per_epoch` windows (with repeats if there are fewer); fixed sets
+        # take each window at most once.
         self.samples = samples_per_epoch or len(self.windows)
+        if not shuffle:
+            self.samples = min(self.samples, len(self.windows))
         self.rng = np.random.default_rng(seed)
         self.order = np.arange(len(self.windows))
         self.on_epoch_end()
 
     def __len__(self):
-        return max(1, self.samples // self.batch_size)
+        return max(1, self.samples // self.batch_size) if self.shuffle else math.ceil(self.samples / self.batch_size)
 
     def on_epoch_end(self):
         if self.shuffle:

@@ -1,0 +1,127 @@
+"""Stage 3: score every test frame with the trained PredNet and evaluate the scores against the labels.
+
+    python batch_scoring.py --preprocessed_data data/preprocessed --dataset UCSDped2 \
+        --model_dir outputs/models/UCSDped2 --scored_data outputs/scored/UCSDped2
+
+Writes <scored_data>/df.pkl.gz (one row per test frame), metrics.json and metrics.md (frame-level AUC
+and EER of each metric, the model's next to the copy-last-frame baseline's), scores.png, roc.png and,
+with --save_prediction_error_video_frames, frame | prediction | error GIFs. See docs/anomaly_detection.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pandas as pd
+
+from models.cli import run
+from models.data.store import dataset_dir, load_labels, load_split, read_metadata, video_slices
+from models.errors import PipelineError
+from models.io import atomic_dir
+
+HEADLINE = ["model_regularity", "copy_regularity", "model_mse", "copy_mse"]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preprocessed_data", default="data/preprocessed")
+    p.add_argument("--dataset", default="UCSDped2")
+    p.add_argument("--model_dir", default=None, help="folder train.py wrote (default: outputs/models/<dataset>)")
+    p.add_argument("--scored_data", default=None, help="output folder (default: outputs/scored/<dataset>)")
+    p.add_argument("--batch_size", type=int, default=4, help="videos per model call")
+    p.add_argument("--patch", type=int, default=16, help="patch side in pixels for the patch_max metric")
+    p.add_argument("--n_plot", type=int, default=12, help="videos shown in scores.png")
+    p.add_argument("--save_prediction_error_video_frames", action="store_true",
+                   help="write frame | prediction | error GIFs for --plot_videos")
+    p.add_argument("--plot_videos", default=None, help="comma-separated videos for the GIFs (default: the first 2)")
+    p.add_argument("--overwrite", action="store_true")
+    args = p.parse_args(argv)
+    args.model_dir = args.model_dir or f"outputs/models/{args.dataset}"
+    args.scored_data = args.scored_data or f"outputs/scored/{args.dataset}"
+    return args
+
+
+def build_frame_table(X, sources, y, predictions, layer_errors, patch: int) -> pd.DataFrame:
+    """One row per test frame: video, frame (1-based), label, predictable, model and baseline metrics."""
+    from models.scoring import add_regularity, score_frame
+
+    frames = X.astype(np.float32) / 255.0
+    previous = np.empty_like(frames)
+    predictable = np.ones(len(X), bool)
+    frame_no = np.zeros(len(X), int)
+    for _, sl in video_slices(sources):
+        previous[sl.start] = frames[sl.start]
+        previous[sl.start + 1 : sl.stop] = frames[sl.start : sl.stop - 1]
+        predictable[sl.start] = False
+        frame_no[sl] = np.arange(1, sl.stop - sl.start + 1)
+    df = pd.DataFrame({"video": sources, "frame": frame_no})
+    if y is not None:
+        df["y"] = y.astype(int)
+    df["predictable"] = predictable
+    columns = score_frame(frames, predictions, predictable, "model", patch)
+    for l in range(layer_errors.shape[1]):
+        columns[f"model_E{l}"] = np.where(predictable, layer_errors[:, l], np.nan)
+    columns |= score_frame(frames, previous, predictable, "copy", patch)
+    df = pd.concat([df, pd.DataFrame(columns)], axis=1)
+    return add_regularity(df)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    data_dir = dataset_dir(args.preprocessed_data, args.dataset)
+    meta = read_metadata(data_dir)
+    X, sources = load_split(data_dir, "test")
+    if len(X) == 0:
+        raise PipelineError(f"{data_dir} has no test frames to score.")
+    y = load_labels(data_dir)
+
+    from models.inference import load_predictor, predict_videos
+    from models.plots import error_frames, plot_roc, plot_scores, save_gif
+    from models.scoring import evaluate, metric_columns, side_by_side
+
+    model, trained, config = load_predictor(args.model_dir)
+    if tuple(trained.frame_shape) != X.shape[1:]:
+        raise PipelineError(
+            f"Model in {args.model_dir} takes frames {tuple(trained.frame_shape)} (h, w, c) but the test frames of "
+            f"{data_dir} are {X.shape[1:]}; prepare the data with the model's size and channels."
+        )
+    with atomic_dir(args.scored_data, args.overwrite) as out:
+        predictions, layer_errors, fps = predict_videos(model, X, sources, args.batch_size)
+        print(f"scored {len(X)} frames of {len(set(sources))} videos at {fps:.0f} frames/s")
+        df = build_frame_table(X, sources, y, predictions, layer_errors, args.patch)
+        df.attrs = {"model_dir": str(args.model_dir), "dataset": args.dataset, "height": meta["height"],
+                    "width": meta["width"]}
+        df.to_pickle(out / "df.pkl.gz")
+        summary = {"frames": len(df), "videos": int(df["video"].nunique()), "frames_per_s": fps,
+                   "model_dir": str(args.model_dir), "dataset": args.dataset}
+        if y is not None and df["y"].nunique() == 2:
+            results = evaluate(df, metric_columns(df))
+            table = side_by_side(results)
+            print(table.round(3).to_string())
+            summary["metrics"] = json.loads(results.to_json(orient="index"))
+            (out / "metrics.md").write_text(
+                f"# Frame-level evaluation: {args.dataset}\n\n{len(df)} frames, "
+                f"{int(df['predictable'].sum())} predictable, {int(df['y'].sum())} anomalous.\n\n"
+                f"{table.round(4).to_markdown()}\n"
+            )
+            plot_roc(df, HEADLINE, out / "roc.png", results["micro_auc"].to_dict())
+            best = results["micro_auc"]
+            print(f"micro AUC: model regularity {best['model_regularity']:.3f}, "
+                  f"copy-last-frame regularity {best['copy_regularity']:.3f}")
+        else:
+            print("no labels with both classes: metrics written, evaluation skipped")
+        plot_scores(df, HEADLINE[:2], out / "scores.png", args.n_plot)
+        if args.save_prediction_error_video_frames:
+            names = args.plot_videos.split(",") if args.plot_videos else list(dict.fromkeys(sources))[:2]
+            for name, sl in video_slices(sources):
+                if name in names:
+                    save_gif(error_frames(X[sl] / 255.0, predictions[sl]), out / f"{name}_prediction_error.gif")
+        (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"-> {args.scored_data}")
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,75 @@
+"""Figures of the scoring stage: scores over time with the ground truth, ROC curves, error frames."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from PIL import Image  # noqa: E402
+from sklearn.metrics import roc_curve  # noqa: E402
+
+from models.data.synthetic import label_ranges  # noqa: E402
+from models.io import atomic_file  # noqa: E402
+from models.scoring import anomaly_score  # noqa: E402
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
+    plt.close(fig)
+
+
+def plot_scores(df: pd.DataFrame, columns: list[str], path: Path, n_videos: int | None = None) -> None:
+    """Anomaly score (1 - regularity, or the raw metric) over time per video, anomalous frames shaded."""
+    videos = list(dict.fromkeys(df["video"]))[:n_videos]
+    fig, axes = plt.subplots(len(videos), 1, figsize=(9, 1.8 * len(videos)), squeeze=False, sharex=False)
+    for ax, video in zip(axes[:, 0], videos, strict=True):
+        g = df[df["video"] == video]
+        if "y" in g:
+            for s, e in label_ranges(g["y"].to_numpy()):
+                ax.axvspan(s - 0.5, e + 0.5, color="red", alpha=0.15, lw=0)
+        for col in columns:
+            score = anomaly_score(g, col)
+            lo, hi = score.min(), score.max()
+            ax.plot(g["frame"], (score - lo) / (hi - lo if hi > lo else 1), label=col, lw=1)
+        ax.set_ylabel(video, fontsize=8)
+        ax.set_ylim(-0.05, 1.05)
+    axes[0, 0].legend(fontsize=7, loc="upper left")
+    axes[0, 0].set_title("anomaly score per video (min-max scaled), ground truth shaded", fontsize=9)
+    axes[-1, 0].set_xlabel("frame")
+    _save(fig, path)
+
+
+def plot_roc(df: pd.DataFrame, columns: list[str], path: Path, aucs: dict[str, float]) -> None:
+    data = df[df["predictable"]]
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for col in columns:
+        valid = data[data[col].notna()]
+        fpr, tpr, _ = roc_curve(valid["y"], anomaly_score(valid, col))
+        ax.plot(fpr, tpr, label=f"{col} (AUC {aucs[col]:.3f})")
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title="frame-level ROC (micro)")
+    ax.legend(fontsize=7, loc="lower right")
+    _save(fig, path)
+
+
+def error_frames(frames: np.ndarray, predictions: np.ndarray) -> list[Image.Image]:
+    """Frame | prediction | error map side by side, as grey images."""
+    err = np.abs(frames.astype(np.float32) - predictions).mean(axis=-1)
+    err = err / max(float(err.max()), 1e-6)
+    images = []
+    for f, p, e in zip(frames, predictions, err, strict=True):
+        row = np.concatenate([f.mean(axis=-1), p.mean(axis=-1), e], axis=1)
+        images.append(Image.fromarray((np.clip(row, 0, 1) * 255).astype(np.uint8)))
+    return images
+
+
+def save_gif(images: list[Image.Image], path: Path, fps: int = 10) -> None:
+    with atomic_file(path) as tmp:
+        images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)

@@ -1,0 +1,114 @@
+"""Stage 3: per-frame prediction-error metrics and their frame-level evaluation against labels.
+
+Every frame of every test video gets a row. A frame is predicted only from earlier frames of the same
+video; the first frame of each video cannot be predicted, so it is kept with `predictable = False` and
+NaN metrics, and left out of the evaluation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import roc_auc_score, roc_curve
+
+PERCENTILES = (50, 75, 90, 95, 99)
+# Metrics where a larger value means a more normal frame; evaluation negates them.
+HIGHER_IS_NORMAL = ("psnr", "regularity")
+
+
+def error_metrics(frames: np.ndarray, predictions: np.ndarray, patch: int = 16) -> dict[str, np.ndarray]:
+    """Metrics of the squared prediction error of each frame.
+
+    Args:
+        frames: (n, h, w, c) true frames in [0, 1].
+        predictions: (n, h, w, c) predicted frames in [0, 1].
+        patch: side of the square patches for `patch_max` (clipped to the frame).
+
+    Returns:
+        Arrays of length n: `mse`, `p_50` ... `p_99` (percentiles of the per-pixel squared error), `std`,
+        `psnr` (dB, peak 1), and `patch_max` (the largest mean squared error of a patch).
+    """
+    se = ((frames.astype(np.float32) - predictions.astype(np.float32)) ** 2).mean(axis=-1)  # (n, h, w)
+    n, h, w = se.shape
+    flat = se.reshape(n, -1)
+    out = {"mse": flat.mean(axis=1)}
+    for q, values in zip(PERCENTILES, np.percentile(flat, PERCENTILES, axis=1), strict=True):
+        out[f"p_{q}"] = values
+    out["std"] = flat.std(axis=1)
+    out["psnr"] = 10 * np.log10(1.0 / np.maximum(out["mse"], 1e-10))
+    ph, pw = min(patch, h), min(patch, w)
+    blocks = se[:, : h // ph * ph, : w // pw * pw].reshape(n, h // ph, ph, w // pw, pw).mean(axis=(2, 4))
+    out["patch_max"] = blocks.reshape(n, -1).max(axis=1)
+    return out
+
+
+def min_max_per_video(values: pd.Series, videos: pd.Series) -> pd.Series:
+    """(v - min) / (max - min) within each video (the regularity score of Liu et al. 2018 when v is PSNR)."""
+    grouped = values.groupby(videos)
+    lo, hi = grouped.transform("min"), grouped.transform("max")
+    return (values - lo) / (hi - lo).replace(0, np.nan)
+
+
+def score_frame(frames, predictions, predictable, prefix: str, patch: int) -> dict[str, np.ndarray]:
+    """`error_metrics` with a column prefix, NaN where the frame is not predictable."""
+    metrics = error_metrics(frames, predictions, patch)
+    return {f"{prefix}_{k}": np.where(predictable, v, np.nan) for k, v in metrics.items()}
+
+
+def add_regularity(df: pd.DataFrame, prefixes=("model", "copy")) -> pd.DataFrame:
+    for prefix in prefixes:
+        df[f"{prefix}_regularity"] = min_max_per_video(df[f"{prefix}_psnr"], df["video"])
+    return df
+
+
+def anomaly_score(df: pd.DataFrame, column: str) -> pd.Series:
+    """The column oriented so that larger means more anomalous."""
+    base = column.split("_", 1)[1] if "_" in column else column
+    return -df[column] if base in HIGHER_IS_NORMAL else df[column]
+
+
+def equal_error_rate(y: np.ndarray, score: np.ndarray) -> float:
+    """The error rate where the false positive rate equals the false negative rate."""
+    fpr, tpr, _ = roc_curve(y, score)
+    fnr = 1 - tpr
+    i = int(np.nanargmin(np.abs(fnr - fpr)))
+    return float((fpr[i] + fnr[i]) / 2)
+
+
+def evaluate(df: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """Frame-level ROC AUC (micro: all frames together; macro: mean over videos with both classes) and EER.
+
+    Only predictable frames with labels count.
+    """
+    rows = []
+    data = df[df["predictable"]]
+    for col in columns:
+        valid = data[data[col].notna()]
+        y, score = valid["y"].to_numpy(), anomaly_score(valid, col).to_numpy()
+        if len(np.unique(y)) < 2:
+            rows.append({"metric": col, "micro_auc": np.nan, "macro_auc": np.nan, "eer": np.nan})
+            continue
+        per_video = [
+            roc_auc_score(g["y"], anomaly_score(g, col)) for _, g in valid.groupby("video") if g["y"].nunique() == 2
+        ]
+        rows.append({
+            "metric": col,
+            "micro_auc": roc_auc_score(y, score),
+            "macro_auc": float(np.mean(per_video)) if per_video else np.nan,
+            "eer": equal_error_rate(y, score),
+        })
+    return pd.DataFrame(rows).set_index("metric")
+
+
+def side_by_side(results: pd.DataFrame) -> pd.DataFrame:
+    """Model and copy-last-frame metrics in one row per metric name, for the printed table."""
+    table = {}
+    for col, row in results.iterrows():
+        source, name = col.split("_", 1)
+        for k, v in row.items():
+            table.setdefault(name, {})[f"{source}_{k}"] = v
+    return pd.DataFrame(table).T
+
+
+def metric_columns(df: pd.DataFrame) -> list[str]:
+    return [c for c in df.columns if c.startswith(("model_", "copy_", "combined_"))]
