@@ -56,7 +56,8 @@ def build_frame_table(X, sources, y, predictions, layer_errors, patch: int) -> p
         previous[sl.start + 1 : sl.stop] = frames[sl.start : sl.stop - 1]
         predictable[sl.start] = False
         frame_no[sl] = np.arange(1, sl.stop - sl.start + 1)
-    df = pd.DataFrame({"video": sources, "frame": frame_no})
+    # Plain object strings: a pickle written where pandas uses pyarrow strings must load where it does not.
+    df = pd.DataFrame({"video": pd.Series(sources, dtype=object), "frame": frame_no})
     if y is not None:
         df["y"] = y.astype(int)
     df["predictable"] = predictable

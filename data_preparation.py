@@ -17,7 +17,7 @@ from models.data.index import resolve_root
 from models.data.prepare import PrepareConfig, prepare
 from models.data.synthetic import SyntheticSpec, make_synthetic
 from models.io import atomic_dir
-from models.shapes import parse_size
+from models.shapes import check_frame_size, parse_size
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -45,6 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     out_dir = Path(args.preprocessed_data) / args.dataset
+    size = parse_size(args.size)
+    check_frame_size(*size, args.n_layers)
     if args.make_synthetic:
         h, w = parse_size(args.synthetic_size)
         spec = SyntheticSpec(h, w, args.synthetic_train_videos, args.synthetic_test_videos, args.synthetic_frames, args.seed)
@@ -59,7 +61,7 @@ def main(argv=None) -> int:
             (tmp / "staging").rmdir()
         print(f"wrote synthetic dataset to {target}")
     config = PrepareConfig(
-        size=parse_size(args.size),
+        size=size,
         n_layers=args.n_layers,
         channels=args.channels,
         val_fraction=args.val_fraction,

@@ -73,3 +73,12 @@ def error_frames(frames: np.ndarray, predictions: np.ndarray) -> list[Image.Imag
 def save_gif(images: list[Image.Image], path: Path, fps: int = 10) -> None:
     with atomic_file(path) as tmp:
         images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+
+
+def plot_importances(table: pd.DataFrame, path: Path) -> None:
+    """Horizontal bars of the impurity and permutation importances of each feature."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, 0.3 * len(table) + 1.5), sharey=True)
+    for ax, col in zip(axes, table.columns, strict=True):
+        ax.barh(table.index[::-1], table[col][::-1])
+        ax.set_title(col, fontsize=9)
+    _save(fig, path)

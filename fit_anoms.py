@@ -1,0 +1,104 @@
+"""Stage 4: fit a random forest (and simpler baselines) that turns per-frame metrics into anomaly labels.
+
+    python fit_anoms.py --scored_data outputs/scored/UCSDped2 --model_path outputs/anoms/UCSDped2
+    python fit_anoms.py --apply outputs/anoms/UCSDped2 --scored_data outputs/scored/NewCamera
+
+Evaluated by cross-validation grouped by video (no video on both sides), with ROC AUC and average
+precision from predicted probabilities. Writes classifier.joblib (the forest fitted on all frames),
+report.json, report.md, importances.csv and importances.png to --model_path. With --apply, scores a new
+DataFrame from batch_scoring.py with a saved classifier and writes anomaly_scores.csv beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from models.cli import run
+from models.errors import PipelineError
+from models.io import atomic_dir, atomic_file
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scored_data", default=None, help="folder batch_scoring.py wrote, or its df.pkl.gz")
+    p.add_argument("--dataset", default="UCSDped2", help="names the default folders")
+    p.add_argument("--model_path", default=None, help="output folder (default: outputs/anoms/<dataset>)")
+    p.add_argument("--features", default=None, help="comma-separated metric columns (default: every model_ column)")
+    p.add_argument("--smooth", type=int, default=1, help="centred moving average over this many frames (1: none)")
+    p.add_argument("--threshold", type=float, default=0.5, help="probability above which a frame is called anomalous")
+    p.add_argument("--n_splits", type=int, default=5, help="grouped folds (at most the number of videos)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--apply", default=None, help="score --scored_data with the classifier saved in this folder")
+    p.add_argument("--overwrite", action="store_true")
+    args = p.parse_args(argv)
+    args.scored_data = args.scored_data or f"outputs/scored/{args.dataset}"
+    args.model_path = args.model_path or f"outputs/anoms/{args.dataset}"
+    return args
+
+
+def apply(args) -> int:
+    import joblib
+
+    from models.anoms import load_scored, prepare_frames
+
+    path = Path(args.apply) / "classifier.joblib"
+    if not path.is_file():
+        raise PipelineError(f"No saved classifier at {path}; run fit_anoms.py without --apply first.")
+    bundle = joblib.load(path)
+    data = prepare_frames(load_scored(args.scored_data), bundle["features"], bundle["smooth"], need_labels=False)
+    out = data[["video", "frame"] + (["y"] if "y" in data else [])].copy()
+    out["anomaly_probability"] = bundle["pipeline"].predict_proba(data[bundle["features"]].to_numpy(float))[:, 1]
+    out["anomalous"] = (out["anomaly_probability"] >= bundle["threshold"]).astype(int)
+    target = Path(args.scored_data)
+    target = (target if target.is_dir() else target.parent) / "anomaly_scores.csv"
+    with atomic_file(target) as tmp:
+        out.to_csv(tmp, index=False)
+    print(f"scored {len(out)} frames, {int(out['anomalous'].sum())} called anomalous -> {target}")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.apply:
+        return apply(args)
+    import joblib
+
+    from models.anoms import default_features, evaluate_by_video, importances, load_scored, make_models, prepare_frames
+    from models.plots import plot_importances
+
+    df = load_scored(args.scored_data)
+    features = args.features.split(",") if args.features else default_features(df)
+    if not features:
+        raise PipelineError("No feature columns: pass --features or score the data with batch_scoring.py.")
+    data = prepare_frames(df, features, args.smooth)
+    with atomic_dir(args.model_path, args.overwrite) as out:
+        report, _ = evaluate_by_video(data, features, args.seed, args.n_splits, args.threshold)
+        forest = make_models(args.seed)["random_forest"].fit(data[features].to_numpy(float), data["y"].astype(int))
+        table = importances(forest, data, features, args.seed)
+        joblib.dump({"pipeline": forest, "features": features, "smooth": args.smooth, "threshold": args.threshold},
+                    out / "classifier.joblib")
+        table.to_csv(out / "importances.csv")
+        plot_importances(table, out / "importances.png")
+        summary = {"scored_data": str(args.scored_data), "features": features, "smooth": args.smooth,
+                   "frames": len(data), "videos": int(data["video"].nunique()), "anomalous": int(data["y"].sum()),
+                   "cross_validation": f"GroupKFold by video, {min(args.n_splits, data['video'].nunique())} folds",
+                   "models": report}
+        (out / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
+        rows = pd.DataFrame({name: {k: v for k, v in r.items() if k != "confusion_matrix"} | r["confusion_matrix"]
+                             for name, r in report.items()}).T
+        (out / "report.md").write_text(
+            f"# Anomaly classifiers, grouped by video\n\n{summary['frames']} frames, {summary['videos']} videos, "
+            f"{summary['anomalous']} anomalous; {summary['cross_validation']}; smoothing {args.smooth}.\n\n"
+            f"{rows.round(4).to_markdown()}\n\n## Feature importances (random forest)\n\n{table.round(4).to_markdown()}\n"
+        )
+    print(rows[["roc_auc", "average_precision", "precision", "recall", "f1"]].round(3).to_string())
+    print(f"-> {args.model_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,159 @@
+"""Stage 4: classifiers that turn per-frame metrics into anomaly labels, evaluated by video.
+
+Cross-validation is grouped by video (no video has frames on both sides), and every score comes from
+`predict_proba`, never from hard labels.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.ensemble import RandomForestClassifier
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import (
+    average_precision_score,
+    confusion_matrix,
+    f1_score,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+)
+from sklearn.model_selection import GroupKFold, cross_val_predict
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+
+from models.errors import PipelineError
+
+
+def load_scored(path: str | Path) -> pd.DataFrame:
+    """The DataFrame batch_scoring.py wrote: a folder holding df.pkl.gz, or the file itself."""
+    path = Path(path)
+    file = path / "df.pkl.gz" if path.is_dir() else path
+    if not file.is_file():
+        raise PipelineError(f"No scored DataFrame at {file}; run batch_scoring.py first.")
+    try:
+        df = pd.read_pickle(file)
+    except Exception as err:
+        raise PipelineError(f"Cannot read {file}: {err}") from None
+    if not isinstance(df, pd.DataFrame) or "video" not in df:
+        raise PipelineError(f"{file} is not a batch_scoring.py DataFrame (no 'video' column).")
+    return df
+
+
+def default_features(df: pd.DataFrame) -> list[str]:
+    return [c for c in df.columns if c.startswith("model_")]
+
+
+def smooth(df: pd.DataFrame, features: list[str], window: int) -> pd.DataFrame:
+    """Centred rolling mean of each feature over `window` neighbouring frames of the same video."""
+    if window <= 1:
+        return df
+    out = df.copy()
+    out[features] = df.groupby("video")[features].transform(lambda v: v.rolling(window, center=True, min_periods=1).mean())
+    return out
+
+
+def prepare_frames(df: pd.DataFrame, features: list[str], window: int = 1, need_labels: bool = True) -> pd.DataFrame:
+    """Checks the columns, keeps the predictable frames, applies the smoothing."""
+    missing = [c for c in features if c not in df]
+    if missing:
+        raise PipelineError(f"The DataFrame has no column(s) {missing}; available: {list(df.columns)}")
+    if need_labels and "y" not in df:
+        raise PipelineError("The DataFrame has no labels (column 'y'); the test videos need ground truth to fit a classifier.")
+    data = df[df["predictable"]] if "predictable" in df else df
+    data = smooth(data, features, window)
+    return data.dropna(subset=features)
+
+
+class BestSingleFeature(ClassifierMixin, BaseEstimator):
+    """Baseline: the one feature with the best training AUC, turned into a probability by a logistic fit."""
+
+    def fit(self, X, y):
+        X = np.asarray(X, float)
+        aucs = np.array([roc_auc_score(y, X[:, j]) for j in range(X.shape[1])])
+        self.feature_index_ = int(np.argmax(np.abs(aucs - 0.5)))
+        self.train_auc_ = float(max(aucs[self.feature_index_], 1 - aucs[self.feature_index_]))
+        self.classes_ = np.unique(y)
+        self.logistic_ = LogisticRegression().fit(X[:, [self.feature_index_]], y)
+        return self
+
+    def predict_proba(self, X):
+        return self.logistic_.predict_proba(np.asarray(X, float)[:, [self.feature_index_]])
+
+    def predict(self, X):
+        return self.classes_[(self.predict_proba(X)[:, 1] >= 0.5).astype(int)]
+
+
+def make_models(seed: int = 0) -> dict[str, Pipeline]:
+    """The random forest and its two baselines, each a scikit-learn Pipeline with scaling."""
+    return {
+        "random_forest": Pipeline([
+            ("scale", StandardScaler()),
+            ("model", RandomForestClassifier(n_estimators=300, min_samples_leaf=5, class_weight="balanced",
+                                             random_state=seed, n_jobs=-1)),
+        ]),
+        "logistic_regression": Pipeline([
+            ("scale", StandardScaler()),
+            ("model", LogisticRegression(max_iter=2000, class_weight="balanced")),
+        ]),
+        "best_single_metric": Pipeline([("scale", StandardScaler()), ("model", BestSingleFeature())]),
+    }
+
+
+def grouped_folds(groups: np.ndarray, n_splits: int = 5) -> GroupKFold:
+    n_groups = len(np.unique(groups))
+    if n_groups < 2:
+        raise PipelineError(
+            f"Only {n_groups} video in the DataFrame: a split by video needs at least 2 test videos."
+        )
+    return GroupKFold(n_splits=min(n_splits, n_groups))
+
+
+def classification_report(y: np.ndarray, proba: np.ndarray, threshold: float) -> dict:
+    pred = (proba >= threshold).astype(int)
+    tn, fp, fn, tp = confusion_matrix(y, pred, labels=[0, 1]).ravel()
+    return {
+        "roc_auc": float(roc_auc_score(y, proba)),
+        "average_precision": float(average_precision_score(y, proba)),
+        "threshold": threshold,
+        "precision": float(precision_score(y, pred, zero_division=0)),
+        "recall": float(recall_score(y, pred, zero_division=0)),
+        "f1": float(f1_score(y, pred, zero_division=0)),
+        "confusion_matrix": {"tn": int(tn), "fp": int(fp), "fn": int(fn), "tp": int(tp)},
+    }
+
+
+def evaluate_by_video(data: pd.DataFrame, features: list[str], seed: int = 0, n_splits: int = 5,
+                      threshold: float = 0.5) -> tuple[dict, dict[str, np.ndarray]]:
+    """Out-of-fold probabilities of each model with folds grouped by video, and their report.
+
+    Raises:
+        PipelineError: fewer than two videos, or labels of one class only.
+    """
+    y, groups = data["y"].to_numpy().astype(int), data["video"].to_numpy()
+    if len(np.unique(y)) < 2:
+        raise PipelineError(f"All {len(y)} frames have label {y[0] if len(y) else '?'}: a classifier needs both classes.")
+    cv = grouped_folds(groups, n_splits)
+    X = data[features].to_numpy(float)
+    report, probas = {}, {}
+    for name, model in make_models(seed).items():
+        proba = cross_val_predict(model, X, y, groups=groups, cv=cv, method="predict_proba")[:, 1]
+        probas[name] = proba
+        report[name] = classification_report(y, proba, threshold)
+    return report, probas
+
+
+def importances(pipeline: Pipeline, data: pd.DataFrame, features: list[str], seed: int = 0) -> pd.DataFrame:
+    """Impurity and permutation (ROC AUC drop) importance of each feature in a fitted forest pipeline."""
+    from sklearn.inspection import permutation_importance
+
+    X, y = data[features].to_numpy(float), data["y"].to_numpy().astype(int)
+    perm = permutation_importance(pipeline, X, y, scoring="roc_auc", n_repeats=5, random_state=seed, n_jobs=1)
+    table = pd.DataFrame({
+        "impurity": pipeline.named_steps["model"].feature_importances_,
+        "permutation_auc_drop": perm.importances_mean,
+    }, index=pd.Index(features, name="feature"))
+    return table.sort_values("permutation_auc_drop", ascending=False)

@@ -1,0 +1,53 @@
+"""Session fixtures: a tiny synthetic dataset in the real UCSD layout, prepared, trained and scored once."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from models.data.prepare import PrepareConfig, prepare  # noqa: E402
+from models.data.synthetic import SyntheticSpec, make_synthetic  # noqa: E402
+
+TINY_SPEC = SyntheticSpec(height=24, width=36, train_videos=3, test_videos=4, frames=24, seed=1)
+TINY_SIZE = (16, 24)
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    """<tmp>/UCSD_Anomaly_Dataset.v1p2/Synthetic with Train/, Test/, Test00N_gt/ and Synthetic.m."""
+    return make_synthetic(tmp_path_factory.mktemp("raw"), "Synthetic", TINY_SPEC)
+
+
+@pytest.fixture(scope="session")
+def prepared(synthetic_root, tmp_path_factory) -> Path:
+    """The preprocessed store of the tiny dataset: 16x24 grey frames, one val video."""
+    out = tmp_path_factory.mktemp("pre") / "Synthetic"
+    prepare(synthetic_root, out, PrepareConfig(size=TINY_SIZE, n_layers=3, val_fraction=0.34, workers=1))
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained(prepared, tmp_path_factory) -> Path:
+    """A model folder from train.py's code path: 3 layers, tiny stacks, two short epochs."""
+    from models.training import TrainSettings, train
+
+    model_dir = tmp_path_factory.mktemp("model") / "m"
+    train(tiny_settings(prepared, model_dir))
+    return model_dir
+
+
+def tiny_settings(prepared: Path, model_dir: Path, **overrides):
+    from models.training import TrainSettings
+
+    values = dict(preprocessed_data=str(prepared.parent), dataset=prepared.name, model_dir=str(model_dir),
+                  stack_sizes=(4, 8), nt=4, batch_size=2, nb_epoch=2, samples_per_epoch=8, val_samples=4,
+                  learning_rate=0.01, strides=(1, 2), verbose=0)
+    return TrainSettings(**(values | overrides))

@@ -1,0 +1,166 @@
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import hickle
+import numpy as np
+import pytest
+from PIL import Image
+
+from models.data.prepare import PrepareConfig, prepare, split_videos
+from models.data.store import load, load_labels, load_split, read_metadata
+from models.data.synthetic import SyntheticSpec, make_synthetic
+from models.errors import PipelineError
+from models.shapes import check_frame_size
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = PrepareConfig(size=(16, 24), n_layers=3, workers=1)
+
+
+def test_shapes_dtypes_and_metadata(prepared):
+    meta = read_metadata(prepared)
+    for split in ("train", "val", "test"):
+        X, sources = load_split(prepared, split)
+        assert X.dtype == np.uint8 and X.shape[1:] == (16, 24, 1)
+        assert len(sources) == len(X) == meta["frames"][split]
+    assert meta["channels"] == 1 and (meta["height"], meta["width"]) == (16, 24)
+    assert meta["frames"]["test"] == 4 * 24 and meta["videos"]["test"]["Test001"] == 24
+
+
+def test_splits_share_no_video(prepared):
+    names = {s: set(load_split(prepared, s)[1]) for s in ("train", "val", "test")}
+    assert names["train"] and names["val"] and names["test"]
+    assert not names["train"] & names["val"] and not names["train"] & names["test"] and not names["val"] & names["test"]
+    assert names["train"] | names["val"] == {"Train001", "Train002", "Train003"}
+
+
+def test_labels_follow_the_m_file(prepared, synthetic_root):
+    from models.data.index import parse_m_file
+
+    y = load_labels(prepared)
+    _, sources = load_split(prepared, "test")
+    for i, ranges in enumerate(parse_m_file(synthetic_root / "Test" / "Synthetic.m"), 1):
+        yv = y[sources == f"Test{i:03d}"]
+        expected = np.zeros(24, np.uint8)
+        for s, e in ranges:
+            expected[s - 1 : e] = 1
+        assert (yv == expected).all()
+    masks = load(prepared / "masks_test.hkl")
+    assert masks.shape == (96, 16, 24) and ((masks.reshape(96, -1).max(axis=1) > 0) <= (y > 0)).all()
+
+
+def test_files_load_with_hickle_and_plain_h5py(prepared):
+    X = hickle.load(str(prepared / "X_test.hkl"))
+    with h5py.File(prepared / "X_test.hkl", "r") as f:
+        assert (f["data"][()] == X).all()
+    with h5py.File(prepared / "sources_test.hkl", "r") as f:
+        assert f["data"][0] == b"Test001"
+
+
+def test_split_is_seeded_and_by_video():
+    names = [f"Train{i:03d}" for i in range(1, 17)]
+    train, val = split_videos(names, 0.15, seed=3)
+    assert len(val) == 2 and sorted(train + val) == names
+    assert split_videos(names, 0.15, seed=3) == (train, val)
+    assert split_videos(["a"], 0.5, 0) == (["a"], [])
+
+
+def test_size_check_suggests_nearby_sizes():
+    check_frame_size(152, 232, 4)
+    with pytest.raises(PipelineError, match=r"height 150 -> 144 or 152"):
+        check_frame_size(150, 232, 4)
+
+
+def _copy(root, tmp_path):
+    dst = tmp_path / "ds"
+    shutil.copytree(root, dst)
+    return dst
+
+
+@pytest.mark.parametrize("case", ["corrupt", "sizes", "labels", "past_end"])
+def test_bad_input_leaves_no_output(case, synthetic_root, tmp_path):
+    root = _copy(synthetic_root, tmp_path)
+    frame = root / "Test" / "Test002" / "005.tif"
+    if case == "corrupt":
+        frame.write_bytes(b"not an image")
+        expected = "Cannot read frame .*Test002/005.tif"
+    elif case == "sizes":
+        Image.new("L", (10, 10)).save(frame)
+        expected = "different sizes in video Test002"
+    elif case == "labels":
+        m = root / "Test" / "Synthetic.m"
+        m.write_text(m.read_text() + "TestVideoFile{end+1}.gt_frame = [1:3];\n")
+        expected = "5 entries but .* 4 test videos"
+    else:
+        m = root / "Test" / "Synthetic.m"
+        m.write_text("TestVideoFile{end+1}.gt_frame = [1:30];\n" * 4)
+        expected = "Test001 runs past its last frame"
+    out = tmp_path / "out" / "Synthetic"
+    with pytest.raises(PipelineError, match=expected):
+        prepare(root, out, CONFIG)
+    assert not out.exists()
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+def test_existing_output_is_kept_without_overwrite(prepared, synthetic_root):
+    before = (prepared / "metadata.json").read_text()
+    with pytest.raises(PipelineError, match="already exists"):
+        prepare(synthetic_root, prepared, CONFIG)
+    assert (prepared / "metadata.json").read_text() == before
+
+
+def test_custom_layout_video_files_and_csv(tmp_path):
+    import imageio.v2 as imageio
+
+    rng = np.random.default_rng(0)
+    for split, names in (("Train", ["cam_a", "cam_b"]), ("Test", ["cam_c"])):
+        (tmp_path / split).mkdir()
+        for name in names:
+            frames = (rng.random((12, 32, 48, 3)) * 255).astype(np.uint8)
+            imageio.mimwrite(tmp_path / split / f"{name}.mp4", frames, fps=10, macro_block_size=16)
+    (tmp_path / "Test" / "labels.csv").write_text("video,start_frame,end_frame\ncam_c,4,6\n")
+    meta = prepare(tmp_path, tmp_path / "out", PrepareConfig(size=(16, 24), n_layers=3, channels="3", workers=1))
+    assert meta["frames"] == {"train": 12, "val": 12, "test": 12}
+    y = load_labels(tmp_path / "out")
+    assert y.tolist() == [0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0]
+    X, _ = load_split(tmp_path / "out", "test")
+    assert X.shape == (12, 16, 24, 3)
+
+
+def test_custom_layout_frame_folders_jpg(tmp_path):
+    for split, name in (("Train", "walk1"), ("Train", "walk2"), ("Test", "walk3")):
+        folder = tmp_path / split / name
+        folder.mkdir(parents=True)
+        for i in range(6):
+            Image.new("RGB", (48, 32), (i * 10, i * 10, i * 10)).save(folder / f"frame{i:04d}.jpg")
+    (tmp_path / "Test" / "labels.csv").write_text("video,start_frame,end_frame\n")
+    meta = prepare(tmp_path, tmp_path / "out", PrepareConfig(size=(16, 24), n_layers=3, workers=1))
+    assert meta["channels"] == 1  # grey stored as RGB is detected as grey
+    assert load_labels(tmp_path / "out").sum() == 0
+
+
+def test_synthetic_is_deterministic(tmp_path):
+    spec = SyntheticSpec(height=12, width=18, train_videos=1, test_videos=1, frames=6, seed=7)
+    a, b = make_synthetic(tmp_path / "a", "S", spec), make_synthetic(tmp_path / "b", "S", spec)
+    for f in sorted(a.rglob("*.tif")):
+        assert f.read_bytes() == (b / f.relative_to(a)).read_bytes()
+
+
+def test_cli_end_to_end(tmp_path):
+    cmd = [sys.executable, "data_preparation.py", "--make_synthetic", "--raw_data", str(tmp_path / "raw"),
+           "--preprocessed_data", str(tmp_path / "pre"), "--dataset", "S", "--synthetic_size", "24x36",
+           "--synthetic_train_videos", "2", "--synthetic_test_videos", "1", "--synthetic_frames", "10",
+           "--size", "16x24", "--n_layers", "3", "--workers", "1"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "S: " in done.stdout and (tmp_path / "pre" / "S" / "y_test.hkl").is_file()
+    again = subprocess.run(cmd[:-6] + ["--size", "15x24", "--n_layers", "3"], cwd=ROOT, capture_output=True, text=True)
+    assert again.returncode == 2 and "error:" in again.stderr
+
+
+def test_cli_bad_size(tmp_path):
+    done = subprocess.run([sys.executable, "data_preparation.py", "--raw_data", str(tmp_path), "--size", "150x232"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 2 and "144 or 152" in done.stderr and "Traceback" not in done.stderr
