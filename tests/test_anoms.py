@@ -1,0 +1,84 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import joblib
+import numpy as np
+import pandas as pd
+import pytest
+
+from models.anoms import evaluate_by_video, grouped_folds, prepare_frames
+from models.errors import PipelineError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def frames_table(n_videos=6, n=40, seed=0):
+    """Each video is half normal, half anomalous; model_good separates them, model_noise does not."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for v in range(n_videos):
+        y = np.r_[np.zeros(n // 2), np.ones(n // 2)].astype(int)
+        rows.append(pd.DataFrame({"video": f"Test{v + 1:03d}", "frame": np.arange(1, n + 1), "y": y,
+                                  "predictable": True, "model_good": y * 2.0 + rng.random(n),
+                                  "model_noise": rng.random(n)}))
+    return pd.concat(rows, ignore_index=True)
+
+
+def test_grouped_folds_never_share_a_video():
+    groups = np.repeat(np.arange(6), 10)
+    for train, test in grouped_folds(groups).split(np.zeros(60), groups=groups):
+        assert not set(groups[train]) & set(groups[test])
+
+
+def test_perfect_feature_gives_auc_one_and_noise_about_half():
+    df = frames_table()
+    report, probas = evaluate_by_video(df, ["model_good"])
+    assert all(r["roc_auc"] == 1.0 for r in report.values())
+    noise, _ = evaluate_by_video(df, ["model_noise"])
+    assert all(abs(r["roc_auc"] - 0.5) < 0.12 for r in noise.values())
+    # scores are probabilities, not hard labels
+    assert len(np.unique(probas["logistic_regression"])) > 10
+
+
+def test_bad_input():
+    df = frames_table()
+    with pytest.raises(PipelineError, match="no labels"):
+        prepare_frames(df.drop(columns="y"), ["model_good"])
+    with pytest.raises(PipelineError, match="model_missing"):
+        prepare_frames(df, ["model_missing"])
+    with pytest.raises(PipelineError, match="Only 1 video"):
+        evaluate_by_video(df[df["video"] == "Test001"], ["model_good"])
+    with pytest.raises(PipelineError, match="both classes"):
+        evaluate_by_video(df[df["y"] == 0], ["model_good"])
+
+
+def test_cli_fits_saves_and_applies(tmp_path):
+    df = frames_table()
+    df.to_pickle(tmp_path / "df.pkl.gz")
+    out = tmp_path / "anoms"
+    done = subprocess.run([sys.executable, "fit_anoms.py", "--scored_data", str(tmp_path), "--model_path", str(out),
+                           "--smooth", "3"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for name in ("classifier.joblib", "report.json", "report.md", "importances.csv", "importances.png"):
+        assert (out / name).is_file(), name
+    importances = pd.read_csv(out / "importances.csv", index_col=0)
+    assert importances.index[0] == "model_good"
+    bundle = joblib.load(out / "classifier.joblib")
+    data = prepare_frames(df, bundle["features"], bundle["smooth"])
+    expected = bundle["pipeline"].predict_proba(data[bundle["features"]].to_numpy(float))[:, 1]
+    new = tmp_path / "new"
+    new.mkdir()
+    df.drop(columns="y").to_pickle(new / "df.pkl.gz")
+    done = subprocess.run([sys.executable, "fit_anoms.py", "--apply", str(out), "--scored_data", str(new)],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    scores = pd.read_csv(new / "anomaly_scores.csv")
+    np.testing.assert_allclose(scores["anomaly_probability"], expected)
+
+
+def test_cli_single_video_is_an_error(tmp_path):
+    frames_table(n_videos=1).to_pickle(tmp_path / "df.pkl.gz")
+    done = subprocess.run([sys.executable, "fit_anoms.py", "--scored_data", str(tmp_path), "--model_path",
+                           str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 2 and "Only 1 video" in done.stderr and not (tmp_path / "out").exists()

@@ -1,0 +1,110 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import roc_auc_score, roc_curve
+
+from models.data.store import load_labels, load_split
+from models.scoring import equal_error_rate, error_metrics, evaluate, min_max_per_video
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_error_metrics_on_hand_made_arrays():
+    frames = np.zeros((1, 2, 2, 1), np.float32)
+    pred = np.array([0.0, 0.0, 0.0, 1.0], np.float32).reshape(1, 2, 2, 1)
+    m = error_metrics(frames, pred, patch=1)
+    assert m["mse"][0] == pytest.approx(0.25)
+    assert m["p_50"][0] == 0 and m["p_99"][0] == pytest.approx(0.97)
+    assert m["std"][0] == pytest.approx(np.sqrt(0.1875))
+    assert m["psnr"][0] == pytest.approx(10 * np.log10(4))
+    assert m["patch_max"][0] == 1.0
+    assert error_metrics(frames, pred, patch=2)["patch_max"][0] == pytest.approx(0.25)
+
+
+def test_min_max_per_video():
+    values = pd.Series([1.0, 3.0, 2.0, 10.0, 20.0])
+    videos = pd.Series(["a", "a", "a", "b", "b"])
+    assert min_max_per_video(values, videos).tolist() == [0.0, 1.0, 0.5, 0.0, 1.0]
+
+
+def test_auc_and_eer_agree_with_scikit_learn():
+    rng = np.random.default_rng(0)
+    y = np.array([0, 0, 1, 1, 0, 1, 0, 1] * 5)
+    score = y + rng.normal(0, 0.8, len(y))
+    df = pd.DataFrame({"video": ["a"] * 20 + ["b"] * 20, "y": y, "predictable": True, "model_mse": score,
+                       "model_psnr": -score})
+    res = evaluate(df, ["model_mse", "model_psnr"])
+    assert res.loc["model_mse", "micro_auc"] == pytest.approx(roc_auc_score(y, score))
+    assert res.loc["model_psnr", "micro_auc"] == pytest.approx(roc_auc_score(y, score))  # PSNR is negated
+    macro = np.mean([roc_auc_score(y[:20], score[:20]), roc_auc_score(y[20:], score[20:])])
+    assert res.loc["model_mse", "macro_auc"] == pytest.approx(macro)
+    fpr, tpr, _ = roc_curve(y, score)
+    i = np.argmin(np.abs(1 - tpr - fpr))
+    assert equal_error_rate(y, score) == pytest.approx((fpr[i] + 1 - tpr[i]) / 2)
+    assert equal_error_rate(np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.3, 0.4])) == 0.0
+
+
+@pytest.fixture(scope="module")
+def scored(trained, prepared, tmp_path_factory):
+    out = tmp_path_factory.mktemp("scored") / "s"
+    cmd = [sys.executable, "batch_scoring.py", "--preprocessed_data", str(prepared.parent), "--dataset",
+           prepared.name, "--model_dir", str(trained), "--scored_data", str(out), "--batch_size", "3",
+           "--save_prediction_error_video_frames", "--plot_videos", "Test002"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "frames/s" in done.stdout and "copy-last-frame regularity" in done.stdout
+    return out
+
+
+def test_every_test_frame_once_with_its_label(scored, prepared):
+    df = pd.read_pickle(scored / "df.pkl.gz")
+    X, sources = load_split(prepared, "test")
+    assert len(df) == len(X) and (df["video"].to_numpy() == sources).all()
+    assert (df["y"].to_numpy() == load_labels(prepared)).all()
+    assert df.groupby("video")["frame"].apply(lambda f: f.tolist() == list(range(1, 25))).all()
+    first = df["frame"] == 1
+    assert (~df.loc[first, "predictable"]).all() and df.loc[~first, "predictable"].all()
+    assert df.loc[first, "model_mse"].isna().all() and df.loc[~first, "model_mse"].notna().all()
+    assert df["video"].dtype == object  # readable where pandas has no pyarrow
+
+
+def test_baseline_is_difference_to_previous_frame(scored, prepared):
+    df = pd.read_pickle(scored / "df.pkl.gz")
+    X, _ = load_split(prepared, "test")
+    frames = X.astype(np.float32) / 255
+    i = 30  # Test002, frame 7
+    assert df.loc[i, "video"] == "Test002" and df.loc[i, "frame"] == 7
+    assert df.loc[i, "copy_mse"] == pytest.approx(float(((frames[i] - frames[i - 1]) ** 2).mean()), rel=1e-5)
+
+
+def test_outputs(scored):
+    summary = json.loads((scored / "metrics.json").read_text())
+    for col in ("model_regularity", "copy_regularity", "model_mse", "model_E2", "copy_patch_max"):
+        assert 0 <= summary["metrics"][col]["micro_auc"] <= 1
+    for name in ("metrics.md", "roc.png", "scores.png", "Test002_prediction_error.gif"):
+        assert (scored / name).is_file(), name
+    assert "| regularity" in (scored / "metrics.md").read_text()
+
+
+def test_model_and_data_of_different_size(trained, synthetic_root, tmp_path):
+    from models.data.prepare import PrepareConfig, prepare
+
+    prepare(synthetic_root, tmp_path / "pre" / "Big", PrepareConfig(size=(24, 32), n_layers=3, workers=1))
+    out = tmp_path / "scored"
+    done = subprocess.run([sys.executable, "batch_scoring.py", "--preprocessed_data", str(tmp_path / "pre"),
+                           "--dataset", "Big", "--model_dir", str(trained), "--scored_data", str(out)],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 2 and "(16, 24, 1)" in done.stderr and "(24, 32, 1)" in done.stderr
+    assert not out.exists()
+
+
+def test_missing_model_folder(prepared, tmp_path):
+    done = subprocess.run([sys.executable, "batch_scoring.py", "--preprocessed_data", str(prepared.parent),
+                           "--dataset", prepared.name, "--model_dir", str(tmp_path / "none"),
+                           "--scored_data", str(tmp_path / "s")], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 2 and "run train.py first" in done.stderr and not (tmp_path / "s").exists()

@@ -1,0 +1,112 @@
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import tiny_settings
+
+from models.errors import PipelineError
+from models.prednet import build_training_model, find_prednet, load_model
+from models.training import WindowDataset, train, window_starts
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_windows_never_cross_videos():
+    sources = np.array(["a"] * 7 + ["b"] * 3 + ["c"] * 9)
+    starts = window_starts(sources, nt=3, strides=(1, 2, 3))
+    assert len(starts)
+    for start, stride in starts:
+        idx = start + stride * np.arange(3)
+        assert len(set(sources[idx])) == 1
+    # every possible window is there: a has 5+3+1, b 1+0+0, c 7+5+3
+    assert len(starts) == 9 + 1 + 15
+
+
+def test_dataset_batches_are_scaled_windows_of_one_video():
+    X = np.arange(20, dtype=np.uint8).reshape(20, 1, 1, 1).repeat(2, axis=1).repeat(2, axis=2)
+    sources = np.array(["a"] * 12 + ["b"] * 8)
+    data = WindowDataset(X, sources, nt=4, batch_size=3, strides=(1, 2), samples_per_epoch=30, seed=1)
+    assert len(data) == 10
+    for i in range(len(data)):
+        x, y = data[i]
+        assert x.shape == (3, 4, 2, 2, 1) and y.shape == (3, 1) and (y == 0).all()
+        frames = np.rint(x[:, :, 0, 0, 0] * 255).astype(int)
+        assert all(len(set(sources[f])) == 1 for f in frames)
+        steps = np.diff(frames, axis=1)
+        assert ((steps == steps[:, :1]) & (steps > 0)).all()
+
+
+def test_a_few_steps_lower_the_loss():
+    keras.utils.set_random_seed(0)
+    model = build_training_model(4, (8, 8, 1), (1, 0), stack_sizes=(1, 4))
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mae")
+    x = np.random.default_rng(0).random((4, 4, 8, 8, 1)).astype("float32")
+    y = np.zeros((4, 1), "float32")
+    before = model.evaluate(x, y, verbose=0)
+    model.fit(x, y, epochs=15, verbose=0)
+    assert model.evaluate(x, y, verbose=0) < 0.8 * before
+
+
+def test_model_folder(trained):
+    for name in ("model.keras", "config.json", "history.csv", "history.png", "checkpoints/last.keras"):
+        assert (trained / name).is_file(), name
+    config = json.loads((trained / "config.json").read_text())
+    assert config["arguments"]["nt"] == 4 and config["frame_shape"] == [16, 24, 1]
+    assert config["prednet"]["stack_sizes"] == [1, 4, 8] and config["data"]["frames"]["test"] == 96
+    r = config["results"]
+    assert r["epochs_run"] == 2 and r["next_frame_mse"] > 0 and r["copy_last_frame_mse"] > 0
+    assert len(pd.read_csv(trained / "history.csv")) == 2
+
+
+def test_resume_continues(trained, prepared, tmp_path):
+    model_dir = tmp_path / "m"
+    shutil.copytree(trained, model_dir)
+    train(tiny_settings(prepared, model_dir, nb_epoch=3, resume=True))
+    history = pd.read_csv(model_dir / "history.csv")
+    assert history["epoch"].tolist() == [0, 1, 2]
+
+
+def test_fine_tuning_keeps_frozen_layers(trained, prepared, tmp_path):
+    base = find_prednet(load_model(trained / "model.keras"))
+    train(tiny_settings(prepared, tmp_path / "ft", fine_tuning=str(trained), freeze_layers=(0,), nb_epoch=1))
+    tuned = find_prednet(load_model(tmp_path / "ft" / "model.keras"))
+    for convs in ("lstm_convs", "ahat_convs", "a_convs"):
+        old, new = getattr(base, convs), getattr(tuned, convs)
+        for a, b in zip(old[0].get_weights(), new[0].get_weights(), strict=True):
+            np.testing.assert_array_equal(a, b)
+    changed = [not np.array_equal(a, b) for a, b in zip(base.lstm_convs[1].get_weights(),
+                                                        tuned.lstm_convs[1].get_weights(), strict=True)]
+    assert any(changed)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"dataset": "Nope"}, "Run data_preparation.py first"),
+        ({"nt": 30}, "longer than the shortest train video"),
+        ({"stack_sizes": (4, 8, 8, 8)}, "does not suit a 5-layer PredNet"),
+        ({"output_mode": "Q3"}, "Unknown output mode 'Q3'"),
+        ({"nt": 1}, "at least 2"),
+    ],
+)
+def test_bad_input(overrides, message, prepared, tmp_path):
+    with pytest.raises(PipelineError, match=message):
+        train(tiny_settings(prepared, tmp_path / "m", **overrides))
+    assert not (tmp_path / "m" / "model.keras").exists()
+
+
+def test_existing_model_is_kept(trained, prepared):
+    with pytest.raises(PipelineError, match="already holds a trained model"):
+        train(tiny_settings(prepared, trained))
+
+
+def test_cli_error_exit(prepared, tmp_path):
+    done = subprocess.run([sys.executable, "train.py", "--config", "cpu", "--preprocessed_data", str(tmp_path),
+                           "--dataset", "Missing"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 2 and "data_preparation.py" in done.stderr and "Traceback" not in done.stderr
