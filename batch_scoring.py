@@ -33,8 +33,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch_size", type=int, default=4, help="videos per model call")
     p.add_argument("--patch", type=int, default=16, help="patch side in pixels for the patch_max metric")
     p.add_argument("--n_plot", type=int, default=12, help="videos shown in scores.png")
-    p.add_argument("--save_prediction_error_video_frames", action="store_true",
-                   help="write frame | prediction | error GIFs for --plot_videos")
+    p.add_argument(
+        "--save_prediction_error_video_frames",
+        action="store_true",
+        help="write frame | prediction | error GIFs for --plot_videos",
+    )
     p.add_argument("--plot_videos", default=None, help="comma-separated videos for the GIFs (default: the first 2)")
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
@@ -56,8 +59,7 @@ def build_frame_table(X, sources, y, predictions, layer_errors, patch: int) -> p
         previous[sl.start + 1 : sl.stop] = frames[sl.start : sl.stop - 1]
         predictable[sl.start] = False
         frame_no[sl] = np.arange(1, sl.stop - sl.start + 1)
-    # Plain object strings: a pickle written where pandas uses pyarrow strings must load where it does not.
-    df = pd.DataFrame({"video": pd.Series(sources, dtype=object), "frame": frame_no})
+    df = pd.DataFrame({"video": sources, "frame": frame_no})
     if y is not None:
         df["y"] = y.astype(int)
     df["predictable"] = predictable
@@ -80,7 +82,7 @@ def main(argv=None) -> int:
 
     from models.inference import load_predictor, predict_videos
     from models.plots import error_frames, plot_roc, plot_scores, save_gif
-    from models.scoring import evaluate, metric_columns, side_by_side
+    from models.scoring import evaluate, metric_columns, portable, side_by_side
 
     model, trained, config = load_predictor(args.model_dir)
     if tuple(trained.frame_shape) != X.shape[1:]:
@@ -90,13 +92,22 @@ def main(argv=None) -> int:
         )
     with atomic_dir(args.scored_data, args.overwrite) as out:
         predictions, layer_errors, fps = predict_videos(model, X, sources, args.batch_size)
-        print(f"scored {len(X)} frames of {len(set(sources))} videos at {fps:.0f} frames/s")
+        print(f"scored {len(X)} frames of {len(set(sources))} videos at {fps:.0f} frames/s (compilation included)")
         df = build_frame_table(X, sources, y, predictions, layer_errors, args.patch)
-        df.attrs = {"model_dir": str(args.model_dir), "dataset": args.dataset, "height": meta["height"],
-                    "width": meta["width"]}
-        df.to_pickle(out / "df.pkl.gz")
-        summary = {"frames": len(df), "videos": int(df["video"].nunique()), "frames_per_s": fps,
-                   "model_dir": str(args.model_dir), "dataset": args.dataset}
+        df.attrs = {
+            "model_dir": str(args.model_dir),
+            "dataset": args.dataset,
+            "height": meta["height"],
+            "width": meta["width"],
+        }
+        portable(df).to_pickle(out / "df.pkl.gz")
+        summary = {
+            "frames": len(df),
+            "videos": int(df["video"].nunique()),
+            "frames_per_s": fps,
+            "model_dir": str(args.model_dir),
+            "dataset": args.dataset,
+        }
         if y is not None and df["y"].nunique() == 2:
             results = evaluate(df, metric_columns(df))
             table = side_by_side(results)
@@ -109,8 +120,10 @@ def main(argv=None) -> int:
             )
             plot_roc(df, HEADLINE, out / "roc.png", results["micro_auc"].to_dict())
             best = results["micro_auc"]
-            print(f"micro AUC: model regularity {best['model_regularity']:.3f}, "
-                  f"copy-last-frame regularity {best['copy_regularity']:.3f}")
+            print(
+                f"micro AUC: model regularity {best['model_regularity']:.3f}, "
+                f"copy-last-frame regularity {best['copy_regularity']:.3f}"
+            )
         else:
             print("no labels with both classes: metrics written, evaluation skipped")
         plot_scores(df, HEADLINE[:2], out / "scores.png", args.n_plot)

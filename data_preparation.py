@@ -27,14 +27,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dataset", default="UCSDped2", help="dataset folder name, e.g. UCSDped1, UCSDped2, Synthetic")
     p.add_argument("--size", default="152x232", help="HEIGHTxWIDTH to resize to (must divide by 2^(n_layers-1))")
     p.add_argument("--n_layers", type=int, default=4, help="PredNet layers the frame size must suit")
-    p.add_argument("--channels", default="auto", choices=["auto", "1", "3"], help="1 grey, 3 RGB, auto keeps the source's")
+    p.add_argument(
+        "--channels", default="auto", choices=["auto", "1", "3"], help="1 grey, 3 RGB, auto keeps the source's"
+    )
     p.add_argument("--val_fraction", type=float, default=0.15, help="fraction of normal videos held out for validation")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compression", default="gzip", choices=["gzip", "lzf", "none"], help="HDF5 compression")
     p.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     g = p.add_argument_group("synthetic dataset")
-    g.add_argument("--make_synthetic", action="store_true", help="first write the synthetic UCSD-like dataset to --raw_data")
+    g.add_argument(
+        "--make_synthetic", action="store_true", help="first write the synthetic UCSD-like dataset to --raw_data"
+    )
     g.add_argument("--synthetic_size", default="120x180", help="HEIGHTxWIDTH of the synthetic source frames")
     g.add_argument("--synthetic_train_videos", type=int, default=8)
     g.add_argument("--synthetic_test_videos", type=int, default=4)
@@ -49,7 +53,9 @@ def main(argv=None) -> int:
     check_frame_size(*size, args.n_layers)
     if args.make_synthetic:
         h, w = parse_size(args.synthetic_size)
-        spec = SyntheticSpec(h, w, args.synthetic_train_videos, args.synthetic_test_videos, args.synthetic_frames, args.seed)
+        spec = SyntheticSpec(
+            h, w, args.synthetic_train_videos, args.synthetic_test_videos, args.synthetic_frames, args.seed
+        )
         target = Path(args.raw_data) / "UCSD_Anomaly_Dataset.v1p2" / args.dataset
         with atomic_dir(target, args.overwrite) as tmp:
             # Written beside the target, then renamed into place.

@@ -79,21 +79,34 @@ def main(argv=None) -> int:
         report, _ = evaluate_by_video(data, features, args.seed, args.n_splits, args.threshold)
         forest = make_models(args.seed)["random_forest"].fit(data[features].to_numpy(float), data["y"].astype(int))
         table = importances(forest, data, features, args.seed)
-        joblib.dump({"pipeline": forest, "features": features, "smooth": args.smooth, "threshold": args.threshold},
-                    out / "classifier.joblib")
+        joblib.dump(
+            {"pipeline": forest, "features": features, "smooth": args.smooth, "threshold": args.threshold},
+            out / "classifier.joblib",
+        )
         table.to_csv(out / "importances.csv")
         plot_importances(table, out / "importances.png")
-        summary = {"scored_data": str(args.scored_data), "features": features, "smooth": args.smooth,
-                   "frames": len(data), "videos": int(data["video"].nunique()), "anomalous": int(data["y"].sum()),
-                   "cross_validation": f"GroupKFold by video, {min(args.n_splits, data['video'].nunique())} folds",
-                   "models": report}
+        summary = {
+            "scored_data": str(args.scored_data),
+            "features": features,
+            "smooth": args.smooth,
+            "frames": len(data),
+            "videos": int(data["video"].nunique()),
+            "anomalous": int(data["y"].sum()),
+            "cross_validation": f"GroupKFold by video, {min(args.n_splits, data['video'].nunique())} folds",
+            "models": report,
+        }
         (out / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
-        rows = pd.DataFrame({name: {k: v for k, v in r.items() if k != "confusion_matrix"} | r["confusion_matrix"]
-                             for name, r in report.items()}).T
+        rows = pd.DataFrame(
+            {
+                name: {k: v for k, v in r.items() if k != "confusion_matrix"} | r["confusion_matrix"]
+                for name, r in report.items()
+            }
+        ).T
         (out / "report.md").write_text(
             f"# Anomaly classifiers, grouped by video\n\n{summary['frames']} frames, {summary['videos']} videos, "
             f"{summary['anomalous']} anomalous; {summary['cross_validation']}; smoothing {args.smooth}.\n\n"
-            f"{rows.round(4).to_markdown()}\n\n## Feature importances (random forest)\n\n{table.round(4).to_markdown()}\n"
+            f"{rows.round(4).to_markdown()}\n\n## Feature importances (random forest)\n\n"
+            f"{table.round(4).to_markdown()}\n"
         )
     print(rows[["roc_auc", "average_precision", "precision", "recall", "f1"]].round(3).to_string())
     print(f"-> {args.model_path}")

@@ -37,7 +37,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output_mode", help="what the model outputs when scoring: all, prediction, error, or R0, E1, ...")
     p.add_argument("--precision", choices=["float32", "mixed_bfloat16", "mixed_float16"])
     p.add_argument("--fine_tuning", default=None, help="start from the model in this earlier model folder")
-    p.add_argument("--freeze_layers", type=int_list, default=(), help="PredNet layers whose weights stay fixed, e.g. 0,1")
+    p.add_argument(
+        "--freeze_layers", type=int_list, default=(), help="PredNet layers whose weights stay fixed, e.g. 0,1"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last epoch")
     p.add_argument("--overwrite", action="store_true", help="replace a model already in --model_dir")

@@ -52,7 +52,9 @@ def smooth(df: pd.DataFrame, features: list[str], window: int) -> pd.DataFrame:
     if window <= 1:
         return df
     out = df.copy()
-    out[features] = df.groupby("video")[features].transform(lambda v: v.rolling(window, center=True, min_periods=1).mean())
+    out[features] = df.groupby("video")[features].transform(
+        lambda v: v.rolling(window, center=True, min_periods=1).mean()
+    )
     return out
 
 
@@ -62,7 +64,9 @@ def prepare_frames(df: pd.DataFrame, features: list[str], window: int = 1, need_
     if missing:
         raise PipelineError(f"The DataFrame has no column(s) {missing}; available: {list(df.columns)}")
     if need_labels and "y" not in df:
-        raise PipelineError("The DataFrame has no labels (column 'y'); the test videos need ground truth to fit a classifier.")
+        raise PipelineError(
+            "The DataFrame has no labels (column 'y'); the test videos need ground truth to fit a classifier."
+        )
     data = df[df["predictable"]] if "predictable" in df else df
     data = smooth(data, features, window)
     return data.dropna(subset=features)
@@ -90,15 +94,23 @@ class BestSingleFeature(ClassifierMixin, BaseEstimator):
 def make_models(seed: int = 0) -> dict[str, Pipeline]:
     """The random forest and its two baselines, each a scikit-learn Pipeline with scaling."""
     return {
-        "random_forest": Pipeline([
-            ("scale", StandardScaler()),
-            ("model", RandomForestClassifier(n_estimators=300, min_samples_leaf=5, class_weight="balanced",
-                                             random_state=seed, n_jobs=-1)),
-        ]),
-        "logistic_regression": Pipeline([
-            ("scale", StandardScaler()),
-            ("model", LogisticRegression(max_iter=2000, class_weight="balanced")),
-        ]),
+        "random_forest": Pipeline(
+            [
+                ("scale", StandardScaler()),
+                (
+                    "model",
+                    RandomForestClassifier(
+                        n_estimators=300, min_samples_leaf=5, class_weight="balanced", random_state=seed, n_jobs=-1
+                    ),
+                ),
+            ]
+        ),
+        "logistic_regression": Pipeline(
+            [
+                ("scale", StandardScaler()),
+                ("model", LogisticRegression(max_iter=2000, class_weight="balanced")),
+            ]
+        ),
         "best_single_metric": Pipeline([("scale", StandardScaler()), ("model", BestSingleFeature())]),
     }
 
@@ -106,9 +118,7 @@ def make_models(seed: int = 0) -> dict[str, Pipeline]:
 def grouped_folds(groups: np.ndarray, n_splits: int = 5) -> GroupKFold:
     n_groups = len(np.unique(groups))
     if n_groups < 2:
-        raise PipelineError(
-            f"Only {n_groups} video in the DataFrame: a split by video needs at least 2 test videos."
-        )
+        raise PipelineError(f"Only {n_groups} video in the DataFrame: a split by video needs at least 2 test videos.")
     return GroupKFold(n_splits=min(n_splits, n_groups))
 
 
@@ -126,8 +136,9 @@ def classification_report(y: np.ndarray, proba: np.ndarray, threshold: float) ->
     }
 
 
-def evaluate_by_video(data: pd.DataFrame, features: list[str], seed: int = 0, n_splits: int = 5,
-                      threshold: float = 0.5) -> tuple[dict, dict[str, np.ndarray]]:
+def evaluate_by_video(
+    data: pd.DataFrame, features: list[str], seed: int = 0, n_splits: int = 5, threshold: float = 0.5
+) -> tuple[dict, dict[str, np.ndarray]]:
     """Out-of-fold probabilities of each model with folds grouped by video, and their report.
 
     Raises:
@@ -135,7 +146,9 @@ def evaluate_by_video(data: pd.DataFrame, features: list[str], seed: int = 0, n_
     """
     y, groups = data["y"].to_numpy().astype(int), data["video"].to_numpy()
     if len(np.unique(y)) < 2:
-        raise PipelineError(f"All {len(y)} frames have label {y[0] if len(y) else '?'}: a classifier needs both classes.")
+        raise PipelineError(
+            f"All {len(y)} frames have label {y[0] if len(y) else '?'}: a classifier needs both classes."
+        )
     cv = grouped_folds(groups, n_splits)
     X = data[features].to_numpy(float)
     report, probas = {}, {}
@@ -152,8 +165,11 @@ def importances(pipeline: Pipeline, data: pd.DataFrame, features: list[str], see
 
     X, y = data[features].to_numpy(float), data["y"].to_numpy().astype(int)
     perm = permutation_importance(pipeline, X, y, scoring="roc_auc", n_repeats=5, random_state=seed, n_jobs=1)
-    table = pd.DataFrame({
-        "impurity": pipeline.named_steps["model"].feature_importances_,
-        "permutation_auc_drop": perm.importances_mean,
-    }, index=pd.Index(features, name="feature"))
+    table = pd.DataFrame(
+        {
+            "impurity": pipeline.named_steps["model"].feature_importances_,
+            "permutation_auc_drop": perm.importances_mean,
+        },
+        index=pd.Index(features, name="feature"),
+    )
     return table.sort_values("permutation_auc_drop", ascending=False)

@@ -61,6 +61,17 @@ def add_regularity(df: pd.DataFrame, prefixes=("model", "copy")) -> pd.DataFrame
     return df
 
 
+def portable(df: pd.DataFrame) -> pd.DataFrame:
+    """Plain-object strings in the labels and columns, so that a pickle written where pandas stores strings
+    in pyarrow (a GPU machine, say) loads where pyarrow is not installed."""
+    df = df.copy()
+    df.columns = pd.Index([str(c) for c in df.columns], dtype=object)
+    for col in df.columns:
+        if pd.api.types.is_string_dtype(df[col]) and df[col].dtype != object:
+            df[col] = df[col].astype(object)
+    return df
+
+
 def anomaly_score(df: pd.DataFrame, column: str) -> pd.Series:
     """The column oriented so that larger means more anomalous."""
     base = column.split("_", 1)[1] if "_" in column else column
@@ -91,12 +102,14 @@ def evaluate(df: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
         per_video = [
             roc_auc_score(g["y"], anomaly_score(g, col)) for _, g in valid.groupby("video") if g["y"].nunique() == 2
         ]
-        rows.append({
-            "metric": col,
-            "micro_auc": roc_auc_score(y, score),
-            "macro_auc": float(np.mean(per_video)) if per_video else np.nan,
-            "eer": equal_error_rate(y, score),
-        })
+        rows.append(
+            {
+                "metric": col,
+                "micro_auc": roc_auc_score(y, score),
+                "macro_auc": float(np.mean(per_video)) if per_video else np.nan,
+                "eer": equal_error_rate(y, score),
+            }
+        )
     return pd.DataFrame(rows).set_index("metric")
 
 

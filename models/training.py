@@ -42,8 +42,9 @@ class WindowDataset(keras.utils.PyDataset):
     Targets are zeros: the training model outputs its weighted prediction error, trained towards 0.
     """
 
-    def __init__(self, X, sources, nt, batch_size, strides=(1,), shuffle=True, samples_per_epoch=None, step=1,
-                 seed=0, **kwargs):
+    def __init__(
+        self, X, sources, nt, batch_size, strides=(1,), shuffle=True, samples_per_epoch=None, step=1, seed=0, **kwargs
+    ):
         super().__init__(**kwargs)
         self.X, self.nt, self.batch_size, self.shuffle = X, nt, batch_size, shuffle
         self.windows = window_starts(sources, nt, strides, step)
@@ -225,11 +226,14 @@ def train(s: TrainSettings) -> dict:
 
     keras.utils.set_random_seed(s.seed)
     keras.mixed_precision.set_dtype_policy(s.precision)
-    train_data = WindowDataset(X_train, src_train, s.nt, s.batch_size, s.strides, True, s.samples_per_epoch, seed=s.seed)
+    train_data = WindowDataset(
+        X_train, src_train, s.nt, s.batch_size, s.strides, True, s.samples_per_epoch, seed=s.seed
+    )
     val_data = None
     if len(X_val):
-        val_data = WindowDataset(X_val, src_val, s.nt, s.batch_size, shuffle=False, step=s.nt,
-                                 samples_per_epoch=s.val_samples, seed=s.seed)
+        val_data = WindowDataset(
+            X_val, src_val, s.nt, s.batch_size, shuffle=False, step=s.nt, samples_per_epoch=s.val_samples, seed=s.seed
+        )
 
     initial_epoch = 0
     if s.resume:
@@ -248,8 +252,11 @@ def train(s: TrainSettings) -> dict:
                 raise PipelineError(
                     f"Model in {s.fine_tuning} takes frames {base.frame_shape}, the data has {frame_shape}."
                 )
-            prednet_kwargs = {k: v for k, v in base.get_config().items() if k in (
-                "stack_sizes", "R_stack_sizes", "A_filt_sizes", "Ahat_filt_sizes", "R_filt_sizes", "pixel_max")}
+            prednet_kwargs = {
+                k: v
+                for k, v in base.get_config().items()
+                if k in ("stack_sizes", "R_stack_sizes", "A_filt_sizes", "Ahat_filt_sizes", "R_filt_sizes", "pixel_max")
+            }
         try:
             model = build_training_model(s.nt, frame_shape, s.layer_loss_weights, **prednet_kwargs)
         except ValueError as err:
@@ -273,14 +280,21 @@ def train(s: TrainSettings) -> dict:
         _SaveLast(ckpt),
     ]
     start = time.perf_counter()
-    model.fit(train_data, validation_data=val_data, epochs=s.nb_epoch, initial_epoch=initial_epoch,
-              callbacks=callbacks, verbose=s.verbose)
+    model.fit(
+        train_data,
+        validation_data=val_data,
+        epochs=s.nb_epoch,
+        initial_epoch=initial_epoch,
+        callbacks=callbacks,
+        verbose=s.verbose,
+    )
     seconds = time.perf_counter() - start
     if (ckpt / "best.keras").is_file():
         find_prednet(model).set_weights(find_prednet(load_model(ckpt / "best.keras")).get_weights())
 
-    eval_data = val_data or WindowDataset(X_train, src_train, s.nt, s.batch_size, shuffle=False, step=s.nt,
-                                          samples_per_epoch=s.val_samples)
+    eval_data = val_data or WindowDataset(
+        X_train, src_train, s.nt, s.batch_size, shuffle=False, step=s.nt, samples_per_epoch=s.val_samples
+    )
     mse_model, mse_copy = next_frame_mse(model, eval_data)
     with atomic_file(model_dir / "model.keras") as tmp:
         model.save(tmp)

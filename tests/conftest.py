@@ -37,7 +37,7 @@ def prepared(synthetic_root, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def trained(prepared, tmp_path_factory) -> Path:
     """A model folder from train.py's code path: 3 layers, tiny stacks, two short epochs."""
-    from models.training import TrainSettings, train
+    from models.training import train
 
     model_dir = tmp_path_factory.mktemp("model") / "m"
     train(tiny_settings(prepared, model_dir))
@@ -47,7 +47,18 @@ def trained(prepared, tmp_path_factory) -> Path:
 def tiny_settings(prepared: Path, model_dir: Path, **overrides):
     from models.training import TrainSettings
 
-    values = dict(preprocessed_data=str(prepared.parent), dataset=prepared.name, model_dir=str(model_dir),
-                  stack_sizes=(4, 8), nt=4, batch_size=2, nb_epoch=2, samples_per_epoch=8, val_samples=4,
-                  learning_rate=0.01, strides=(1, 2), verbose=0)
+    values = dict(
+        preprocessed_data=str(prepared.parent),
+        dataset=prepared.name,
+        model_dir=str(model_dir),
+        stack_sizes=(4, 8),
+        nt=4,
+        batch_size=2,
+        nb_epoch=2,
+        samples_per_epoch=8,
+        val_samples=4,
+        learning_rate=0.01,
+        strides=(1, 2),
+        verbose=0,
+    )
     return TrainSettings(**(values | overrides))

@@ -19,9 +19,18 @@ def frames_table(n_videos=6, n=40, seed=0):
     rows = []
     for v in range(n_videos):
         y = np.r_[np.zeros(n // 2), np.ones(n // 2)].astype(int)
-        rows.append(pd.DataFrame({"video": f"Test{v + 1:03d}", "frame": np.arange(1, n + 1), "y": y,
-                                  "predictable": True, "model_good": y * 2.0 + rng.random(n),
-                                  "model_noise": rng.random(n)}))
+        rows.append(
+            pd.DataFrame(
+                {
+                    "video": f"Test{v + 1:03d}",
+                    "frame": np.arange(1, n + 1),
+                    "y": y,
+                    "predictable": True,
+                    "model_good": y * 2.0 + rng.random(n),
+                    "model_noise": rng.random(n),
+                }
+            )
+        )
     return pd.concat(rows, ignore_index=True)
 
 
@@ -57,8 +66,12 @@ def test_cli_fits_saves_and_applies(tmp_path):
     df = frames_table()
     df.to_pickle(tmp_path / "df.pkl.gz")
     out = tmp_path / "anoms"
-    done = subprocess.run([sys.executable, "fit_anoms.py", "--scored_data", str(tmp_path), "--model_path", str(out),
-                           "--smooth", "3"], cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "fit_anoms.py", "--scored_data", str(tmp_path), "--model_path", str(out), "--smooth", "3"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     for name in ("classifier.joblib", "report.json", "report.md", "importances.csv", "importances.png"):
         assert (out / name).is_file(), name
@@ -70,8 +83,12 @@ def test_cli_fits_saves_and_applies(tmp_path):
     new = tmp_path / "new"
     new.mkdir()
     df.drop(columns="y").to_pickle(new / "df.pkl.gz")
-    done = subprocess.run([sys.executable, "fit_anoms.py", "--apply", str(out), "--scored_data", str(new)],
-                          cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "fit_anoms.py", "--apply", str(out), "--scored_data", str(new)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     scores = pd.read_csv(new / "anomaly_scores.csv")
     np.testing.assert_allclose(scores["anomaly_probability"], expected)
@@ -79,6 +96,10 @@ def test_cli_fits_saves_and_applies(tmp_path):
 
 def test_cli_single_video_is_an_error(tmp_path):
     frames_table(n_videos=1).to_pickle(tmp_path / "df.pkl.gz")
-    done = subprocess.run([sys.executable, "fit_anoms.py", "--scored_data", str(tmp_path), "--model_path",
-                           str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "fit_anoms.py", "--scored_data", str(tmp_path), "--model_path", str(tmp_path / "out")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 2 and "Only 1 video" in done.stderr and not (tmp_path / "out").exists()

@@ -23,8 +23,15 @@ def layer(**kwargs):
 
 @pytest.mark.parametrize(
     "mode,shape",
-    [("error", (3, 2, 2)), ("prediction", (3, 2, 4, 4, 3)), ("R0", (3, 2, 4, 4, 5)), ("R1", (3, 2, 2, 2, 6)),
-     ("E1", (3, 2, 2, 2, 8)), ("A1", (3, 2, 2, 2, 4)), ("Ahat0", (3, 2, 4, 4, 3))],
+    [
+        ("error", (3, 2, 2)),
+        ("prediction", (3, 2, 4, 4, 3)),
+        ("R0", (3, 2, 4, 4, 5)),
+        ("R1", (3, 2, 2, 2, 6)),
+        ("E1", (3, 2, 2, 2, 8)),
+        ("A1", (3, 2, 2, 2, 4)),
+        ("Ahat0", (3, 2, 4, 4, 3)),
+    ],
 )
 def test_output_shapes(mode, shape):
     assert tuple(layer(output_mode=mode)(X).shape) == shape
@@ -161,9 +168,13 @@ def test_config_and_keras_round_trip(tmp_path):
     np.testing.assert_allclose(loaded.predict(x, verbose=0), expected, atol=1e-6)
     cfg = find_prednet(model).get_config()
     again = PredNet.from_config(json.loads(json.dumps(cfg)))
-    assert again.get_config() == json.loads(json.dumps(cfg)) | {"stack_sizes": (3, 4), "R_stack_sizes": (5, 6),
-                                                               "A_filt_sizes": (3,), "Ahat_filt_sizes": (3, 3),
-                                                               "R_filt_sizes": (3, 3)}
+    assert again.get_config() == json.loads(json.dumps(cfg)) | {
+        "stack_sizes": (3, 4),
+        "R_stack_sizes": (5, 6),
+        "A_filt_sizes": (3,),
+        "Ahat_filt_sizes": (3, 3),
+        "R_filt_sizes": (3, 3),
+    }
     assert find_prednet(loaded).get_config()["stack_sizes"] == (3, 4)
 
 
@@ -199,7 +210,9 @@ def test_same_outputs_on_tensorflow_and_jax(tmp_path):
         "print(keras.backend.backend())\n"
     )
     env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
-    done = subprocess.run([sys.executable, "-c", script, str(ROOT), str(tmp_path)], env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(ROOT), str(tmp_path)], env=env, capture_output=True, text=True
+    )
     assert done.returncode == 0 and done.stdout.strip() == "jax", done.stderr[-2000:]
     np.testing.assert_allclose(np.load(tmp_path / "p.npy"), expected["prediction"], atol=1e-5)
     np.testing.assert_allclose(np.load(tmp_path / "e.npy"), expected["error"], atol=1e-5)

@@ -149,10 +149,31 @@ def test_synthetic_is_deterministic(tmp_path):
 
 
 def test_cli_end_to_end(tmp_path):
-    cmd = [sys.executable, "data_preparation.py", "--make_synthetic", "--raw_data", str(tmp_path / "raw"),
-           "--preprocessed_data", str(tmp_path / "pre"), "--dataset", "S", "--synthetic_size", "24x36",
-           "--synthetic_train_videos", "2", "--synthetic_test_videos", "1", "--synthetic_frames", "10",
-           "--size", "16x24", "--n_layers", "3", "--workers", "1"]
+    cmd = [
+        sys.executable,
+        "data_preparation.py",
+        "--make_synthetic",
+        "--raw_data",
+        str(tmp_path / "raw"),
+        "--preprocessed_data",
+        str(tmp_path / "pre"),
+        "--dataset",
+        "S",
+        "--synthetic_size",
+        "24x36",
+        "--synthetic_train_videos",
+        "2",
+        "--synthetic_test_videos",
+        "1",
+        "--synthetic_frames",
+        "10",
+        "--size",
+        "16x24",
+        "--n_layers",
+        "3",
+        "--workers",
+        "1",
+    ]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "S: " in done.stdout and (tmp_path / "pre" / "S" / "y_test.hkl").is_file()
@@ -161,6 +182,10 @@ def test_cli_end_to_end(tmp_path):
 
 
 def test_cli_bad_size(tmp_path):
-    done = subprocess.run([sys.executable, "data_preparation.py", "--raw_data", str(tmp_path), "--size", "150x232"],
-                          cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "data_preparation.py", "--raw_data", str(tmp_path), "--size", "150x232"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 2 and "144 or 152" in done.stderr and "Traceback" not in done.stderr

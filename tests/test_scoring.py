@@ -36,8 +36,9 @@ def test_auc_and_eer_agree_with_scikit_learn():
     rng = np.random.default_rng(0)
     y = np.array([0, 0, 1, 1, 0, 1, 0, 1] * 5)
     score = y + rng.normal(0, 0.8, len(y))
-    df = pd.DataFrame({"video": ["a"] * 20 + ["b"] * 20, "y": y, "predictable": True, "model_mse": score,
-                       "model_psnr": -score})
+    df = pd.DataFrame(
+        {"video": ["a"] * 20 + ["b"] * 20, "y": y, "predictable": True, "model_mse": score, "model_psnr": -score}
+    )
     res = evaluate(df, ["model_mse", "model_psnr"])
     assert res.loc["model_mse", "micro_auc"] == pytest.approx(roc_auc_score(y, score))
     assert res.loc["model_psnr", "micro_auc"] == pytest.approx(roc_auc_score(y, score))  # PSNR is negated
@@ -52,9 +53,23 @@ def test_auc_and_eer_agree_with_scikit_learn():
 @pytest.fixture(scope="module")
 def scored(trained, prepared, tmp_path_factory):
     out = tmp_path_factory.mktemp("scored") / "s"
-    cmd = [sys.executable, "batch_scoring.py", "--preprocessed_data", str(prepared.parent), "--dataset",
-           prepared.name, "--model_dir", str(trained), "--scored_data", str(out), "--batch_size", "3",
-           "--save_prediction_error_video_frames", "--plot_videos", "Test002"]
+    cmd = [
+        sys.executable,
+        "batch_scoring.py",
+        "--preprocessed_data",
+        str(prepared.parent),
+        "--dataset",
+        prepared.name,
+        "--model_dir",
+        str(trained),
+        "--scored_data",
+        str(out),
+        "--batch_size",
+        "3",
+        "--save_prediction_error_video_frames",
+        "--plot_videos",
+        "Test002",
+    ]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "frames/s" in done.stdout and "copy-last-frame regularity" in done.stdout
@@ -96,15 +111,43 @@ def test_model_and_data_of_different_size(trained, synthetic_root, tmp_path):
 
     prepare(synthetic_root, tmp_path / "pre" / "Big", PrepareConfig(size=(24, 32), n_layers=3, workers=1))
     out = tmp_path / "scored"
-    done = subprocess.run([sys.executable, "batch_scoring.py", "--preprocessed_data", str(tmp_path / "pre"),
-                           "--dataset", "Big", "--model_dir", str(trained), "--scored_data", str(out)],
-                          cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "batch_scoring.py",
+            "--preprocessed_data",
+            str(tmp_path / "pre"),
+            "--dataset",
+            "Big",
+            "--model_dir",
+            str(trained),
+            "--scored_data",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 2 and "(16, 24, 1)" in done.stderr and "(24, 32, 1)" in done.stderr
     assert not out.exists()
 
 
 def test_missing_model_folder(prepared, tmp_path):
-    done = subprocess.run([sys.executable, "batch_scoring.py", "--preprocessed_data", str(prepared.parent),
-                           "--dataset", prepared.name, "--model_dir", str(tmp_path / "none"),
-                           "--scored_data", str(tmp_path / "s")], cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "batch_scoring.py",
+            "--preprocessed_data",
+            str(prepared.parent),
+            "--dataset",
+            prepared.name,
+            "--model_dir",
+            str(tmp_path / "none"),
+            "--scored_data",
+            str(tmp_path / "s"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 2 and "run train.py first" in done.stderr and not (tmp_path / "s").exists()

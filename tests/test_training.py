@@ -80,8 +80,10 @@ def test_fine_tuning_keeps_frozen_layers(trained, prepared, tmp_path):
         old, new = getattr(base, convs), getattr(tuned, convs)
         for a, b in zip(old[0].get_weights(), new[0].get_weights(), strict=True):
             np.testing.assert_array_equal(a, b)
-    changed = [not np.array_equal(a, b) for a, b in zip(base.lstm_convs[1].get_weights(),
-                                                        tuned.lstm_convs[1].get_weights(), strict=True)]
+    changed = [
+        not np.array_equal(a, b)
+        for a, b in zip(base.lstm_convs[1].get_weights(), tuned.lstm_convs[1].get_weights(), strict=True)
+    ]
     assert any(changed)
 
 
@@ -107,6 +109,10 @@ def test_existing_model_is_kept(trained, prepared):
 
 
 def test_cli_error_exit(prepared, tmp_path):
-    done = subprocess.run([sys.executable, "train.py", "--config", "cpu", "--preprocessed_data", str(tmp_path),
-                           "--dataset", "Missing"], cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "train.py", "--config", "cpu", "--preprocessed_data", str(tmp_path), "--dataset", "Missing"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 2 and "data_preparation.py" in done.stderr and "Traceback" not in done.stderr

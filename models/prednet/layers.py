@@ -111,7 +111,8 @@ class PredNet(keras.layers.Layer):
         m = 2 ** (self.nb_layers - 1)
         if height is None or width is None or height % m or width % m:
             raise ValueError(
-                f"Frame height and width must divide by {m} for {self.nb_layers} layers. Received: input_shape={input_shape}"
+                f"Frame height and width must divide by {m} for {self.nb_layers} layers. "
+                f"Received: input_shape={input_shape}"
             )
         self.frame_shape = (height, width, channels)
         conv = dict(padding="same", dtype=self.dtype_policy)
@@ -159,7 +160,9 @@ class PredNet(keras.layers.Layer):
                 inputs.append(ops.repeat(ops.repeat(r[l + 1], 2, axis=1), 2, axis=2))  # nearest up-sampling
             z = self.lstm_convs[l](ops.concatenate(inputs, axis=-1))
             i, f, c_hat, o = ops.split(z, 4, axis=-1)
-            c[l] = self.LSTM_inner_activation(f) * c_tm1[l] + self.LSTM_inner_activation(i) * self.LSTM_activation(c_hat)
+            c[l] = self.LSTM_inner_activation(f) * c_tm1[l] + self.LSTM_inner_activation(i) * self.LSTM_activation(
+                c_hat
+            )
             r[l] = self.LSTM_inner_activation(o) * self.LSTM_activation(c[l])
 
         e, units = [], {}

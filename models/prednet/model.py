@@ -45,7 +45,9 @@ def expand_layer_weights(weights, n_layers: int) -> tuple[float, ...]:
     raise PipelineError(f"layer_loss_weights needs 2 or {n_layers} values. Received: {weights}")
 
 
-def build_training_model(nt: int, frame_shape: tuple[int, int, int], layer_loss_weights, **prednet_kwargs) -> keras.Model:
+def build_training_model(
+    nt: int, frame_shape: tuple[int, int, int], layer_loss_weights, **prednet_kwargs
+) -> keras.Model:
     """frames (batch, nt, h, w, c) -> weighted error (batch, 1); train it towards 0 with an MAE loss."""
     inputs = keras.Input((nt, *frame_shape), name="frames")
     prednet = PredNet(output_mode="error", name="prednet", **prednet_kwargs)
@@ -62,7 +64,9 @@ def find_prednet(model: keras.Model) -> PredNet:
     raise PipelineError(f"Model {model.name} has no PredNet layer.")
 
 
-def predictor(trained: keras.Model | PredNet, output_mode: str = "all", extrap_start_time: int | None = None) -> keras.Model:
+def predictor(
+    trained: keras.Model | PredNet, output_mode: str = "all", extrap_start_time: int | None = None
+) -> keras.Model:
     """A model with the trained weights that outputs `output_mode`, for sequences of any length.
 
     This is how a model trained with output_mode='error' predicts frames without retraining: a new

@@ -1,0 +1,155 @@
+"""Throughput of PredNet training and scoring, its FLOPs per frame, and the fraction of the GPU's peak.
+
+    python benchmarks/benchmark.py --config cpu --size 64x96x1                       # the CPU profile
+    KERAS_BACKEND=jax python benchmarks/benchmark.py --config default --size 128x192x1 \
+        --batch_sizes 8,16,32 --precisions float32,mixed_bfloat16                   # on the GPU machine
+
+Trains with `model.fit` on a `WindowDataset` of random frames (so the input pipeline is included) and
+scores whole 180-frame sequences with the predicting model. With --prepare RAW_ROOT it also times
+data preparation of that dataset folder. Prints one line per setting and a markdown table at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from models.config import parse_with_config  # noqa: E402
+from models.training import WindowDataset  # noqa: E402
+
+PEAK_BF16 = 790e12  # H100 SXM dense bf16 matrix throughput measured on the lent machine
+
+
+def flops_per_frame(stack_sizes, height, width, k=3) -> float:
+    """Forward multiply-adds x 2 of every convolution of one PredNet time step."""
+    total, n = 0.0, len(stack_sizes)
+    for l in range(n):
+        h, w = height // 2**l, width // 2**l
+        cin = stack_sizes[l] + 2 * stack_sizes[l] + (stack_sizes[l + 1] if l < n - 1 else 0)
+        total += 2 * k * k * cin * 4 * stack_sizes[l] * h * w  # fused LSTM gates
+        total += 2 * k * k * stack_sizes[l] * stack_sizes[l] * h * w  # Ahat
+        if l < n - 1:
+            total += 2 * k * k * 2 * stack_sizes[l] * stack_sizes[l + 1] * h * w  # A of the layer above
+    return total
+
+
+def peak_memory_mb() -> float:
+    try:
+        import jax
+
+        stats = jax.devices()[0].memory_stats() or {}
+        if "peak_bytes_in_use" in stats:
+            return stats["peak_bytes_in_use"] / 2**20
+    except Exception:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bench(args, batch_size: int, precision: str) -> dict:
+    import keras
+
+    from models.prednet import build_training_model, predictor
+
+    keras.mixed_precision.set_dtype_policy(precision)
+    h, w, c = args.shape
+    stacks = (c, *args.stack_sizes)
+    model = build_training_model(args.nt, (h, w, c), (1, 0), stack_sizes=stacks)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mae")
+    rng = np.random.default_rng(0)
+    X = rng.integers(0, 255, (args.frames, h, w, c), dtype=np.uint8)
+    sources = np.repeat(np.arange(args.frames // 180 + 1), 180)[: args.frames].astype(str)
+    data = WindowDataset(X, sources, args.nt, batch_size, samples_per_epoch=batch_size * args.steps)
+    model.fit(data, epochs=1, verbose=0)  # compile
+    start = time.perf_counter()
+    model.fit(data, epochs=1, verbose=0)
+    train_fps = batch_size * args.steps * args.nt / (time.perf_counter() - start)
+
+    pred = predictor(model, "all")
+    seq = rng.random((args.score_videos, 180, h, w, c)).astype(np.float32)
+    pred.predict_on_batch(seq)
+    start = time.perf_counter()
+    for _ in range(3):
+        out = pred.predict_on_batch(seq)
+    np.asarray(out["error"])
+    score_fps = 3 * seq.shape[0] * seq.shape[1] / (time.perf_counter() - start)
+    flops = flops_per_frame(stacks, h, w)
+    keras.mixed_precision.set_dtype_policy("float32")
+    return {
+        "backend": keras.backend.backend(),
+        "size": f"{h}x{w}x{c}",
+        "stacks": "/".join(map(str, args.stack_sizes)),
+        "precision": precision,
+        "batch": batch_size,
+        "train_fps": train_fps,
+        "score_fps": score_fps,
+        "gflop_per_frame": flops / 1e9,
+        "train_peak_frac": 3 * flops * train_fps / PEAK_BF16,
+        "score_peak_frac": flops * score_fps / PEAK_BF16,
+        "peak_mem_mb": peak_memory_mb(),
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="cpu")
+    p.add_argument("--stack_sizes", default=None)
+    p.add_argument("--nt", type=int, default=None)
+    p.add_argument("--size", default="64x96x1", help="HEIGHTxWIDTHxCHANNELS")
+    p.add_argument("--batch_sizes", default="4")
+    p.add_argument("--precisions", default="float32")
+    p.add_argument("--steps", type=int, default=20, help="timed training steps")
+    p.add_argument("--frames", type=int, default=720, help="random frames to sample windows from")
+    p.add_argument("--score_videos", type=int, default=6, help="180-frame sequences per scoring call")
+    p.add_argument("--prepare", default=None, help="also time data_preparation on this dataset folder")
+    for name in (
+        "batch_size",
+        "nb_epoch",
+        "samples_per_epoch",
+        "val_samples",
+        "learning_rate",
+        "lr_decay",
+        "strides",
+        "patience",
+        "output_mode",
+        "precision",
+        "filter_sizes",
+        "layer_loss_weights",
+    ):
+        p.add_argument(f"--{name}", default=None, help=argparse.SUPPRESS)
+    args = parse_with_config(p, argv)
+    args.stack_sizes = [
+        int(v) for v in (args.stack_sizes if isinstance(args.stack_sizes, list) else str(args.stack_sizes).split(","))
+    ]
+    args.shape = tuple(int(v) for v in args.size.split("x"))
+    rows = []
+    if args.prepare:
+        from models.data.prepare import PrepareConfig, prepare
+
+        with tempfile.TemporaryDirectory() as tmp:
+            meta = prepare(args.prepare, Path(tmp) / "out", PrepareConfig(size=args.shape[:2]))
+        print(
+            f"data preparation of {args.prepare}: {meta['seconds']} s, {meta['frames_per_second']} frames/s "
+            f"on {os.cpu_count()} cores"
+        )
+    for precision in args.precisions.split(","):
+        for batch in (int(b) for b in args.batch_sizes.split(",")):
+            row = bench(args, batch, precision)
+            rows.append(row)
+            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+    import pandas as pd
+
+    print(pd.DataFrame(rows).round(4).to_markdown(index=False))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
