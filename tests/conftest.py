@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -42,6 +43,11 @@ def trained(prepared, tmp_path_factory) -> Path:
     model_dir = tmp_path_factory.mktemp("model") / "m"
     train(tiny_settings(prepared, model_dir))
     return model_dir
+
+
+def run_script(*args) -> subprocess.CompletedProcess:
+    """Runs one of the pipeline's scripts as a user would: `python SCRIPT ARGS...` from the repository root."""
+    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True)
 
 
 def tiny_settings(prepared: Path, model_dir: Path, **overrides):

@@ -1,16 +1,11 @@
-import subprocess
-import sys
-from pathlib import Path
-
 import joblib
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import run_script
 
 from models.anoms import evaluate_by_video, grouped_folds, prepare_frames
 from models.errors import PipelineError
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def frames_table(n_videos=6, n=40, seed=0):
@@ -66,12 +61,7 @@ def test_cli_fits_saves_and_applies(tmp_path):
     df = frames_table()
     df.to_pickle(tmp_path / "df.pkl.gz")
     out = tmp_path / "anoms"
-    done = subprocess.run(
-        [sys.executable, "fit_anoms.py", "--scored_data", str(tmp_path), "--model_path", str(out), "--smooth", "3"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
+    done = run_script("fit_anoms.py", "--scored_data", str(tmp_path), "--model_path", str(out), "--smooth", "3")
     assert done.returncode == 0, done.stderr[-2000:]
     for name in ("classifier.joblib", "report.json", "report.md", "importances.csv", "importances.png"):
         assert (out / name).is_file(), name
@@ -83,12 +73,7 @@ def test_cli_fits_saves_and_applies(tmp_path):
     new = tmp_path / "new"
     new.mkdir()
     df.drop(columns="y").to_pickle(new / "df.pkl.gz")
-    done = subprocess.run(
-        [sys.executable, "fit_anoms.py", "--apply", str(out), "--scored_data", str(new)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
+    done = run_script("fit_anoms.py", "--apply", str(out), "--scored_data", str(new))
     assert done.returncode == 0, done.stderr[-2000:]
     scores = pd.read_csv(new / "anomaly_scores.csv")
     np.testing.assert_allclose(scores["anomaly_probability"], expected)
@@ -96,10 +81,5 @@ def test_cli_fits_saves_and_applies(tmp_path):
 
 def test_cli_single_video_is_an_error(tmp_path):
     frames_table(n_videos=1).to_pickle(tmp_path / "df.pkl.gz")
-    done = subprocess.run(
-        [sys.executable, "fit_anoms.py", "--scored_data", str(tmp_path), "--model_path", str(tmp_path / "out")],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
+    done = run_script("fit_anoms.py", "--scored_data", str(tmp_path), "--model_path", str(tmp_path / "out"))
     assert done.returncode == 2 and "Only 1 video" in done.stderr and not (tmp_path / "out").exists()

@@ -1,12 +1,10 @@
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import h5py
 import hickle
 import numpy as np
 import pytest
+from conftest import run_script
 from PIL import Image
 
 from models.data.prepare import PrepareConfig, prepare, split_videos
@@ -15,7 +13,6 @@ from models.data.synthetic import SyntheticSpec, make_synthetic
 from models.errors import PipelineError
 from models.shapes import check_frame_size
 
-ROOT = Path(__file__).resolve().parent.parent
 CONFIG = PrepareConfig(size=(16, 24), n_layers=3, workers=1)
 
 
@@ -150,7 +147,6 @@ def test_synthetic_is_deterministic(tmp_path):
 
 def test_cli_end_to_end(tmp_path):
     cmd = [
-        sys.executable,
         "data_preparation.py",
         "--make_synthetic",
         "--raw_data",
@@ -174,18 +170,13 @@ def test_cli_end_to_end(tmp_path):
         "--workers",
         "1",
     ]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    done = run_script(*cmd)
     assert done.returncode == 0, done.stderr
     assert "S: " in done.stdout and (tmp_path / "pre" / "S" / "y_test.hkl").is_file()
-    again = subprocess.run(cmd[:-6] + ["--size", "15x24", "--n_layers", "3"], cwd=ROOT, capture_output=True, text=True)
-    assert again.returncode == 2 and "error:" in again.stderr
+    again = run_script(*cmd[:-6], "--size", "15x24", "--n_layers", "3")
+    assert again.returncode == 2 and "15x24 does not suit a 3-layer PredNet" in again.stderr
 
 
 def test_cli_bad_size(tmp_path):
-    done = subprocess.run(
-        [sys.executable, "data_preparation.py", "--raw_data", str(tmp_path), "--size", "150x232"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
+    done = run_script("data_preparation.py", "--raw_data", str(tmp_path), "--size", "150x232")
     assert done.returncode == 2 and "144 or 152" in done.stderr and "Traceback" not in done.stderr

@@ -1,17 +1,13 @@
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import run_script
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from models.data.store import load_labels, load_split
 from models.scoring import equal_error_rate, error_metrics, evaluate, min_max_per_video
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_error_metrics_on_hand_made_arrays():
@@ -54,7 +50,6 @@ def test_auc_and_eer_agree_with_scikit_learn():
 def scored(trained, prepared, tmp_path_factory):
     out = tmp_path_factory.mktemp("scored") / "s"
     cmd = [
-        sys.executable,
         "batch_scoring.py",
         "--preprocessed_data",
         str(prepared.parent),
@@ -70,7 +65,7 @@ def scored(trained, prepared, tmp_path_factory):
         "--plot_videos",
         "Test002",
     ]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    done = run_script(*cmd)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "frames/s" in done.stdout and "copy-last-frame regularity" in done.stdout
     return out
@@ -111,43 +106,56 @@ def test_model_and_data_of_different_size(trained, synthetic_root, tmp_path):
 
     prepare(synthetic_root, tmp_path / "pre" / "Big", PrepareConfig(size=(24, 32), n_layers=3, workers=1))
     out = tmp_path / "scored"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "batch_scoring.py",
-            "--preprocessed_data",
-            str(tmp_path / "pre"),
-            "--dataset",
-            "Big",
-            "--model_dir",
-            str(trained),
-            "--scored_data",
-            str(out),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    done = run_script(
+        "batch_scoring.py",
+        "--preprocessed_data",
+        str(tmp_path / "pre"),
+        "--dataset",
+        "Big",
+        "--model_dir",
+        str(trained),
+        "--scored_data",
+        str(out),
     )
     assert done.returncode == 2 and "(16, 24, 1)" in done.stderr and "(24, 32, 1)" in done.stderr
     assert not out.exists()
 
 
 def test_missing_model_folder(prepared, tmp_path):
-    done = subprocess.run(
-        [
-            sys.executable,
-            "batch_scoring.py",
-            "--preprocessed_data",
-            str(prepared.parent),
-            "--dataset",
-            prepared.name,
-            "--model_dir",
-            str(tmp_path / "none"),
-            "--scored_data",
-            str(tmp_path / "s"),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    done = run_script(
+        "batch_scoring.py",
+        "--preprocessed_data",
+        str(prepared.parent),
+        "--dataset",
+        prepared.name,
+        "--model_dir",
+        str(tmp_path / "none"),
+        "--scored_data",
+        str(tmp_path / "s"),
     )
     assert done.returncode == 2 and "run train.py first" in done.stderr and not (tmp_path / "s").exists()
+
+
+def test_without_labels_metrics_are_still_written(trained, prepared, tmp_path):
+    import shutil
+
+    unlabelled = tmp_path / "pre" / prepared.name
+    shutil.copytree(prepared, unlabelled)
+    (unlabelled / "y_test.hkl").unlink()
+    out = tmp_path / "scored"
+    done = run_script(
+        "batch_scoring.py",
+        "--preprocessed_data",
+        tmp_path / "pre",
+        "--dataset",
+        prepared.name,
+        "--model_dir",
+        trained,
+        "--scored_data",
+        out,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "evaluation skipped" in done.stdout
+    df = pd.read_pickle(out / "df.pkl.gz")
+    assert "y" not in df and df["model_regularity"].notna().sum() == len(df) - 4
+    assert "metrics" not in json.loads((out / "metrics.json").read_text())

@@ -1,20 +1,15 @@
 import json
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import keras
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import tiny_settings
+from conftest import run_script, tiny_settings
 
 from models.errors import PipelineError
 from models.prednet import build_training_model, find_prednet, load_model
 from models.training import WindowDataset, train, window_starts
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_windows_never_cross_videos():
@@ -109,10 +104,5 @@ def test_existing_model_is_kept(trained, prepared):
 
 
 def test_cli_error_exit(prepared, tmp_path):
-    done = subprocess.run(
-        [sys.executable, "train.py", "--config", "cpu", "--preprocessed_data", str(tmp_path), "--dataset", "Missing"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
+    done = run_script("train.py", "--config", "cpu", "--preprocessed_data", str(tmp_path), "--dataset", "Missing")
     assert done.returncode == 2 and "data_preparation.py" in done.stderr and "Traceback" not in done.stderr
