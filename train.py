@@ -54,11 +54,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from models.training import TrainSettings, epochs_note, train  # imports Keras: after argument errors
+    from models.training import TrainSettings, summary_line, train  # imports Keras: after argument errors
 
     settings = TrainSettings(**{k: v for k, v in vars(args).items() if k != "config"})
     config = train(settings)
-    print(f"model -> {args.model_dir}/model.keras; {epochs_note(config)}")
+    print(f"model -> {args.model_dir}/model.keras; {summary_line(config)}")
     return 0
 
 

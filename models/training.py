@@ -319,7 +319,7 @@ def train(s: TrainSettings) -> dict:
     return config
 
 
-def epochs_note(config: dict) -> str:
+def summary_line(config: dict) -> str:
     r = config["results"]
     better = "better" if r["next_frame_mse"] < r["copy_last_frame_mse"] else "WORSE"
     return (
