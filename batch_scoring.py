@@ -13,9 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 
-import numpy as np
-import pandas as pd
-
 from models.cli import run
 from models.data.store import dataset_dir, load_labels, load_split, read_metadata, video_slices
 from models.errors import PipelineError
@@ -46,31 +43,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def build_frame_table(X, sources, y, predictions, layer_errors, patch: int) -> pd.DataFrame:
-    """One row per test frame: video, frame (1-based), label, predictable, model and baseline metrics."""
-    from models.scoring import add_regularity, score_frame
-
-    frames = X.astype(np.float32) / 255.0
-    previous = np.empty_like(frames)
-    predictable = np.ones(len(X), bool)
-    frame_no = np.zeros(len(X), int)
-    for _, sl in video_slices(sources):
-        previous[sl.start] = frames[sl.start]
-        previous[sl.start + 1 : sl.stop] = frames[sl.start : sl.stop - 1]
-        predictable[sl.start] = False
-        frame_no[sl] = np.arange(1, sl.stop - sl.start + 1)
-    df = pd.DataFrame({"video": sources, "frame": frame_no})
-    if y is not None:
-        df["y"] = y.astype(int)
-    df["predictable"] = predictable
-    columns = score_frame(frames, predictions, predictable, "model", patch)
-    for l in range(layer_errors.shape[1]):
-        columns[f"model_E{l}"] = np.where(predictable, layer_errors[:, l], np.nan)
-    columns |= score_frame(frames, previous, predictable, "copy", patch)
-    df = pd.concat([df, pd.DataFrame(columns)], axis=1)
-    return add_regularity(df)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     data_dir = dataset_dir(args.preprocessed_data, args.dataset)
@@ -82,7 +54,7 @@ def main(argv=None) -> int:
 
     from models.inference import load_predictor, predict_videos
     from models.plots import error_frames, plot_roc, plot_scores, save_gif
-    from models.scoring import evaluate, metric_columns, portable, side_by_side
+    from models.scoring import build_frame_table, evaluate, metric_columns, portable, side_by_side
 
     model, trained, config = load_predictor(args.model_dir)
     if tuple(trained.frame_shape) != X.shape[1:]:

@@ -11,6 +11,8 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from models.data.store import video_slices
+
 PERCENTILES = (50, 75, 90, 95, 99)
 # Metrics where a larger value means a more normal frame; evaluation negates them.
 HIGHER_IS_NORMAL = ("psnr", "regularity")
@@ -59,6 +61,29 @@ def add_regularity(df: pd.DataFrame, prefixes=("model", "copy")) -> pd.DataFrame
     for prefix in prefixes:
         df[f"{prefix}_regularity"] = min_max_per_video(df[f"{prefix}_psnr"], df["video"])
     return df
+
+
+def build_frame_table(X, sources, y, predictions, layer_errors, patch: int) -> pd.DataFrame:
+    """One row per test frame: video, frame (1-based), label, predictable, model and baseline metrics."""
+    frames = X.astype(np.float32) / 255.0
+    previous = np.empty_like(frames)
+    predictable = np.ones(len(X), bool)
+    frame_no = np.zeros(len(X), int)
+    for _, sl in video_slices(sources):
+        previous[sl.start] = frames[sl.start]
+        previous[sl.start + 1 : sl.stop] = frames[sl.start : sl.stop - 1]
+        predictable[sl.start] = False
+        frame_no[sl] = np.arange(1, sl.stop - sl.start + 1)
+    df = pd.DataFrame({"video": sources, "frame": frame_no})
+    if y is not None:
+        df["y"] = y.astype(int)
+    df["predictable"] = predictable
+    columns = score_frame(frames, predictions, predictable, "model", patch)
+    for l in range(layer_errors.shape[1]):
+        columns[f"model_E{l}"] = np.where(predictable, layer_errors[:, l], np.nan)
+    columns |= score_frame(frames, previous, predictable, "copy", patch)
+    df = pd.concat([df, pd.DataFrame(columns)], axis=1)
+    return add_regularity(df)
 
 
 def portable(df: pd.DataFrame) -> pd.DataFrame:
