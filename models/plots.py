@@ -13,7 +13,7 @@ import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
-from models.data.synthetic import label_ranges  # noqa: E402
+from models.data.index import label_ranges  # noqa: E402
 from models.io import atomic_file  # noqa: E402
 from models.scoring import anomaly_score  # noqa: E402
 

@@ -29,6 +29,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from models.errors import PipelineError
 
 FRAME_SUFFIXES = (".tif", ".tiff", ".jpg", ".jpeg", ".png", ".bmp")
@@ -193,8 +195,6 @@ def build_index(root: str | Path) -> list[Video]:
 
 def labels_for(video: Video, n_frames: int):
     """0/1 per frame from the video's ranges, checking that no range runs past the video's end."""
-    import numpy as np
-
     y = np.zeros(n_frames, dtype=np.uint8)
     for start, end in video.ranges or []:
         if end > n_frames:
@@ -203,3 +203,10 @@ def labels_for(video: Video, n_frames: int):
             )
         y[start - 1 : end] = 1
     return y
+
+
+def label_ranges(y: np.ndarray) -> list[tuple[int, int]]:
+    """1-based inclusive ranges of the runs of ones in `y`: the inverse of `labels_for`."""
+    padded = np.concatenate([[0], y.astype(int), [0]])
+    edges = np.flatnonzero(np.diff(padded))
+    return [(int(s) + 1, int(e)) for s, e in zip(edges[::2], edges[1::2], strict=True)]

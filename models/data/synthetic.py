@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from models.data.index import label_ranges
+
 ANOMALY_KINDS = ("bike", "cart", "lawn", "appearance")
 
 
@@ -176,13 +178,6 @@ def _simulate(scene: _Scene, n_frames: int, anomaly_kind: str | None, rng: np.ra
         scene.step()
     masks = np.stack(masks)
     return np.stack(frames), masks.any(axis=(1, 2)).astype(np.uint8), masks
-
-
-def label_ranges(y: np.ndarray) -> list[tuple[int, int]]:
-    """1-based inclusive ranges of the runs of ones in `y`."""
-    padded = np.concatenate([[0], y.astype(int), [0]])
-    edges = np.flatnonzero(np.diff(padded))
-    return [(int(s) + 1, int(e)) for s, e in zip(edges[::2], edges[1::2], strict=True)]
 
 
 def _write_frames(folder: Path, frames: np.ndarray, suffix: str) -> None:
