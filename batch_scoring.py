@@ -79,6 +79,7 @@ def main(argv=None) -> int:
             "frames_per_s": fps,
             "model_dir": str(args.model_dir),
             "dataset": args.dataset,
+            "training": config.get("arguments"),
         }
         if y is not None and df["y"].nunique() == 2:
             results = evaluate(df, metric_columns(df))

@@ -34,7 +34,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr_decay", type=float, help="learning rate times this after each epoch (1: constant)")
     p.add_argument("--strides", type=int_list, help="frame strides sampled as augmentation, e.g. 1,2,3,4")
     p.add_argument("--patience", type=int, help="early stopping: epochs without a better val loss")
-    p.add_argument("--output_mode", help="what the model outputs when scoring: all, prediction, error, or R0, E1, ...")
+    p.add_argument(
+        "--output_mode",
+        help="output mode recorded in config.json for predicting models made from this one: all, "
+        "prediction, error, or R0, E1, ... (checked here; batch_scoring.py always uses all)",
+    )
     p.add_argument("--precision", choices=["float32", "mixed_bfloat16", "mixed_float16"])
     p.add_argument("--fine_tuning", default=None, help="start from the model in this earlier model folder")
     p.add_argument(

@@ -149,4 +149,4 @@ def side_by_side(results: pd.DataFrame) -> pd.DataFrame:
 
 
 def metric_columns(df: pd.DataFrame) -> list[str]:
-    return [c for c in df.columns if c.startswith(("model_", "copy_", "combined_"))]
+    return [c for c in df.columns if c.startswith(("model_", "copy_"))]

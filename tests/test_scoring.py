@@ -94,6 +94,7 @@ def test_baseline_is_difference_to_previous_frame(scored, prepared):
 
 def test_outputs(scored):
     summary = json.loads((scored / "metrics.json").read_text())
+    assert summary["training"]["nt"] == 4  # the scores say which training run made them
     for col in ("model_regularity", "copy_regularity", "model_mse", "model_E2", "copy_patch_max"):
         assert 0 <= summary["metrics"][col]["micro_auc"] <= 1
     for name in ("metrics.md", "roc.png", "scores.png", "Test002_prediction_error.gif"):

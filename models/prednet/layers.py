@@ -160,10 +160,9 @@ class PredNet(keras.layers.Layer):
                 inputs.append(ops.repeat(ops.repeat(r[l + 1], 2, axis=1), 2, axis=2))  # nearest up-sampling
             z = self.lstm_convs[l](ops.concatenate(inputs, axis=-1))
             i, f, c_hat, o = ops.split(z, 4, axis=-1)
-            c[l] = self.LSTM_inner_activation(f) * c_tm1[l] + self.LSTM_inner_activation(i) * self.LSTM_activation(
-                c_hat
-            )
-            r[l] = self.LSTM_inner_activation(o) * self.LSTM_activation(c[l])
+            gate = self.LSTM_inner_activation
+            c[l] = gate(f) * c_tm1[l] + gate(i) * self.LSTM_activation(c_hat)
+            r[l] = gate(o) * self.LSTM_activation(c[l])
 
         e, units = [], {}
         for l in range(self.nb_layers):
