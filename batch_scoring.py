@@ -27,7 +27,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dataset", default="UCSDped2")
     p.add_argument("--model_dir", default=None, help="folder train.py wrote (default: outputs/models/<dataset>)")
     p.add_argument("--scored_data", default=None, help="output folder (default: outputs/scored/<dataset>)")
-    p.add_argument("--batch_size", type=int, default=4, help="videos per model call")
+    p.add_argument(
+        "--window",
+        type=int,
+        default=None,
+        help="predict each frame from the window of frames ending at it, this many frames long (default: the "
+        "model's training window, nt); 0: run each video as one sequence",
+    )
+    p.add_argument("--batch_size", type=int, default=8, help="sequences (windows, or videos with --window 0) per call")
     p.add_argument("--patch", type=int, default=16, help="patch side in pixels for the patch_max metric")
     p.add_argument("--n_plot", type=int, default=12, help="videos shown in scores.png")
     p.add_argument(
@@ -63,7 +70,8 @@ def main(argv=None) -> int:
             f"{data_dir} are {X.shape[1:]}; prepare the data with the model's size and channels."
         )
     with atomic_dir(args.scored_data, args.overwrite) as out:
-        predictions, layer_errors, fps = predict_videos(model, X, sources, args.batch_size)
+        window = config.get("arguments", {}).get("nt", 0) if args.window is None else args.window
+        predictions, layer_errors, fps = predict_videos(model, X, sources, args.batch_size, window)
         print(f"scored {len(X)} frames of {len(set(sources))} videos at {fps:.0f} frames/s (compilation included)")
         df = build_frame_table(X, sources, y, predictions, layer_errors, args.patch)
         df.attrs = {
@@ -71,12 +79,14 @@ def main(argv=None) -> int:
             "dataset": args.dataset,
             "height": meta["height"],
             "width": meta["width"],
+            "window": window,
         }
         portable(df).to_pickle(out / "df.pkl.gz")
         summary = {
             "frames": len(df),
             "videos": int(df["video"].nunique()),
             "frames_per_s": fps,
+            "window": window,
             "model_dir": str(args.model_dir),
             "dataset": args.dataset,
             "training": config.get("arguments"),

@@ -23,6 +23,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dataset", default="UCSDped2")
     p.add_argument("--model_dir", default=None, help="output folder (default: outputs/models/<dataset>)")
     p.add_argument("--stack_sizes", type=int_list, help="channels of the layers above the pixels, e.g. 48,96,192")
+    p.add_argument(
+        "--R0_channels",
+        type=int,
+        help="channels of the pixel layer's representation units (default: the frames' channels, as in the paper)",
+    )
     p.add_argument("--filter_sizes", type=int_list, help="filter sizes of the A, Ahat and R convolutions, e.g. 3,3,3")
     p.add_argument("--layer_loss_weights", type=float_list, help="L_0: 1,0; L_all: 1,0.1 (layer 0, layers above)")
     p.add_argument("--nt", type=int, help="frames per training window")

@@ -29,16 +29,17 @@ from models.training import WindowDataset  # noqa: E402
 PEAK_BF16 = 790e12  # H100 SXM dense bf16 matrix throughput measured on the lent machine
 
 
-def flops_per_frame(stack_sizes, height, width, k=3) -> float:
+def flops_per_frame(stack_sizes, R_stack_sizes, height, width, k=3) -> float:
     """Forward multiply-adds x 2 of every convolution of one PredNet time step."""
     total, n = 0.0, len(stack_sizes)
     for l in range(n):
         h, w = height // 2**l, width // 2**l
-        cin = stack_sizes[l] + 2 * stack_sizes[l] + (stack_sizes[l + 1] if l < n - 1 else 0)
-        total += 2 * k * k * cin * 4 * stack_sizes[l] * h * w  # fused LSTM gates
-        total += 2 * k * k * stack_sizes[l] * stack_sizes[l] * h * w  # Ahat
+        a, r = stack_sizes[l], R_stack_sizes[l]
+        cin = r + 2 * a + (R_stack_sizes[l + 1] if l < n - 1 else 0)
+        total += 2 * k * k * cin * 4 * r * h * w  # fused LSTM gates
+        total += 2 * k * k * r * a * h * w  # Ahat
         if l < n - 1:
-            total += 2 * k * k * 2 * stack_sizes[l] * stack_sizes[l + 1] * h * w  # A of the layer above
+            total += 2 * k * k * 2 * a * stack_sizes[l + 1] * h * w  # A of the layer above
     return total
 
 
@@ -57,12 +58,12 @@ def peak_memory_mb() -> float:
 def bench(args, batch_size: int, precision: str) -> dict:
     import keras
 
-    from models.prednet import build_training_model, predictor
+    from models.prednet import build_training_model, predictor, prednet_kwargs
 
     keras.mixed_precision.set_dtype_policy(precision)
     h, w, c = args.shape
-    stacks = (c, *args.stack_sizes)
-    model = build_training_model(args.nt, (h, w, c), (1, 0), stack_sizes=stacks)
+    kwargs = prednet_kwargs(c, args.stack_sizes, R0_channels=args.R0_channels)
+    model = build_training_model(args.nt, (h, w, c), (1, 0), **kwargs)
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mae")
     rng = np.random.default_rng(0)
     X = rng.integers(0, 255, (args.frames, h, w, c), dtype=np.uint8)
@@ -81,7 +82,7 @@ def bench(args, batch_size: int, precision: str) -> dict:
         out = pred.predict_on_batch(seq)
     np.asarray(out["error"])
     score_fps = 3 * seq.shape[0] * seq.shape[1] / (time.perf_counter() - start)
-    flops = flops_per_frame(stacks, h, w)
+    flops = flops_per_frame(kwargs["stack_sizes"], kwargs["R_stack_sizes"], h, w)
     keras.mixed_precision.set_dtype_policy("float32")
     return {
         "backend": keras.backend.backend(),
@@ -102,6 +103,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="cpu")
     p.add_argument("--stack_sizes", default=None)
+    p.add_argument("--R0_channels", type=int, default=None)
     p.add_argument("--nt", type=int, default=None)
     p.add_argument("--size", default="64x96x1", help="HEIGHTxWIDTHxCHANNELS")
     p.add_argument("--batch_sizes", default="4")

@@ -24,31 +24,78 @@ def load_predictor(model_dir: str | Path, output_mode: str = "all"):
     return predictor(trained, output_mode), trained, config
 
 
-def predict_videos(model, X: np.ndarray, sources: np.ndarray, batch_size: int = 4):
-    """Predicts every frame of every video, several videos per call (padded at the end to one length).
+def predict_videos(model, X: np.ndarray, sources: np.ndarray, batch_size: int = 4, window: int | None = None):
+    """Predicts every frame of every video from earlier frames of the same video only.
 
-    Padding at the end never changes earlier predictions: the model is causal in time.
+    Args:
+        model: a predicting model (`predictor(..., "all")`).
+        X: (n, h, w, c) uint8 frames, the frames of each video contiguous.
+        sources: the video of each frame.
+        batch_size: sequences per model call (videos, or windows when `window` is set).
+        window: None or 0 to run each video as one sequence (the prediction of frame t then depends on
+            every frame before it); k to predict frame t from the k - 1 frames before it alone, as the
+            model saw them in its k-frame training windows (k times the compute).
 
     Returns:
         predictions (n, h, w, c) in [0, 1] aligned with X (row 0 of each video is the model's output
         before it saw any frame), layer errors (n, layers), and frames per second.
     """
-    videos = video_slices(sources)
-    predictions = np.zeros(X.shape, np.float32)
-    errors = None
+    if window is not None and window < 0:
+        raise PipelineError(f"window must be 0 (whole videos) or a number of frames. Received: {window}")
     start = time.perf_counter()
+    if window:
+        predictions, errors = _predict_windows(model, X, sources, batch_size, window)
+    else:
+        predictions, errors = _predict_whole(model, X, sources, batch_size)
+    seconds = time.perf_counter() - start
+    return predictions, errors, len(X) / max(seconds, 1e-9)
+
+
+def _outputs(model, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    out = model.predict_on_batch(batch)
+    return np.asarray(out["prediction"], np.float32), np.asarray(out["error"], np.float32)
+
+
+def _predict_whole(model, X, sources, batch_size):
+    """Several videos per call, padded at the end to one length: padding at the end never changes
+    earlier predictions, since the model is causal in time."""
+    videos = video_slices(sources)
+    predictions, errors = np.zeros(X.shape, np.float32), None
     for i in range(0, len(videos), batch_size):
         group = videos[i : i + batch_size]
         length = max(sl.stop - sl.start for _, sl in group)
         batch = np.zeros((len(group), length, *X.shape[1:]), np.float32)
         for j, (_, sl) in enumerate(group):
             batch[j, : sl.stop - sl.start] = X[sl] / 255.0
-        out = model.predict_on_batch(batch)
-        pred, err = np.asarray(out["prediction"], np.float32), np.asarray(out["error"], np.float32)
+        pred, err = _outputs(model, batch)
         if errors is None:
             errors = np.zeros((len(X), err.shape[-1]), np.float32)
         for j, (_, sl) in enumerate(group):
             predictions[sl] = pred[j, : sl.stop - sl.start]
             errors[sl] = err[j, : sl.stop - sl.start]
-    seconds = time.perf_counter() - start
-    return predictions, errors, len(X) / max(seconds, 1e-9)
+    return predictions, errors
+
+
+def _predict_windows(model, X, sources, batch_size, window):
+    """Frame t from the window of frames max(first, t - window + 1) .. t of its video, read at the
+    window's last frame; windows at the start of a video are shorter and padded at the end. Every call
+    has the same shape (the last one padded), so the model compiles once."""
+    first = np.zeros(len(X), np.int64)
+    for _, sl in video_slices(sources):
+        first[sl] = sl.start
+    targets = np.arange(len(X))
+    starts = np.maximum(first, targets - window + 1)
+    predictions, errors = np.zeros(X.shape, np.float32), None
+    batch = np.zeros((batch_size, window, *X.shape[1:]), np.float32)
+    for i in range(0, len(X), batch_size):
+        rows = targets[i : i + batch_size]
+        batch[:] = 0
+        for j, t in enumerate(rows):
+            batch[j, : t - starts[t] + 1] = X[starts[t] : t + 1] / 255.0
+        pred, err = _outputs(model, batch)
+        last = rows - starts[rows]
+        if errors is None:
+            errors = np.zeros((len(X), err.shape[-1]), np.float32)
+        predictions[rows] = pred[np.arange(len(rows)), last]
+        errors[rows] = err[np.arange(len(rows)), last]
+    return predictions, errors

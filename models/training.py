@@ -14,7 +14,7 @@ import numpy as np
 from models.data.store import dataset_dir, load_split, read_metadata, video_slices
 from models.errors import PipelineError
 from models.io import atomic_file, write_json
-from models.prednet import build_training_model, find_prednet, load_model, predictor
+from models.prednet import build_training_model, find_prednet, load_model, predictor, prednet_kwargs
 from models.prednet.layers import OUTPUT_MODES, UNIT_TYPES
 from models.shapes import check_frame_size
 
@@ -134,6 +134,7 @@ class TrainSettings:
     dataset: str
     model_dir: str
     stack_sizes: tuple[int, ...] = (48, 96, 192)
+    R0_channels: int | None = None
     filter_sizes: tuple[int, int, int] = (3, 3, 3)
     layer_loss_weights: tuple[float, ...] = (1.0, 0.0)
     nt: int = 10
@@ -240,25 +241,20 @@ def train(s: TrainSettings) -> dict:
         model = load_model(ckpt / "last.keras", compile=True)
         initial_epoch = json.loads((ckpt / "last.json").read_text())["epoch"] + 1
     else:
-        prednet_kwargs = dict(
-            stack_sizes=(frame_shape[2], *s.stack_sizes),
-            A_filt_sizes=s.filter_sizes[0],
-            Ahat_filt_sizes=s.filter_sizes[1],
-            R_filt_sizes=s.filter_sizes[2],
-        )
+        kwargs = prednet_kwargs(frame_shape[2], s.stack_sizes, s.filter_sizes, s.R0_channels)
         if s.fine_tuning:
             base = find_prednet(load_model(Path(s.fine_tuning) / "model.keras"))
             if base.frame_shape != frame_shape:
                 raise PipelineError(
                     f"Model in {s.fine_tuning} takes frames {base.frame_shape}, the data has {frame_shape}."
                 )
-            prednet_kwargs = {
+            kwargs = {
                 k: v
                 for k, v in base.get_config().items()
                 if k in ("stack_sizes", "R_stack_sizes", "A_filt_sizes", "Ahat_filt_sizes", "R_filt_sizes", "pixel_max")
             }
         try:
-            model = build_training_model(s.nt, frame_shape, s.layer_loss_weights, **prednet_kwargs)
+            model = build_training_model(s.nt, frame_shape, s.layer_loss_weights, **kwargs)
         except ValueError as err:
             raise PipelineError(str(err)) from None
         if s.fine_tuning:

@@ -58,6 +58,7 @@ def tiny_settings(prepared: Path, model_dir: Path, **overrides):
         dataset=prepared.name,
         model_dir=str(model_dir),
         stack_sizes=(4, 8),
+        R0_channels=3,
         nt=4,
         batch_size=2,
         nb_epoch=2,

@@ -160,3 +160,24 @@ def test_without_labels_metrics_are_still_written(trained, prepared, tmp_path):
     df = pd.read_pickle(out / "df.pkl.gz")
     assert "y" not in df and df["model_regularity"].notna().sum() == len(df) - 4
     assert "metrics" not in json.loads((out / "metrics.json").read_text())
+
+
+def test_windowed_prediction_sees_only_its_window(trained, prepared):
+    from models.inference import load_predictor, predict_videos
+
+    model, _, _ = load_predictor(trained)
+    X, sources = load_split(prepared, "test")
+    X, sources = X[:48], sources[:48]  # two 24-frame videos
+    whole, whole_err, _ = predict_videos(model, X, sources, batch_size=2, window=0)
+    windowed, windowed_err, _ = predict_videos(model, X, sources, batch_size=5, window=4)
+    # Up to the window's length a window holds the whole history, so the two agree ...
+    for start in (0, 24):
+        np.testing.assert_allclose(windowed[start : start + 4], whole[start : start + 4], atol=1e-5)
+        np.testing.assert_allclose(windowed_err[start : start + 4], whole_err[start : start + 4], atol=1e-5)
+    # ... later, frame t is the last step of a run over frames t-3..t alone.
+    t = 24 + 13
+    alone, _, _ = predict_videos(model, X[t - 3 : t + 1], sources[t - 3 : t + 1], window=0)
+    np.testing.assert_allclose(windowed[t], alone[-1], atol=1e-5)
+    assert np.abs(windowed[t] - whole[t]).max() > 1e-4  # the longer history does change the prediction
+    with pytest.raises(Exception, match="window"):
+        predict_videos(model, X, sources, window=-1)

@@ -8,6 +8,7 @@ from models.prednet.model import (
     find_prednet,
     load_model,
     predictor,
+    prednet_kwargs,
 )
 
 __all__ = [
@@ -17,5 +18,6 @@ __all__ = [
     "expand_layer_weights",
     "find_prednet",
     "load_model",
+    "prednet_kwargs",
     "predictor",
 ]

@@ -125,7 +125,13 @@ class PredNet(keras.layers.Layer):
             lstm = keras.layers.Conv2D(4 * self.R_stack_sizes[l], self.R_filt_sizes[l], name=f"lstm_{l}", **conv)
             lstm.build((None, h, w, in_ch))
             self.lstm_convs.append(lstm)
-            ahat = keras.layers.Conv2D(self.stack_sizes[l], self.Ahat_filt_sizes[l], name=f"ahat_{l}", **conv)
+            # The frame prediction starts at mid-grey, where both its ReLU and its clip at pixel_max pass
+            # gradients; from a zero bias a few large steps can push it below 0 everywhere, where no
+            # gradient reaches the model again.
+            bias = keras.initializers.Constant(self.pixel_max / 2 if l == 0 else 0.0)
+            ahat = keras.layers.Conv2D(
+                self.stack_sizes[l], self.Ahat_filt_sizes[l], name=f"ahat_{l}", bias_initializer=bias, **conv
+            )
             ahat.build((None, h, w, self.R_stack_sizes[l]))
             self.ahat_convs.append(ahat)
             if l < self.nb_layers - 1:

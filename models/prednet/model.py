@@ -45,6 +45,20 @@ def expand_layer_weights(weights, n_layers: int) -> tuple[float, ...]:
     raise PipelineError(f"layer_loss_weights needs 2 or {n_layers} values. Received: {weights}")
 
 
+def prednet_kwargs(channels: int, stack_sizes, filter_sizes=(3, 3, 3), R0_channels: int | None = None) -> dict:
+    """PredNet arguments from the training settings: `stack_sizes` are the layers above the pixels,
+    `filter_sizes` the A, Ahat and R filter sizes, and `R0_channels` the width of the pixel layer's
+    representation (None: the frames' channels, as in the paper)."""
+    stacks = (int(channels), *(int(s) for s in stack_sizes))
+    return dict(
+        stack_sizes=stacks,
+        R_stack_sizes=(int(R0_channels or channels), *stacks[1:]),
+        A_filt_sizes=int(filter_sizes[0]),
+        Ahat_filt_sizes=int(filter_sizes[1]),
+        R_filt_sizes=int(filter_sizes[2]),
+    )
+
+
 def build_training_model(
     nt: int, frame_shape: tuple[int, int, int], layer_loss_weights, **prednet_kwargs
 ) -> keras.Model:

@@ -1,0 +1,42 @@
+import numpy as np
+from conftest import run_script
+
+from benchmarks.benchmark import flops_per_frame
+from models.prednet import PredNet, prednet_kwargs
+
+
+def test_flops_match_the_convolutions_of_the_built_layer():
+    kwargs = prednet_kwargs(1, (4, 6), R0_channels=3)
+    layer = PredNet(**kwargs)
+    layer.build((None, 2, 8, 12, 1))
+    expected = 0.0
+    for convs in (layer.lstm_convs, layer.ahat_convs, layer.a_convs):
+        for l, conv in enumerate(convs):
+            expected += 2 * np.prod(conv.kernel.shape) * (8 // 2**l) * (12 // 2**l)
+    assert flops_per_frame(kwargs["stack_sizes"], kwargs["R_stack_sizes"], 8, 12) == expected
+
+
+def test_cli_prints_a_row_per_setting():
+    done = run_script(
+        "benchmarks/benchmark.py",
+        "--config",
+        "cpu",
+        "--size",
+        "16x24x1",
+        "--steps",
+        "2",
+        "--frames",
+        "200",
+        "--score_videos",
+        "1",
+        "--R0_channels",
+        "4",
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    row = next(line for line in done.stdout.splitlines() if line.startswith("backend="))
+    values = dict(item.split("=") for item in row.split())
+    assert values["size"] == "16x24x1" and float(values["train_fps"]) > 0 and float(values["score_fps"]) > 0
+    cpu = prednet_kwargs(1, (8, 16), R0_channels=4)  # config/cpu.json's stacks
+    gflop = flops_per_frame(cpu["stack_sizes"], cpu["R_stack_sizes"], 16, 24) / 1e9
+    assert abs(float(values["gflop_per_frame"]) - gflop) < 1e-3 * gflop
+    assert done.stdout.splitlines()[-3].startswith("| backend")  # the markdown table ends the output
