@@ -36,6 +36,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--batch_size", type=int, default=8, help="sequences (windows, or videos with --window 0) per call")
     p.add_argument("--patch", type=int, default=16, help="patch side in pixels for the patch_max metric")
+    p.add_argument(
+        "--smooth",
+        type=int,
+        default=1,
+        help="also evaluate regularity and patch_max averaged over this many centred frames (1: no smoothing)",
+    )
     p.add_argument("--n_plot", type=int, default=12, help="videos shown in scores.png")
     p.add_argument(
         "--save_prediction_error_video_frames",
@@ -61,7 +67,7 @@ def main(argv=None) -> int:
 
     from models.inference import load_predictor, predict_videos
     from models.plots import error_frames, plot_roc, plot_scores, save_gif
-    from models.scoring import build_frame_table, evaluate, metric_columns, portable, side_by_side
+    from models.scoring import add_smoothed, build_frame_table, evaluate, metric_columns, portable, side_by_side
 
     model, trained, config = load_predictor(args.model_dir)
     if tuple(trained.frame_shape) != X.shape[1:]:
@@ -73,13 +79,14 @@ def main(argv=None) -> int:
         window = config.get("arguments", {}).get("nt", 0) if args.window is None else args.window
         predictions, layer_errors, fps = predict_videos(model, X, sources, args.batch_size, window)
         print(f"scored {len(X)} frames of {len(set(sources))} videos at {fps:.0f} frames/s (compilation included)")
-        df = build_frame_table(X, sources, y, predictions, layer_errors, args.patch)
+        df = add_smoothed(build_frame_table(X, sources, y, predictions, layer_errors, args.patch), args.smooth)
         df.attrs = {
             "model_dir": str(args.model_dir),
             "dataset": args.dataset,
             "height": meta["height"],
             "width": meta["width"],
             "window": window,
+            "smooth": args.smooth,
         }
         portable(df).to_pickle(out / "df.pkl.gz")
         summary = {
@@ -87,6 +94,7 @@ def main(argv=None) -> int:
             "videos": int(df["video"].nunique()),
             "frames_per_s": fps,
             "window": window,
+            "smooth": args.smooth,
             "model_dir": str(args.model_dir),
             "dataset": args.dataset,
             "training": config.get("arguments"),

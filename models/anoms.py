@@ -26,6 +26,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 from models.errors import PipelineError
+from models.scoring import smooth
 
 
 def load_scored(path: str | Path) -> pd.DataFrame:
@@ -44,18 +45,8 @@ def load_scored(path: str | Path) -> pd.DataFrame:
 
 
 def default_features(df: pd.DataFrame) -> list[str]:
-    return [c for c in df.columns if c.startswith("model_")]
-
-
-def smooth(df: pd.DataFrame, features: list[str], window: int) -> pd.DataFrame:
-    """Centred rolling mean of each feature over `window` neighbouring frames of the same video."""
-    if window <= 1:
-        return df
-    out = df.copy()
-    out[features] = df.groupby("video")[features].transform(
-        lambda v: v.rolling(window, center=True, min_periods=1).mean()
-    )
-    return out
+    """The model's metrics as batch_scoring.py wrote them (smoothing is fit_anoms.py's own --smooth)."""
+    return [c for c in df.columns if c.startswith("model_") and "_smooth" not in c]
 
 
 def prepare_frames(df: pd.DataFrame, features: list[str], window: int = 1, need_labels: bool = True) -> pd.DataFrame:

@@ -63,6 +63,32 @@ def add_regularity(df: pd.DataFrame, prefixes=("model", "copy")) -> pd.DataFrame
     return df
 
 
+def smooth(df: pd.DataFrame, features: list[str], window: int) -> pd.DataFrame:
+    """Centred rolling mean of each feature over `window` neighbouring frames of the same video (it looks
+    window // 2 frames ahead, so it suits offline scoring, not a live alarm)."""
+    if window <= 1:
+        return df
+    out = df.copy()
+    out[features] = df.groupby("video")[features].transform(
+        lambda v: v.rolling(window, center=True, min_periods=1).mean()
+    )
+    return out
+
+
+SMOOTHED = ("regularity", "patch_max")
+
+
+def add_smoothed(df: pd.DataFrame, window: int, prefixes=("model", "copy")) -> pd.DataFrame:
+    """Adds `<prefix>_<metric>_smooth<window>` for the SMOOTHED metrics (nothing when window <= 1)."""
+    if window <= 1:
+        return df
+    columns = [f"{p}_{m}" for p in prefixes for m in SMOOTHED]
+    smoothed = smooth(df[["video", *columns]], columns, window)
+    for col in columns:
+        df[f"{col}_smooth{window}"] = smoothed[col]
+    return df
+
+
 def build_frame_table(X, sources, y, predictions, layer_errors, patch: int) -> pd.DataFrame:
     """One row per test frame: video, frame (1-based), label, predictable, model and baseline metrics."""
     frames = X.astype(np.float32) / 255.0

@@ -61,6 +61,8 @@ def scored(trained, prepared, tmp_path_factory):
         str(out),
         "--batch_size",
         "3",
+        "--smooth",
+        "5",
         "--save_prediction_error_video_frames",
         "--plot_videos",
         "Test002",
@@ -92,9 +94,21 @@ def test_baseline_is_difference_to_previous_frame(scored, prepared):
     assert df.loc[i, "copy_mse"] == pytest.approx(float(((frames[i] - frames[i - 1]) ** 2).mean()), rel=1e-5)
 
 
+def test_smoothed_scores_are_centred_means_within_a_video(scored):
+    df = pd.read_pickle(scored / "df.pkl.gz")
+    video = df[df["video"] == "Test002"]
+    raw, smoothed = video["model_regularity"].to_numpy(), video["model_regularity_smooth5"].to_numpy()
+    assert smoothed[10] == pytest.approx(np.nanmean(raw[8:13]))
+    assert smoothed[1] == pytest.approx(np.nanmean(raw[1:4]))  # frame 1 has no score; the window is cut at the start
+    assert smoothed[-1] == pytest.approx(np.nanmean(raw[-3:]))  # and at the end: it never reaches another video
+    summary = json.loads((scored / "metrics.json").read_text())
+    assert summary["smooth"] == 5 and "copy_patch_max_smooth5" in summary["metrics"]
+
+
 def test_outputs(scored):
     summary = json.loads((scored / "metrics.json").read_text())
     assert summary["training"]["nt"] == 4  # the scores say which training run made them
+    assert summary["window"] == 4  # and, by default, were predicted in windows of the training length
     for col in ("model_regularity", "copy_regularity", "model_mse", "model_E2", "copy_patch_max"):
         assert 0 <= summary["metrics"][col]["micro_auc"] <= 1
     for name in ("metrics.md", "roc.png", "scores.png", "Test002_prediction_error.gif"):
