@@ -126,6 +126,7 @@ def portable(df: pd.DataFrame) -> pd.DataFrame:
 def anomaly_score(df: pd.DataFrame, column: str) -> pd.Series:
     """The column oriented so that larger means more anomalous."""
     base = column.split("_", 1)[1] if "_" in column else column
+    base = base.split("_smooth", 1)[0]  # a smoothed score keeps the orientation of its metric
     return -df[column] if base in HIGHER_IS_NORMAL else df[column]
 
 

@@ -103,6 +103,10 @@ def test_smoothed_scores_are_centred_means_within_a_video(scored):
     assert smoothed[-1] == pytest.approx(np.nanmean(raw[-3:]))  # and at the end: it never reaches another video
     summary = json.loads((scored / "metrics.json").read_text())
     assert summary["smooth"] == 5 and "copy_patch_max_smooth5" in summary["metrics"]
+    # Smoothed regularity is still "higher is normal": evaluated negated, like the raw score.
+    data = df[df["predictable"]]
+    auc = roc_auc_score(data["y"], -data["copy_regularity_smooth5"])
+    assert summary["metrics"]["copy_regularity_smooth5"]["micro_auc"] == pytest.approx(auc)
 
 
 def test_outputs(scored):
