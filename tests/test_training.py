@@ -9,7 +9,7 @@ from conftest import run_script, tiny_settings
 
 from models.errors import PipelineError
 from models.prednet import build_training_model, find_prednet, load_model
-from models.training import WindowDataset, train, window_starts
+from models.training import TrainSettings, WindowDataset, train, window_starts
 
 
 def test_windows_never_cross_videos():
@@ -109,3 +109,12 @@ def test_existing_model_is_kept(trained, prepared):
 def test_cli_error_exit(prepared, tmp_path):
     done = run_script("train.py", "--config", "cpu", "--preprocessed_data", str(tmp_path), "--dataset", "Missing")
     assert done.returncode == 2 and "data_preparation.py" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("name", ["default", "cpu"])
+def test_config_files_parse(name):
+    import train as train_script
+
+    args = train_script.parse_args(["--config", name])
+    settings = TrainSettings(**{k: v for k, v in vars(args).items() if k != "config"})
+    assert settings.stack_sizes and settings.nb_epoch > 0 and settings.precision in ("float32", "mixed_bfloat16")
