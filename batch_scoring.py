@@ -51,6 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--plot_videos", default=None, help="comma-separated videos for the GIFs (default: the first 2)")
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
+    if args.window is not None and args.window < 0:
+        p.error(f"--window must be 0 (whole videos) or a number of frames; got {args.window}")
     args.model_dir = args.model_dir or f"outputs/models/{args.dataset}"
     args.scored_data = args.scored_data or f"outputs/scored/{args.dataset}"
     return args

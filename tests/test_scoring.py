@@ -155,6 +155,24 @@ def test_missing_model_folder(prepared, tmp_path):
     assert done.returncode == 2 and "run train.py first" in done.stderr and not (tmp_path / "s").exists()
 
 
+def test_negative_window_is_refused(prepared, trained, tmp_path):
+    out = tmp_path / "s"
+    done = run_script(
+        "batch_scoring.py",
+        "--preprocessed_data",
+        prepared.parent,
+        "--dataset",
+        prepared.name,
+        "--model_dir",
+        trained,
+        "--scored_data",
+        out,
+        "--window",
+        "-3",
+    )
+    assert done.returncode == 2 and "--window" in done.stderr and "-3" in done.stderr and not out.exists()
+
+
 def test_without_labels_metrics_are_still_written(trained, prepared, tmp_path):
     import shutil
 
