@@ -10,6 +10,22 @@ from models.data.store import load_labels, load_split
 from models.scoring import equal_error_rate, error_metrics, evaluate, min_max_per_video
 
 
+def run_scoring(data_root, dataset, model_dir, out, *options):
+    """batch_scoring.py from the command line, as a user runs it."""
+    return run_script(
+        "batch_scoring.py",
+        "--preprocessed_data",
+        data_root,
+        "--dataset",
+        dataset,
+        "--model_dir",
+        model_dir,
+        "--scored_data",
+        out,
+        *options,
+    )
+
+
 def test_error_metrics_on_hand_made_arrays():
     frames = np.zeros((1, 2, 2, 1), np.float32)
     pred = np.array([0.0, 0.0, 0.0, 1.0], np.float32).reshape(1, 2, 2, 1)
@@ -49,16 +65,11 @@ def test_auc_and_eer_agree_with_scikit_learn():
 @pytest.fixture(scope="module")
 def scored(trained, prepared, tmp_path_factory):
     out = tmp_path_factory.mktemp("scored") / "s"
-    cmd = [
-        "batch_scoring.py",
-        "--preprocessed_data",
-        str(prepared.parent),
-        "--dataset",
+    done = run_scoring(
+        prepared.parent,
         prepared.name,
-        "--model_dir",
-        str(trained),
-        "--scored_data",
-        str(out),
+        trained,
+        out,
         "--batch_size",
         "3",
         "--smooth",
@@ -66,8 +77,7 @@ def scored(trained, prepared, tmp_path_factory):
         "--save_prediction_error_video_frames",
         "--plot_videos",
         "Test002",
-    ]
-    done = run_script(*cmd)
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "frames/s" in done.stdout and "copy-last-frame regularity" in done.stdout
     return out
@@ -125,51 +135,19 @@ def test_model_and_data_of_different_size(trained, synthetic_root, tmp_path):
 
     prepare(synthetic_root, tmp_path / "pre" / "Big", PrepareConfig(size=(24, 32), n_layers=3, workers=1))
     out = tmp_path / "scored"
-    done = run_script(
-        "batch_scoring.py",
-        "--preprocessed_data",
-        str(tmp_path / "pre"),
-        "--dataset",
-        "Big",
-        "--model_dir",
-        str(trained),
-        "--scored_data",
-        str(out),
-    )
+    done = run_scoring(str(tmp_path / "pre"), "Big", str(trained), str(out))
     assert done.returncode == 2 and "(16, 24, 1)" in done.stderr and "(24, 32, 1)" in done.stderr
     assert not out.exists()
 
 
 def test_missing_model_folder(prepared, tmp_path):
-    done = run_script(
-        "batch_scoring.py",
-        "--preprocessed_data",
-        str(prepared.parent),
-        "--dataset",
-        prepared.name,
-        "--model_dir",
-        str(tmp_path / "none"),
-        "--scored_data",
-        str(tmp_path / "s"),
-    )
+    done = run_scoring(str(prepared.parent), prepared.name, str(tmp_path / "none"), str(tmp_path / "s"))
     assert done.returncode == 2 and "run train.py first" in done.stderr and not (tmp_path / "s").exists()
 
 
 def test_negative_window_is_refused(prepared, trained, tmp_path):
     out = tmp_path / "s"
-    done = run_script(
-        "batch_scoring.py",
-        "--preprocessed_data",
-        prepared.parent,
-        "--dataset",
-        prepared.name,
-        "--model_dir",
-        trained,
-        "--scored_data",
-        out,
-        "--window",
-        "-3",
-    )
+    done = run_scoring(prepared.parent, prepared.name, trained, out, "--window", "-3")
     assert done.returncode == 2 and "--window" in done.stderr and "-3" in done.stderr and not out.exists()
 
 
@@ -180,17 +158,7 @@ def test_without_labels_metrics_are_still_written(trained, prepared, tmp_path):
     shutil.copytree(prepared, unlabelled)
     (unlabelled / "y_test.hkl").unlink()
     out = tmp_path / "scored"
-    done = run_script(
-        "batch_scoring.py",
-        "--preprocessed_data",
-        tmp_path / "pre",
-        "--dataset",
-        prepared.name,
-        "--model_dir",
-        trained,
-        "--scored_data",
-        out,
-    )
+    done = run_scoring(tmp_path / "pre", prepared.name, trained, out)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "evaluation skipped" in done.stdout
     df = pd.read_pickle(out / "df.pkl.gz")
