@@ -34,6 +34,20 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="predict each frame from the window of frames ending at it, this many frames long (default: the "
         "model's training window, nt); 0: run each video as one sequence",
     )
+    p.add_argument(
+        "--horizon",
+        type=int,
+        default=1,
+        help="predict each frame from the frames up to this many steps before it, the model fed its own "
+        "predictions in between (1: the next frame; needs --window longer than the horizon)",
+    )
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=1,
+        help="frames the model must have seen before a frame's prediction is scored: the first "
+        "warmup + horizon - 1 frames of each video get no score",
+    )
     p.add_argument("--batch_size", type=int, default=8, help="sequences (windows, or videos with --window 0) per call")
     p.add_argument("--patch", type=int, default=16, help="patch side in pixels for the patch_max metric")
     p.add_argument(
@@ -53,6 +67,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.window is not None and args.window < 0:
         p.error(f"--window must be 0 (whole videos) or a number of frames; got {args.window}")
+    for name in ("horizon", "warmup"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be 1 or more frames; got {getattr(args, name)}")
     args.model_dir = args.model_dir or f"outputs/models/{args.dataset}"
     args.scored_data = args.scored_data or f"outputs/scored/{args.dataset}"
     return args
@@ -79,15 +96,19 @@ def main(argv=None) -> int:
         )
     with atomic_dir(args.scored_data, args.overwrite) as out:
         window = config.get("arguments", {}).get("nt", 0) if args.window is None else args.window
-        predictions, layer_errors, fps = predict_videos(model, X, sources, args.batch_size, window)
+        predictions, layer_errors, fps = predict_videos(model, X, sources, args.batch_size, window, args.horizon)
         print(f"scored {len(X)} frames of {len(set(sources))} videos at {fps:.0f} frames/s (compilation included)")
-        df = add_smoothed(build_frame_table(X, sources, y, predictions, layer_errors, args.patch), args.smooth)
+        first_scored = args.warmup + args.horizon - 1
+        df = build_frame_table(X, sources, y, predictions, layer_errors, args.patch, first_scored)
+        df = add_smoothed(df, args.smooth)
         df.attrs = {
             "model_dir": str(args.model_dir),
             "dataset": args.dataset,
             "height": meta["height"],
             "width": meta["width"],
             "window": window,
+            "horizon": args.horizon,
+            "warmup": args.warmup,
             "smooth": args.smooth,
         }
         portable(df).to_pickle(out / "df.pkl.gz")
@@ -96,6 +117,8 @@ def main(argv=None) -> int:
             "videos": int(df["video"].nunique()),
             "frames_per_s": fps,
             "window": window,
+            "horizon": args.horizon,
+            "warmup": args.warmup,
             "smooth": args.smooth,
             "model_dir": str(args.model_dir),
             "dataset": args.dataset,

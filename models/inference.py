@@ -24,7 +24,9 @@ def load_predictor(model_dir: str | Path, output_mode: str = "all"):
     return predictor(trained, output_mode), trained, config
 
 
-def predict_videos(model, X: np.ndarray, sources: np.ndarray, batch_size: int = 4, window: int | None = None):
+def predict_videos(
+    model, X: np.ndarray, sources: np.ndarray, batch_size: int = 4, window: int | None = None, horizon: int = 1
+):
     """Predicts every frame of every video from earlier frames of the same video only.
 
     Args:
@@ -33,18 +35,29 @@ def predict_videos(model, X: np.ndarray, sources: np.ndarray, batch_size: int = 
         sources: the video of each frame.
         batch_size: sequences per model call (videos, or windows when `window` is set).
         window: None or 0 to run each video as one sequence (the prediction of frame t then depends on
-            every frame before it); k to predict frame t from the k - 1 frames before it alone, as the
-            model saw them in its k-frame training windows (k times the compute).
+            every frame before it); k to run the model over the k frames ending at frame t alone, as it saw
+            sequences in its k-frame training windows (k times the compute).
+        horizon: predict frame t from the frames up to t - horizon: for the horizon - 1 frames in between
+            the model is fed its own predictions (horizon times the compute; needs a window longer than
+            the horizon). 1: the next frame, from every frame before it.
 
     Returns:
-        predictions (n, h, w, c) in [0, 1] aligned with X (row 0 of each video is the model's output
-        before it saw any frame), layer errors (n, layers), and frames per second.
+        predictions (n, h, w, c) in [0, 1] aligned with X (frames with no frame `horizon` steps before them
+        get the model's output before it saw any frame), layer errors (n, layers) of the step that
+        predicted each frame, and frames per second.
     """
     if window is not None and window < 0:
         raise PipelineError(f"window must be 0 (whole videos) or a number of frames. Received: {window}")
+    if horizon < 1:
+        raise PipelineError(f"horizon must be 1 (the next frame) or more frames ahead. Received: {horizon}")
+    if horizon > 1 and (not window or window <= horizon):
+        raise PipelineError(
+            f"predicting {horizon} frames ahead needs a window longer than that (at least {horizon + 1} "
+            f"frames). Received window: {window}"
+        )
     start = time.perf_counter()
     if window:
-        predictions, errors = _predict_windows(model, X, sources, batch_size, window)
+        predictions, errors = _predict_windows(model, X, sources, batch_size, window, horizon)
     else:
         predictions, errors = _predict_whole(model, X, sources, batch_size)
     seconds = time.perf_counter() - start
@@ -76,10 +89,13 @@ def _predict_whole(model, X, sources, batch_size):
     return predictions, errors
 
 
-def _predict_windows(model, X, sources, batch_size, window):
+def _predict_windows(model, X, sources, batch_size, window, horizon):
     """Frame t from the window of frames max(first, t - window + 1) .. t of its video, read at the
-    window's last frame; windows at the start of a video are shorter and padded at the end. Every call
-    has the same shape (the last one padded), so the model compiles once."""
+    window's last step; windows at the start of a video are shorter and padded at the end. The window's
+    frames after t - horizon are replaced by the model's own predictions, one model call per step
+    ahead (the model is causal, so a call's prediction at a step does not depend on later steps). Frame t
+    itself stays in, so the layer errors of its step compare it with its prediction. Every call has the
+    same shape (the last one padded), so the model compiles once."""
     first = np.zeros(len(X), np.int64)
     for _, sl in video_slices(sources):
         first[sl] = sl.start
@@ -92,8 +108,13 @@ def _predict_windows(model, X, sources, batch_size, window):
         batch[:] = 0
         for j, t in enumerate(rows):
             batch[j, : t - starts[t] + 1] = X[starts[t] : t + 1] / 255.0
-        pred, err = _outputs(model, batch)
         last = rows - starts[rows]
+        known = np.maximum(last - horizon + 1, 0)  # the steps before this one hold real frames
+        for ahead in range(horizon):
+            pred, err = _outputs(model, batch)
+            fed = known + ahead  # the step whose prediction the next call takes as its input
+            for j in np.flatnonzero(fed < last):
+                batch[j, fed[j]] = pred[j, fed[j]]
         if errors is None:
             errors = np.zeros((len(X), err.shape[-1]), np.float32)
         predictions[rows] = pred[np.arange(len(rows)), last]

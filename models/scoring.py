@@ -1,8 +1,9 @@
 """Stage 3: per-frame prediction-error metrics and their frame-level evaluation against labels.
 
 Every frame of every test video gets a row. A frame is predicted only from earlier frames of the same
-video; the first frame of each video cannot be predicted, so it is kept with `predictable = False` and
-NaN metrics, and left out of the evaluation.
+video. The first frame of each video cannot be predicted, and the next few are not scored when a
+prediction must have seen more frames (batch_scoring.py --warmup, --horizon): such frames are kept with
+`predictable = False` and NaN metrics, and left out of the evaluation.
 """
 
 from __future__ import annotations
@@ -89,8 +90,12 @@ def add_smoothed(df: pd.DataFrame, window: int, prefixes=("model", "copy")) -> p
     return df
 
 
-def build_frame_table(X, sources, y, predictions, layer_errors, patch: int) -> pd.DataFrame:
-    """One row per test frame: video, frame (1-based), label, predictable, model and baseline metrics."""
+def build_frame_table(X, sources, y, predictions, layer_errors, patch: int, first_scored: int = 1) -> pd.DataFrame:
+    """One row per test frame: video, frame (1-based), label, predictable, model and baseline metrics.
+
+    The first `first_scored` frames of each video (at least the first, which nothing precedes) are kept
+    with `predictable = False` and NaN metrics: the model had too little of the video to predict them from.
+    """
     frames = X.astype(np.float32) / 255.0
     previous = np.empty_like(frames)
     predictable = np.ones(len(X), bool)
@@ -98,7 +103,7 @@ def build_frame_table(X, sources, y, predictions, layer_errors, patch: int) -> p
     for _, sl in video_slices(sources):
         previous[sl.start] = frames[sl.start]
         previous[sl.start + 1 : sl.stop] = frames[sl.start : sl.stop - 1]
-        predictable[sl.start] = False
+        predictable[sl.start : sl.start + max(first_scored, 1)] = False
         frame_no[sl] = np.arange(1, sl.stop - sl.start + 1)
     df = pd.DataFrame({"video": sources, "frame": frame_no})
     if y is not None:

@@ -185,3 +185,59 @@ def test_windowed_prediction_sees_only_its_window(trained, prepared):
     assert np.abs(windowed[t] - whole[t]).max() > 1e-4  # the longer history does change the prediction
     with pytest.raises(Exception, match="window"):
         predict_videos(model, X, sources, window=-1)
+
+
+def test_predicting_frames_ahead_feeds_the_model_its_own_predictions(trained, prepared):
+    from models.inference import load_predictor, predict_videos
+
+    model, _, _ = load_predictor(trained)
+    X, sources = load_split(prepared, "test")
+    X, sources = X[:24], sources[:24]  # one video
+    next_frame, _, _ = predict_videos(model, X, sources, batch_size=5, window=4)
+    ahead, ahead_err, _ = predict_videos(model, X, sources, batch_size=5, window=4, horizon=2)
+    # Frame 2 from frame 0 alone: the model's prediction of frame 1 stands in for frame 1.
+    steps = np.zeros((1, 4, *X.shape[1:]), np.float32)
+    steps[0, 0], steps[0, 1], steps[0, 2] = X[0] / 255, next_frame[1], X[2] / 255
+    out = model.predict_on_batch(steps)
+    np.testing.assert_allclose(ahead[2], np.asarray(out["prediction"])[0, 2], atol=1e-5)
+    np.testing.assert_allclose(ahead_err[2], np.asarray(out["error"])[0, 2], atol=1e-5)
+    # Later in the video frame t comes from frames t-3 and t-2 alone: t-1 is never seen.
+    t = 15
+    changed = X.copy()
+    changed[t - 1] = 255 - changed[t - 1]
+    unseen, _, _ = predict_videos(model, changed, sources, batch_size=5, window=4, horizon=2)
+    np.testing.assert_allclose(unseen[t], ahead[t], atol=1e-5)
+    assert np.abs(ahead[t] - next_frame[t]).max() > 1e-3  # and the two horizons differ
+    changed[t - 2] = 255 - changed[t - 2]
+    seen, _, _ = predict_videos(model, changed, sources, batch_size=5, window=4, horizon=2)
+    assert np.abs(seen[t] - ahead[t]).max() > 1e-3
+    with pytest.raises(Exception, match="window"):
+        predict_videos(model, X, sources, window=2, horizon=2)  # no frame of the window left to predict from
+    with pytest.raises(Exception, match="horizon"):
+        predict_videos(model, X, sources, window=4, horizon=0)
+
+
+def test_horizon_and_warmup_leave_the_first_frames_unscored(trained, prepared, tmp_path):
+    out = tmp_path / "s"
+    done = run_scoring(prepared.parent, prepared.name, trained, out, "--horizon", "2", "--warmup", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    df = pd.read_pickle(out / "df.pkl.gz")
+    early = df["frame"] <= 3  # warmup + horizon - 1 frames of each video
+    assert (~df.loc[early, "predictable"]).all() and df.loc[~early, "predictable"].all()
+    assert df.loc[early, "model_mse"].isna().all() and df.loc[early, "copy_mse"].isna().all()
+    summary = json.loads((out / "metrics.json").read_text())
+    assert (summary["horizon"], summary["warmup"], summary["window"]) == (2, 2, 4)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--horizon", "0"], "--horizon must be 1"),
+        (["--warmup", "-1"], "--warmup must be 1"),
+        (["--horizon", "4"], "window longer"),
+    ],  # the training window is 4 frames
+)
+def test_bad_horizon_or_warmup_is_refused(prepared, trained, tmp_path, options, message):
+    out = tmp_path / "s"
+    done = run_scoring(prepared.parent, prepared.name, trained, out, *options)
+    assert done.returncode == 2 and message in done.stderr and not out.exists()
