@@ -19,6 +19,8 @@ from models.errors import PipelineError
 from models.io import atomic_dir
 
 HEADLINE = ["model_regularity", "copy_regularity", "model_mse", "copy_mse"]
+# Frames ahead that a frame is predicted from by default: the best measured on Ped2 (docs/results.md).
+DEFAULT_HORIZON = 4
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -37,9 +39,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--horizon",
         type=int,
-        default=1,
-        help="predict each frame from the frames up to this many steps before it, the model fed its own "
-        "predictions in between (1: the next frame; needs --window longer than the horizon)",
+        default=None,
+        help=f"predict each frame from the frames up to this many steps before it, the model fed its own "
+        f"predictions in between (1: the next frame; needs --window longer than the horizon). Default: "
+        f"{DEFAULT_HORIZON}, or window - 1 for a shorter window, 1 with --window 0",
     )
     p.add_argument(
         "--warmup",
@@ -68,8 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.window is not None and args.window < 0:
         p.error(f"--window must be 0 (whole videos) or a number of frames; got {args.window}")
     for name in ("horizon", "warmup"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be 1 or more frames; got {getattr(args, name)}")
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name} must be 1 or more frames; got {value}")
     args.model_dir = args.model_dir or f"outputs/models/{args.dataset}"
     args.scored_data = args.scored_data or f"outputs/scored/{args.dataset}"
     return args
@@ -96,9 +100,13 @@ def main(argv=None) -> int:
         )
     with atomic_dir(args.scored_data, args.overwrite) as out:
         window = config.get("arguments", {}).get("nt", 0) if args.window is None else args.window
-        predictions, layer_errors, fps = predict_videos(model, X, sources, args.batch_size, window, args.horizon)
-        print(f"scored {len(X)} frames of {len(set(sources))} videos at {fps:.0f} frames/s (compilation included)")
-        first_scored = args.warmup + args.horizon - 1
+        horizon = args.horizon or (max(min(DEFAULT_HORIZON, window - 1), 1) if window else 1)
+        predictions, layer_errors, fps = predict_videos(model, X, sources, args.batch_size, window, horizon)
+        print(
+            f"scored {len(X)} frames of {len(set(sources))} videos, each from the frames up to {horizon} before it, "
+            f"at {fps:.0f} frames/s (compilation included)"
+        )
+        first_scored = args.warmup + horizon - 1
         df = build_frame_table(X, sources, y, predictions, layer_errors, args.patch, first_scored)
         df = add_smoothed(df, args.smooth)
         df.attrs = {
@@ -107,7 +115,7 @@ def main(argv=None) -> int:
             "height": meta["height"],
             "width": meta["width"],
             "window": window,
-            "horizon": args.horizon,
+            "horizon": horizon,
             "warmup": args.warmup,
             "smooth": args.smooth,
         }
@@ -117,7 +125,7 @@ def main(argv=None) -> int:
             "videos": int(df["video"].nunique()),
             "frames_per_s": fps,
             "window": window,
-            "horizon": args.horizon,
+            "horizon": horizon,
             "warmup": args.warmup,
             "smooth": args.smooth,
             "model_dir": str(args.model_dir),
