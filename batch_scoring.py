@@ -16,11 +16,10 @@ import json
 from models.cli import run
 from models.data.store import dataset_dir, load_labels, load_split, read_metadata, video_slices
 from models.errors import PipelineError
+from models.inference import DEFAULT_HORIZON
 from models.io import atomic_dir
 
 HEADLINE = ["model_regularity", "copy_regularity", "model_mse", "copy_mse"]
-# Frames ahead that a frame is predicted from by default: the best measured on Ped2 (docs/results.md).
-DEFAULT_HORIZON = 4
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -88,7 +87,7 @@ def main(argv=None) -> int:
         raise PipelineError(f"{data_dir} has no test frames to score.")
     y = load_labels(data_dir)
 
-    from models.inference import load_predictor, predict_videos
+    from models.inference import default_horizon, load_predictor, predict_videos
     from models.plots import error_frames, plot_roc, plot_scores, save_gif
     from models.scoring import add_smoothed, build_frame_table, evaluate, metric_columns, portable, side_by_side
 
@@ -100,7 +99,7 @@ def main(argv=None) -> int:
         )
     with atomic_dir(args.scored_data, args.overwrite) as out:
         window = config.get("arguments", {}).get("nt", 0) if args.window is None else args.window
-        horizon = args.horizon or (max(min(DEFAULT_HORIZON, window - 1), 1) if window else 1)
+        horizon = args.horizon or default_horizon(window)
         predictions, layer_errors, fps = predict_videos(model, X, sources, args.batch_size, window, horizon)
         print(
             f"scored {len(X)} frames of {len(set(sources))} videos, each from the frames up to {horizon} before it, "

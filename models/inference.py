@@ -11,6 +11,15 @@ from models.data.store import video_slices
 from models.errors import PipelineError
 from models.io import read_json
 
+# Frames ahead that batch_scoring.py predicts each frame from by default: the best measured on Ped2
+# (docs/results.md): the model's own predictions stand in for the frames in between.
+DEFAULT_HORIZON = 4
+
+
+def default_horizon(window: int | None) -> int:
+    """DEFAULT_HORIZON, at most window - 1 frames ahead; 1 (the next frame) for whole videos."""
+    return max(min(DEFAULT_HORIZON, window - 1), 1) if window else 1
+
 
 def load_predictor(model_dir: str | Path, output_mode: str = "all"):
     """The trained model of `model_dir`, turned into one that outputs `output_mode`, and its config.json."""
