@@ -31,6 +31,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--filter_sizes", type=int_list, help="filter sizes of the A, Ahat and R convolutions, e.g. 3,3,3")
     p.add_argument("--layer_loss_weights", type=float_list, help="L_0: 1,0; L_all: 1,0.1 (layer 0, layers above)")
     p.add_argument("--nt", type=int, help="frames per training window")
+    p.add_argument(
+        "--horizon",
+        type=int,
+        default=1,
+        help="frames ahead to train for: the last horizon - 1 steps of each window are fed the model's own "
+        "predictions, and the loss is the frame prediction error (1: next-frame prediction with "
+        "--layer_loss_weights)",
+    )
     p.add_argument("--batch_size", type=int)
     p.add_argument("--nb_epoch", type=int)
     p.add_argument("--samples_per_epoch", type=int, help="training windows per epoch")

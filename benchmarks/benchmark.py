@@ -134,6 +134,7 @@ def main(argv=None) -> int:
         "precision",
         "filter_sizes",
         "layer_loss_weights",
+        "horizon",
     ):
         p.add_argument(f"--{name}", default=None, help=argparse.SUPPRESS)
     args = parse_with_config(p, argv)

@@ -138,6 +138,7 @@ class TrainSettings:
     filter_sizes: tuple[int, int, int] = (3, 3, 3)
     layer_loss_weights: tuple[float, ...] = (1.0, 0.0)
     nt: int = 10
+    horizon: int = 1
     batch_size: int = 8
     nb_epoch: int = 150
     samples_per_epoch: int | None = 500
@@ -254,7 +255,7 @@ def train(s: TrainSettings) -> dict:
                 if k in ("stack_sizes", "R_stack_sizes", "A_filt_sizes", "Ahat_filt_sizes", "R_filt_sizes", "pixel_max")
             }
         try:
-            model = build_training_model(s.nt, frame_shape, s.layer_loss_weights, **kwargs)
+            model = build_training_model(s.nt, frame_shape, s.layer_loss_weights, s.horizon, **kwargs)
         except ValueError as err:
             raise PipelineError(str(err)) from None
         if s.fine_tuning:

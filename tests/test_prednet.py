@@ -158,6 +158,35 @@ def test_extrapolation_feeds_predictions_back():
     assert not np.allclose(np.asarray(p(changed)), base)
 
 
+def test_extrapolation_is_closed_loop():
+    # From step 3 on, the model's prediction of each frame stands in for it: the same as a model without
+    # extrapolation fed those predictions as frames (what batch_scoring.py --horizon does call by call).
+    frames = np.random.default_rng(4).random((2, 6, 4, 4, 3)).astype("float32")
+    extrap = layer(output_mode="all", extrap_start_time=3)
+    out = extrap(frames)
+    plain = layer(output_mode="all")
+    plain.build(frames.shape)
+    plain.set_weights(extrap.get_weights())
+    fed = frames.copy()
+    fed[:, 3:] = np.asarray(out["prediction"])[:, 3:]
+    again = plain(fed)
+    np.testing.assert_allclose(np.asarray(again["prediction"]), np.asarray(out["prediction"]), atol=1e-6)
+    assert np.abs(np.asarray(out["error"])[:, 3:, 0]).max() < 1e-6  # a fed prediction has no error
+
+
+def test_training_several_frames_ahead_scores_the_predictions():
+    keras.utils.set_random_seed(0)
+    model = build_training_model(5, (4, 4, 3), (1.0, 0.0), horizon=3, stack_sizes=(3, 4), R_stack_sizes=(5, 6))
+    frames = np.random.default_rng(5).random((2, 5, 4, 4, 3)).astype("float32")
+    expected = predictor(model, "prediction", extrap_start_time=2).predict_on_batch(frames)
+    loss = 0.5 * np.abs(np.asarray(expected)[:, 1:] - frames[:, 1:]).mean(axis=(1, 2, 3, 4))
+    np.testing.assert_allclose(model.predict_on_batch(frames)[:, 0], loss, rtol=1e-5)
+    with pytest.raises(Exception, match="L_0"):
+        build_training_model(5, (4, 4, 3), (1.0, 0.1), horizon=3, stack_sizes=(3, 4))
+    with pytest.raises(Exception, match="horizon < nt"):
+        build_training_model(5, (4, 4, 3), (1.0, 0.0), horizon=5, stack_sizes=(3, 4))
+
+
 def test_config_and_keras_round_trip(tmp_path):
     model = build_training_model(3, (4, 4, 3), (1.0, 0.1), stack_sizes=(3, 4), R_stack_sizes=(5, 6))
     x = X[:, :2].repeat(2, axis=1)[:, :3]

@@ -8,7 +8,7 @@ import pytest
 from conftest import run_script, tiny_settings
 
 from models.errors import PipelineError
-from models.prednet import build_training_model, find_prednet, load_model
+from models.prednet import build_training_model, find_prednet, load_model, predictor
 from models.training import TrainSettings, WindowDataset, train, window_starts
 
 
@@ -85,6 +85,17 @@ def test_fine_tuning_keeps_frozen_layers(trained, prepared, tmp_path):
     assert any(changed)
 
 
+def test_training_frames_ahead(trained, prepared, tmp_path):
+    model_dir = tmp_path / "ahead"
+    config = train(tiny_settings(prepared, model_dir, fine_tuning=str(trained), horizon=2, nb_epoch=1))
+    assert config["arguments"]["horizon"] == 2 and config["results"]["next_frame_mse"] > 0
+    history = pd.read_csv(model_dir / "history.csv")
+    assert np.isfinite(history["loss"]).all() and (history["loss"] > 0).all()
+    # The saved model loads and, like any other, predicts the next frame for batch_scoring.py.
+    layer = find_prednet(load_model(model_dir / "model.keras"))
+    assert layer.extrap_start_time == 2 and predictor(layer).layers[-1].extrap_start_time is None
+
+
 @pytest.mark.parametrize(
     "overrides,message",
     [
@@ -93,6 +104,8 @@ def test_fine_tuning_keeps_frozen_layers(trained, prepared, tmp_path):
         ({"stack_sizes": (4, 8, 8, 8)}, "does not suit a 5-layer PredNet"),
         ({"output_mode": "Q3"}, "Unknown output mode 'Q3'"),
         ({"nt": 1}, "at least 2"),
+        ({"horizon": 4}, "horizon < nt"),
+        ({"horizon": 2, "layer_loss_weights": (1.0, 0.1)}, "L_0"),
     ],
 )
 def test_bad_input(overrides, message, prepared, tmp_path):

@@ -2,6 +2,7 @@
 
 from models.prednet.layers import PredNet
 from models.prednet.model import (
+    PredictionError,
     WeightedError,
     build_training_model,
     expand_layer_weights,
@@ -13,6 +14,7 @@ from models.prednet.model import (
 
 __all__ = [
     "PredNet",
+    "PredictionError",
     "WeightedError",
     "build_training_model",
     "expand_layer_weights",

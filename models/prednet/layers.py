@@ -45,8 +45,9 @@ class PredNet(keras.layers.Layer):
         output_mode: 'error' (mean of E per layer and step: (batch, time, layers)), 'prediction'
             (the predicted frames), 'all' (a dict with both), or a unit and layer such as 'R0', 'E1',
             'A2', 'Ahat3' (that unit's activations per step).
-        extrap_start_time: from this step on, the model's own previous prediction replaces the input
-            frame, for multi-step prediction. None to always read the input.
+        extrap_start_time: from this step on, the model's prediction of the step's frame replaces the
+            input frame (closed-loop multi-step prediction; the reference implementation feeds the
+            prediction of the step before, one frame behind). None to always read the input.
 
     Input: frames (batch, time, height, width, channels) in [0, pixel_max]; height and width must divide
     by 2^(layers-1). The prediction at step t is made from frames before t; step 0 predicts nothing useful.
@@ -150,14 +151,12 @@ class PredNet(keras.layers.Layer):
         r = [zeros(l, self.R_stack_sizes[l]) for l in range(self.nb_layers)]
         c = [zeros(l, self.R_stack_sizes[l]) for l in range(self.nb_layers)]
         e = [zeros(l, 2 * self.stack_sizes[l]) for l in range(self.nb_layers)]
-        return r, c, e, zeros(0, self.stack_sizes[0]), ops.zeros((), dtype="int32")
+        return r, c, e, ops.zeros((), dtype="int32")
 
     def step(self, state, frame):
         """One time step: (state, frame) -> (new state, outputs of this step)."""
-        r_tm1, c_tm1, e_tm1, prediction_tm1, t = state
+        r_tm1, c_tm1, e_tm1, t = state
         a = frame
-        if self.extrap_start_time is not None:
-            a = ops.where(t >= self.extrap_start_time, prediction_tm1, frame)
 
         r, c = [None] * self.nb_layers, [None] * self.nb_layers
         for l in reversed(range(self.nb_layers)):
@@ -176,6 +175,8 @@ class PredNet(keras.layers.Layer):
             if l == 0:
                 ahat = ops.minimum(ahat, self.pixel_max)
                 prediction = ahat
+                if self.extrap_start_time is not None:  # the prediction stands in for the frame
+                    a = ops.where(t >= self.extrap_start_time, ahat, a)
             e.append(ops.concatenate([self.error_activation(a - ahat), self.error_activation(ahat - a)], axis=-1))
             if l == self.output_layer:
                 units = {"R": r[l], "E": e[l], "A": a, "Ahat": ahat}
@@ -189,7 +190,7 @@ class PredNet(keras.layers.Layer):
             out = {"prediction": prediction, "error": errors}
             if self.output_mode != "all":
                 out = out[self.output_mode]
-        return (r, c, e, prediction, t + 1), out
+        return (r, c, e, t + 1), out
 
     def call(self, inputs):
         frames = ops.transpose(inputs, (1, 0, 2, 3, 4))  # time-major for the scan

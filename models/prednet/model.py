@@ -35,6 +35,22 @@ class WeightedError(keras.layers.Layer):
         return {**super().get_config(), "layer_weights": self.layer_weights}
 
 
+@keras.saving.register_keras_serializable(package="prednet")
+class PredictionError(keras.layers.Layer):
+    """The objective of a model trained to predict several frames ahead: half the mean absolute error of
+    the frame predictions of steps 1..nt-1 (step 0 predicts nothing), the scale of L_0's layer-0 error.
+
+    Inputs: [frames, predictions], both (batch, time, h, w, c); output: (batch, 1).
+    """
+
+    def call(self, inputs):
+        frames, predictions = (ops.cast(x, "float32") for x in inputs)
+        return 0.5 * ops.mean(ops.abs(predictions[:, 1:] - frames[:, 1:]), axis=(1, 2, 3, 4))[:, None]
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0][0], 1)
+
+
 def expand_layer_weights(weights, n_layers: int) -> tuple[float, ...]:
     """'1,0' or (1, 0.1) -> one weight per layer: the first for layer 0, the second for all above."""
     weights = tuple(float(w) for w in weights)
@@ -60,10 +76,26 @@ def prednet_kwargs(channels: int, stack_sizes, filter_sizes=(3, 3, 3), R0_channe
 
 
 def build_training_model(
-    nt: int, frame_shape: tuple[int, int, int], layer_loss_weights, **prednet_kwargs
+    nt: int, frame_shape: tuple[int, int, int], layer_loss_weights, horizon: int = 1, **prednet_kwargs
 ) -> keras.Model:
-    """frames (batch, nt, h, w, c) -> weighted error (batch, 1); train it towards 0 with an MAE loss."""
+    """frames (batch, nt, h, w, c) -> weighted error (batch, 1); train it towards 0 with an MAE loss.
+
+    With `horizon` > 1 the last frame of each window is predicted from the frames up to horizon steps
+    before it: the model's own predictions stand in for the frames of the last horizon - 1 steps (as
+    batch_scoring.py --horizon does), and the objective is `PredictionError`, since the errors of a step
+    fed its own prediction are zero by construction; `layer_loss_weights` must then be L_0.
+    """
     inputs = keras.Input((nt, *frame_shape), name="frames")
+    if horizon > 1:
+        weights = tuple(float(w) for w in layer_loss_weights)
+        if not 1 < horizon < nt or any(weights[1:]):
+            raise PipelineError(
+                f"Training {horizon} frames ahead needs 1 < horizon < nt ({nt}) and L_0 layer_loss_weights "
+                f"(the frame error only). Received: horizon {horizon}, layer_loss_weights {weights}"
+            )
+        prednet = PredNet(output_mode="prediction", extrap_start_time=nt - horizon, name="prednet", **prednet_kwargs)
+        loss = PredictionError(name="prediction_error", dtype="float32")([inputs, prednet(inputs)])
+        return keras.Model(inputs, loss, name="prednet_training")
     prednet = PredNet(output_mode="error", name="prednet", **prednet_kwargs)
     errors = prednet(inputs)
     weights = expand_layer_weights(layer_loss_weights, prednet.nb_layers)
