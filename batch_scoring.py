@@ -108,27 +108,21 @@ def main(argv=None) -> int:
         first_scored = args.warmup + horizon - 1
         df = build_frame_table(X, sources, y, predictions, layer_errors, args.patch, first_scored)
         df = add_smoothed(df, args.smooth)
-        df.attrs = {
+        scoring = {
             "model_dir": str(args.model_dir),
             "dataset": args.dataset,
-            "height": meta["height"],
-            "width": meta["width"],
             "window": window,
             "horizon": horizon,
             "warmup": args.warmup,
             "smooth": args.smooth,
         }
+        df.attrs = {**scoring, "height": meta["height"], "width": meta["width"]}
         portable(df).to_pickle(out / "df.pkl.gz")
         summary = {
             "frames": len(df),
             "videos": int(df["video"].nunique()),
             "frames_per_s": fps,
-            "window": window,
-            "horizon": horizon,
-            "warmup": args.warmup,
-            "smooth": args.smooth,
-            "model_dir": str(args.model_dir),
-            "dataset": args.dataset,
+            **scoring,
             "training": config.get("arguments"),
         }
         if y is not None and df["y"].nunique() == 2:
