@@ -55,8 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--smooth",
         type=int,
-        default=1,
-        help="also evaluate regularity and patch_max averaged over this many centred frames (1: no smoothing)",
+        default=15,
+        help="also evaluate regularity and patch_max averaged over this many centred frames, which looks "
+        "smooth // 2 frames ahead (1: no smoothing)",
     )
     p.add_argument("--n_plot", type=int, default=12, help="videos shown in scores.png")
     p.add_argument(
@@ -137,10 +138,16 @@ def main(argv=None) -> int:
             )
             plot_roc(df, HEADLINE, out / "roc.png", results["micro_auc"].to_dict())
             best = results["micro_auc"]
-            print(
+            line = (
                 f"micro AUC: model regularity {best['model_regularity']:.3f}, "
                 f"copy-last-frame regularity {best['copy_regularity']:.3f}"
             )
+            if args.smooth > 1:
+                line += (
+                    f"; smoothed over {args.smooth} frames {best[f'model_regularity_smooth{args.smooth}']:.3f} and "
+                    f"{best[f'copy_regularity_smooth{args.smooth}']:.3f}"
+                )
+            print(line)
         else:
             print("no labels with both classes: metrics written, evaluation skipped")
         plot_scores(df, HEADLINE[:2], out / "scores.png", args.n_plot)

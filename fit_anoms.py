@@ -28,7 +28,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dataset", default="UCSDped2", help="names the default folders")
     p.add_argument("--model_path", default=None, help="output folder (default: outputs/anoms/<dataset>)")
     p.add_argument("--features", default=None, help="comma-separated metric columns (default: every model_ column)")
-    p.add_argument("--smooth", type=int, default=1, help="centred moving average over this many frames (1: none)")
+    p.add_argument(
+        "--smooth",
+        type=int,
+        default=None,
+        help="centred moving average over this many frames (1: none; default: batch_scoring.py's --smooth)",
+    )
+    p.add_argument(
+        "--normalize",
+        choices=["video", "none"],
+        default="video",
+        help="video: scale each feature to [0, 1] within each video before the classifiers see it (as the "
+        "regularity score does); none: raw values",
+    )
     p.add_argument("--threshold", type=float, default=0.5, help="probability above which a frame is called anomalous")
     p.add_argument("--n_splits", type=int, default=5, help="grouped folds (at most the number of videos)")
     p.add_argument("--seed", type=int, default=0)
@@ -49,7 +61,13 @@ def apply(args) -> int:
     if not path.is_file():
         raise PipelineError(f"No saved classifier at {path}; run fit_anoms.py without --apply first.")
     bundle = joblib.load(path)
-    data = prepare_frames(load_scored(args.scored_data), bundle["features"], bundle["smooth"], need_labels=False)
+    data = prepare_frames(
+        load_scored(args.scored_data),
+        bundle["features"],
+        bundle["smooth"],
+        need_labels=False,
+        per_video=bundle.get("normalize") == "video",
+    )
     out = data[["video", "frame"] + (["y"] if "y" in data else [])].copy()
     out["anomaly_probability"] = bundle["pipeline"].predict_proba(data[bundle["features"]].to_numpy(float))[:, 1]
     out["anomalous"] = (out["anomaly_probability"] >= bundle["threshold"]).astype(int)
@@ -74,13 +92,23 @@ def main(argv=None) -> int:
     features = args.features.split(",") if args.features else default_features(df)
     if not features:
         raise PipelineError("No feature columns: pass --features or score the data with batch_scoring.py.")
-    data = prepare_frames(df, features, args.smooth)
+    if args.smooth is None:
+        args.smooth = int(df.attrs.get("smooth", 1))
+    if args.smooth < 1:
+        raise PipelineError(f"--smooth must be 1 (none) or more frames. Received: {args.smooth}")
+    data = prepare_frames(df, features, args.smooth, per_video=args.normalize == "video")
     with atomic_dir(args.model_path, args.overwrite) as out:
         report, _ = evaluate_by_video(data, features, args.seed, args.n_splits, args.threshold)
         forest = make_models(args.seed)["random_forest"].fit(data[features].to_numpy(float), data["y"].astype(int))
         table = importances(forest, data, features, args.seed)
         joblib.dump(
-            {"pipeline": forest, "features": features, "smooth": args.smooth, "threshold": args.threshold},
+            {
+                "pipeline": forest,
+                "features": features,
+                "smooth": args.smooth,
+                "normalize": args.normalize,
+                "threshold": args.threshold,
+            },
             out / "classifier.joblib",
         )
         table.to_csv(out / "importances.csv")
@@ -89,6 +117,7 @@ def main(argv=None) -> int:
             "scored_data": str(args.scored_data),
             "features": features,
             "smooth": args.smooth,
+            "normalize": args.normalize,
             "frames": len(data),
             "videos": int(data["video"].nunique()),
             "anomalous": int(data["y"].sum()),
@@ -104,7 +133,8 @@ def main(argv=None) -> int:
         ).T
         (out / "report.md").write_text(
             f"# Anomaly classifiers, grouped by video\n\n{summary['frames']} frames, {summary['videos']} videos, "
-            f"{summary['anomalous']} anomalous; {summary['cross_validation']}; smoothing {args.smooth}.\n\n"
+            f"{summary['anomalous']} anomalous; {summary['cross_validation']}; smoothing {args.smooth}, "
+            f"normalized per video: {args.normalize == 'video'}.\n\n"
             f"{rows.round(4).to_markdown()}\n\n## Feature importances (random forest)\n\n"
             f"{table.round(4).to_markdown()}\n"
         )

@@ -48,6 +48,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--strides", type=int_list, help="frame strides sampled as augmentation, e.g. 1,2,3,4")
     p.add_argument("--patience", type=int, help="early stopping: epochs without a better val loss")
     p.add_argument(
+        "--max_minutes",
+        type=float,
+        help="wall-clock budget: stop after the last epoch expected to end within it (best weights kept)",
+    )
+    p.add_argument(
         "--output_mode",
         help="output mode recorded in config.json for predicting models made from this one: all, "
         "prediction, error, or R0, E1, ... (checked here; batch_scoring.py always uses all)",

@@ -26,7 +26,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 from models.errors import PipelineError
-from models.scoring import smooth
+from models.scoring import min_max_per_video, smooth
 
 
 def load_scored(path: str | Path) -> pd.DataFrame:
@@ -49,8 +49,12 @@ def default_features(df: pd.DataFrame) -> list[str]:
     return [c for c in df.columns if c.startswith("model_") and "_smooth" not in c]
 
 
-def prepare_frames(df: pd.DataFrame, features: list[str], window: int = 1, need_labels: bool = True) -> pd.DataFrame:
-    """Checks the columns, keeps the predictable frames, applies the smoothing."""
+def prepare_frames(
+    df: pd.DataFrame, features: list[str], window: int = 1, need_labels: bool = True, per_video: bool = False
+) -> pd.DataFrame:
+    """Checks the columns, keeps the predictable frames, applies the smoothing and, with `per_video`, scales
+    each feature to [0, 1] within each video (as the regularity score does): error levels differ from one
+    video to the next, and a classifier must work on videos it never saw."""
     missing = [c for c in features if c not in df]
     if missing:
         raise PipelineError(f"The DataFrame has no column(s) {missing}; available: {list(df.columns)}")
@@ -59,8 +63,12 @@ def prepare_frames(df: pd.DataFrame, features: list[str], window: int = 1, need_
             "The DataFrame has no labels (column 'y'); the test videos need ground truth to fit a classifier."
         )
     data = df[df["predictable"]] if "predictable" in df else df
-    data = smooth(data, features, window)
-    return data.dropna(subset=features)
+    data = smooth(data, features, window).dropna(subset=features)
+    if per_video:
+        data = data.copy()
+        for col in features:  # a feature constant within a video says nothing there: 0
+            data[col] = min_max_per_video(data[col], data["video"]).fillna(0.0)
+    return data
 
 
 class BestSingleFeature(ClassifierMixin, BaseEstimator):

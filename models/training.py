@@ -113,6 +113,33 @@ class _Throughput(keras.callbacks.Callback):
             logs["frames_per_s"] = rate
 
 
+class _TimeBudget(keras.callbacks.Callback):
+    """Stops training after the last epoch that can finish within `minutes` of wall-clock time.
+
+    The next epoch is expected to take as long as the longest so far, not counting the first (compilation).
+    """
+
+    def __init__(self, minutes: float):
+        super().__init__()
+        self.seconds = 60.0 * minutes
+        self.stopped = False
+
+    def on_train_begin(self, logs=None):
+        self.start = time.perf_counter()
+        self.durations: list[float] = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch_start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        now = time.perf_counter()
+        self.durations.append(now - self.epoch_start)
+        expected = max(self.durations[1:] or self.durations)
+        if now - self.start + expected > self.seconds:
+            self.model.stop_training = True
+            self.stopped = True
+
+
 class _SaveLast(keras.callbacks.Callback):
     """Saves the whole model, optimizer included, after every epoch, for --resume."""
 
@@ -147,6 +174,7 @@ class TrainSettings:
     lr_decay: float = 1.0
     strides: tuple[int, ...] = (1,)
     patience: int = 10
+    max_minutes: float | None = None
     output_mode: str = "all"
     precision: str = "float32"
     fine_tuning: str | None = None
@@ -206,6 +234,8 @@ def train(s: TrainSettings) -> dict:
     n_layers = len(s.stack_sizes) + 1
     check_frame_size(meta["height"], meta["width"], n_layers)
     _check_output_mode(s.output_mode, n_layers)
+    if s.max_minutes is not None and not s.max_minutes > 0:
+        raise PipelineError(f"--max_minutes must be positive. Received: {s.max_minutes}")
     if s.nt < 2:
         raise PipelineError(f"--nt must be at least 2 (the first step predicts nothing). Received: {s.nt}")
 
@@ -276,6 +306,9 @@ def train(s: TrainSettings) -> dict:
         keras.callbacks.CSVLogger(model_dir / "history.csv", append=s.resume),
         _SaveLast(ckpt),
     ]
+    budget = _TimeBudget(s.max_minutes) if s.max_minutes else None
+    if budget:
+        callbacks.append(budget)
     start = time.perf_counter()
     model.fit(
         train_data,
@@ -304,6 +337,7 @@ def train(s: TrainSettings) -> dict:
         "data": {k: meta[k] for k in ("source", "height", "width", "channels", "frames", "videos")},
         "results": {
             "epochs_run": len(throughput.rates),
+            "stopped_by_time_budget": bool(budget and budget.stopped),
             "train_seconds": round(seconds, 1),
             "train_frames_per_s": round(float(np.median(steady)), 1) if steady else None,
             "eval_split": "val" if val_data is not None else "train",
@@ -323,5 +357,6 @@ def summary_line(config: dict) -> str:
         f"{r['eval_split']} next-frame MSE {r['next_frame_mse']:.6f} vs copy-last-frame {r['copy_last_frame_mse']:.6f} "
         f"({better} than the baseline, ratio {r['next_frame_mse'] / max(r['copy_last_frame_mse'], 1e-12):.3f}); "
         f"{r['epochs_run']} epochs in {r['train_seconds']} s, {r['train_frames_per_s']} frames/s"
+        + (" (stopped by --max_minutes)" if r.get("stopped_by_time_budget") else "")
         + ("" if math.isfinite(r["next_frame_mse"]) else " (NaN loss!)")
     )

@@ -45,6 +45,19 @@ def test_perfect_feature_gives_auc_one_and_noise_about_half():
     assert len(np.unique(probas["logistic_regression"])) > 10
 
 
+def test_per_video_scaling_removes_each_video_s_error_level():
+    """An anomaly raises the error above its own video's level, and levels differ between videos."""
+    df = frames_table()
+    rng = np.random.default_rng(1)
+    level = df["video"].str[-1].astype(int).to_numpy() * 1.5
+    df["model_level"] = level + df["y"] + 0.5 * rng.random(len(df))
+    data = prepare_frames(df, ["model_level"], per_video=True)
+    assert data.groupby("video")["model_level"].agg(["min", "max"]).to_numpy().tolist() == [[0.0, 1.0]] * 6
+    scaled, _ = evaluate_by_video(data, ["model_level"])
+    raw, _ = evaluate_by_video(prepare_frames(df, ["model_level"]), ["model_level"])
+    assert scaled["random_forest"]["roc_auc"] == 1.0 and raw["random_forest"]["roc_auc"] < 0.9
+
+
 def test_bad_input():
     df = frames_table()
     with pytest.raises(PipelineError, match="no labels"):
@@ -68,7 +81,8 @@ def test_cli_fits_saves_and_applies(tmp_path):
     importances = pd.read_csv(out / "importances.csv", index_col=0)
     assert importances.index[0] == "model_good"
     bundle = joblib.load(out / "classifier.joblib")
-    data = prepare_frames(df, bundle["features"], bundle["smooth"])
+    assert bundle["smooth"] == 3 and bundle["normalize"] == "video"
+    data = prepare_frames(df, bundle["features"], bundle["smooth"], per_video=True)
     expected = bundle["pipeline"].predict_proba(data[bundle["features"]].to_numpy(float))[:, 1]
     new = tmp_path / "new"
     new.mkdir()

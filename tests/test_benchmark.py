@@ -36,8 +36,8 @@ def test_cli_prints_a_row_per_setting():
     row = next(line for line in done.stdout.splitlines() if line.startswith("backend="))
     values = dict(item.split("=") for item in row.split())
     assert values["size"] == "16x24x1" and float(values["train_fps"]) > 0 and float(values["score_fps"]) > 0
-    # frames scored as batch_scoring.py does by default: 6-frame windows (the CPU profile's nt), 4 frames ahead
-    assert values["horizon"] == "4" and 0 < float(values["scored_fps"]) < float(values["score_fps"])
+    # frames scored as batch_scoring.py does by default: 6-frame windows (the CPU profile's nt), 2 frames ahead
+    assert values["horizon"] == "2" and 0 < float(values["scored_fps"]) < float(values["score_fps"])
     cpu = prednet_kwargs(1, (8, 16), R0_channels=4)  # config/cpu.json's stacks
     gflop = flops_per_frame(cpu["stack_sizes"], cpu["R_stack_sizes"], 16, 24) / 1e9
     assert abs(float(values["gflop_per_frame"]) - gflop) < 1e-3 * gflop

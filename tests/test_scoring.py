@@ -89,9 +89,9 @@ def test_every_test_frame_once_with_its_label(scored, prepared):
     assert len(df) == len(X) and (df["video"].to_numpy() == sources).all()
     assert (df["y"].to_numpy() == load_labels(prepared)).all()
     assert df.groupby("video")["frame"].apply(lambda f: f.tolist() == list(range(1, 25))).all()
-    # By default frame t is predicted from frames up to t - 3 (the horizon, capped at the 4-frame training
-    # window - 1), so the first 3 frames of each video have nothing far enough back to be predicted from.
-    first = df["frame"] <= 3
+    # By default frame t is predicted from frames up to t - 2 (the default horizon), so the first 2 frames
+    # of each video have nothing far enough back to be predicted from.
+    first = df["frame"] <= 2
     assert (~df.loc[first, "predictable"]).all() and df.loc[~first, "predictable"].all()
     assert df.loc[first, "model_mse"].isna().all() and df.loc[~first, "model_mse"].notna().all()
     assert df["video"].dtype == object  # readable where pandas has no pyarrow
@@ -111,8 +111,8 @@ def test_smoothed_scores_are_centred_means_within_a_video(scored):
     video = df[df["video"] == "Test002"]
     raw, smoothed = video["model_regularity"].to_numpy(), video["model_regularity_smooth5"].to_numpy()
     assert smoothed[10] == pytest.approx(np.nanmean(raw[8:13]))
-    assert smoothed[4] == pytest.approx(np.nanmean(raw[3:7]))  # frames 1-3 have no score and do not count
-    assert np.isnan(raw[:3]).all() and smoothed[1] == pytest.approx(raw[3])
+    assert smoothed[3] == pytest.approx(np.nanmean(raw[2:6]))  # frames 1-2 have no score and do not count
+    assert np.isnan(raw[:2]).all() and smoothed[0] == pytest.approx(raw[2])
     assert smoothed[-1] == pytest.approx(np.nanmean(raw[-3:]))  # and at the end: it never reaches another video
     summary = json.loads((scored / "metrics.json").read_text())
     assert summary["smooth"] == 5 and "copy_patch_max_smooth5" in summary["metrics"]
@@ -126,7 +126,7 @@ def test_outputs(scored):
     summary = json.loads((scored / "metrics.json").read_text())
     assert summary["training"]["nt"] == 4  # the scores say which training run made them
     assert summary["window"] == 4  # and, by default, were predicted in windows of the training length
-    assert summary["horizon"] == 3 and summary["warmup"] == 1  # as far ahead as that window allows
+    assert summary["horizon"] == 2 and summary["warmup"] == 1  # the default horizon
     for col in ("model_regularity", "copy_regularity", "model_mse", "model_E2", "copy_patch_max"):
         assert 0 <= summary["metrics"][col]["micro_auc"] <= 1
     for name in ("metrics.md", "roc.png", "scores.png", "Test002_prediction_error.gif"):
@@ -166,7 +166,7 @@ def test_without_labels_metrics_are_still_written(trained, prepared, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "evaluation skipped" in done.stdout
     df = pd.read_pickle(out / "df.pkl.gz")
-    assert "y" not in df and df["model_regularity"].notna().sum() == len(df) - 4 * 3
+    assert "y" not in df and df["model_regularity"].notna().sum() == len(df) - 4 * 2  # 2 unscored frames per video
     assert "metrics" not in json.loads((out / "metrics.json").read_text())
 
 

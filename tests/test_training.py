@@ -85,6 +85,12 @@ def test_fine_tuning_keeps_frozen_layers(trained, prepared, tmp_path):
     assert any(changed)
 
 
+def test_time_budget_stops_after_the_epoch_that_would_overrun(prepared, tmp_path):
+    config = train(tiny_settings(prepared, tmp_path / "m", nb_epoch=50, max_minutes=1e-4))
+    assert config["results"]["epochs_run"] == 1 and config["results"]["stopped_by_time_budget"]
+    assert (tmp_path / "m" / "model.keras").is_file()
+
+
 def test_training_frames_ahead(trained, prepared, tmp_path):
     model_dir = tmp_path / "ahead"
     config = train(tiny_settings(prepared, model_dir, fine_tuning=str(trained), horizon=2, nb_epoch=1))
@@ -106,6 +112,7 @@ def test_training_frames_ahead(trained, prepared, tmp_path):
         ({"nt": 1}, "at least 2"),
         ({"horizon": 4}, "horizon < nt"),
         ({"horizon": 2, "layer_loss_weights": (1.0, 0.1)}, "L_0"),
+        ({"max_minutes": 0}, "--max_minutes must be positive"),
     ],
 )
 def test_bad_input(overrides, message, prepared, tmp_path):
