@@ -4,6 +4,7 @@ import pandas as pd
 import pytest
 from conftest import run_script
 
+import fit_anoms
 from models.anoms import evaluate_by_video, grouped_folds, prepare_frames
 from models.errors import PipelineError
 
@@ -58,6 +59,13 @@ def test_per_video_scaling_removes_each_video_s_error_level():
     assert scaled["random_forest"]["roc_auc"] == 1.0 and raw["random_forest"]["roc_auc"] < 0.9
 
 
+def test_bad_smoothing_is_refused(tmp_path):
+    frames_table().to_pickle(tmp_path / "df.pkl.gz")
+    with pytest.raises(PipelineError, match="--smooth must be 1"):
+        fit_anoms.main(["--scored_data", str(tmp_path), "--model_path", str(tmp_path / "a"), "--smooth", "0"])
+    assert not (tmp_path / "a").exists()
+
+
 def test_bad_input():
     df = frames_table()
     with pytest.raises(PipelineError, match="no labels"):
@@ -72,9 +80,10 @@ def test_bad_input():
 
 def test_cli_fits_saves_and_applies(tmp_path):
     df = frames_table()
+    df.attrs = {"smooth": 3}  # batch_scoring.py's smoothing, which fit_anoms.py uses by default
     df.to_pickle(tmp_path / "df.pkl.gz")
     out = tmp_path / "anoms"
-    done = run_script("fit_anoms.py", "--scored_data", str(tmp_path), "--model_path", str(out), "--smooth", "3")
+    done = run_script("fit_anoms.py", "--scored_data", str(tmp_path), "--model_path", str(out))
     assert done.returncode == 0, done.stderr[-2000:]
     for name in ("classifier.joblib", "report.json", "report.md", "importances.csv", "importances.png"):
         assert (out / name).is_file(), name
