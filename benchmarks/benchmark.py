@@ -8,8 +8,8 @@ Trains with `model.fit` on a `WindowDataset` of random frames (so the input pipe
 Scoring is timed twice: `score_fps`, model steps per second over whole 180-frame sequences (the raw rate,
 and the one `score_peak_frac` comes from), and `scored_fps`, frames per second scored the way
 batch_scoring.py does by default (`predict_videos` in `nt`-frame windows, `default_horizon` frames
-ahead: window x horizon steps per frame). With --prepare RAW_ROOT it also times data preparation of that
-dataset folder. Prints one line per setting and a markdown table at the end.
+ahead, fed back within the same call: window steps per frame). With --prepare RAW_ROOT it also times data
+preparation of that dataset folder. Prints one line per setting and a markdown table at the end.
 """
 
 from __future__ import annotations

@@ -48,8 +48,8 @@ def predict_videos(
             every frame before it); k to run the model over the k frames ending at frame t alone, as it saw
             sequences in its k-frame training windows (k times the compute).
         horizon: predict frame t from the frames up to t - horizon: for the horizon - 1 frames in between
-            the model is fed its own predictions (horizon times the compute; needs a window longer than
-            the horizon). 1: the next frame, from every frame before it.
+            the model is fed its own predictions, in the same model call (needs a window longer than the
+            horizon). 1: the next frame, from every frame before it.
 
     Returns:
         predictions (n, h, w, c) in [0, 1] aligned with X (frames with no frame `horizon` steps before them
@@ -74,7 +74,7 @@ def predict_videos(
     return predictions, errors, len(X) / max(seconds, 1e-9)
 
 
-def _outputs(model, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _outputs(model, batch) -> tuple[np.ndarray, np.ndarray]:
     out = model.predict_on_batch(batch)
     return np.asarray(out["prediction"], np.float32), np.asarray(out["error"], np.float32)
 
@@ -101,11 +101,15 @@ def _predict_whole(model, X, sources, batch_size):
 
 def _predict_windows(model, X, sources, batch_size, window, horizon):
     """Frame t from the window of frames max(first, t - window + 1) .. t of its video, read at the
-    window's last step; windows at the start of a video are shorter and padded at the end. The window's
-    frames after t - horizon are replaced by the model's own predictions, one model call per step
-    ahead (the model is causal, so a call's prediction at a step does not depend on later steps). Frame t
-    itself stays in, so the layer errors of its step compare it with its prediction. Every call has the
-    same shape (the last one padded), so the model compiles once."""
+    window's last step; windows at the start of a video are shorter and padded at the end. At the window's
+    steps after t - horizon the model's own prediction replaces the frame (closed loop, in the same call),
+    except at t itself, whose frame stays in so that the layer errors of its step compare it with its
+    prediction (which does not depend on it). Every call has the same shape (the last one padded), so the
+    model compiles once."""
+    if horizon > 1:
+        from models.prednet import find_prednet, predictor
+
+        model = predictor(find_prednet(model), "all", fed=True)
     first = np.zeros(len(X), np.int64)
     for _, sl in video_slices(sources):
         first[sl] = sl.start
@@ -113,20 +117,19 @@ def _predict_windows(model, X, sources, batch_size, window, horizon):
     starts = np.maximum(first, targets - window + 1)
     predictions, errors = np.zeros(X.shape, np.float32), None
     batch = np.zeros((batch_size, window, *X.shape[1:]), np.float32)
+    fed = np.zeros((batch_size, window), np.float32)
     for i in range(0, len(X), batch_size):
         rows = targets[i : i + batch_size]
         batch[:] = 0
+        fed[:] = 0
         for j, t in enumerate(rows):
             batch[j, : t - starts[t] + 1] = X[starts[t] : t + 1] / 255.0
-        last = rows - starts[rows]
-        known = np.maximum(last - horizon + 1, 0)  # the steps before this one hold real frames
-        for ahead in range(horizon):
-            pred, err = _outputs(model, batch)
-            fed = known + ahead  # the step whose prediction the next call takes as its input
-            for j in np.flatnonzero(fed < last):
-                batch[j, fed[j]] = pred[j, fed[j]]
+            last = t - starts[t]
+            fed[j, max(last - horizon + 1, 0) : last] = 1  # the steps between t - horizon and t
+        pred, err = _outputs(model, [batch, fed] if horizon > 1 else batch)
         if errors is None:
             errors = np.zeros((len(X), err.shape[-1]), np.float32)
+        last = rows - starts[rows]
         predictions[rows] = pred[np.arange(len(rows)), last]
         errors[rows] = err[np.arange(len(rows)), last]
     return predictions, errors

@@ -160,7 +160,7 @@ def test_extrapolation_feeds_predictions_back():
 
 def test_extrapolation_is_closed_loop():
     # From step 3 on, the model's prediction of each frame stands in for it: the same as a model without
-    # extrapolation fed those predictions as frames (what batch_scoring.py --horizon does call by call).
+    # extrapolation fed those predictions as frames.
     frames = np.random.default_rng(4).random((2, 6, 4, 4, 3)).astype("float32")
     extrap = layer(output_mode="all", extrap_start_time=3)
     out = extrap(frames)
@@ -172,6 +172,23 @@ def test_extrapolation_is_closed_loop():
     again = plain(fed)
     np.testing.assert_allclose(np.asarray(again["prediction"]), np.asarray(out["prediction"]), atol=1e-6)
     assert np.abs(np.asarray(out["error"])[:, 3:, 0]).max() < 1e-6  # a fed prediction has no error
+
+
+def test_fed_steps_are_chosen_per_sequence():
+    # (frames, fed): the prediction replaces the frame where fed > 0, sequence by sequence; a sequence fed
+    # from step 3 on is the extrapolation above, one fed nowhere the plain model.
+    frames = np.random.default_rng(6).random((2, 6, 4, 4, 3)).astype("float32")
+    extrap = layer(output_mode="all", extrap_start_time=3)
+    extrap_out = extrap(frames)
+    plain = layer(output_mode="all")
+    plain.build(frames.shape)
+    plain.set_weights(extrap.get_weights())
+    fed = np.zeros((2, 6), "float32")
+    fed[0, 3:] = 1
+    out = plain((frames, fed))
+    for key in ("prediction", "error"):
+        np.testing.assert_allclose(np.asarray(out[key])[0], np.asarray(extrap_out[key])[0], atol=1e-6)
+        np.testing.assert_allclose(np.asarray(out[key])[1], np.asarray(plain(frames)[key])[1], atol=1e-6)
 
 
 def test_training_several_frames_ahead_scores_the_predictions():

@@ -221,6 +221,22 @@ def test_predicting_frames_ahead_feeds_the_model_its_own_predictions(trained, pr
         predict_videos(model, X, sources, window=4, horizon=0)
 
 
+def test_frames_ahead_in_one_call_equal_feeding_predictions_back_call_by_call(trained, prepared):
+    from models.inference import load_predictor, predict_videos
+
+    model, _, _ = load_predictor(trained)
+    X, sources = load_split(prepared, "test")
+    X, sources = X[:24], sources[:24]  # one video
+    ahead, ahead_err, _ = predict_videos(model, X, sources, batch_size=5, window=4, horizon=3)
+    for t in (3, 10, 23):  # full 4-frame windows: frame t from frame t - 3 alone
+        steps = (X[t - 3 : t + 1] / 255.0).astype(np.float32)[None]
+        for step in (1, 2):  # the next call reads the prediction of the call before
+            steps[0, step] = np.asarray(model.predict_on_batch(steps)["prediction"])[0, step]
+        out = model.predict_on_batch(steps)
+        np.testing.assert_allclose(ahead[t], np.asarray(out["prediction"])[0, 3], atol=1e-5)
+        np.testing.assert_allclose(ahead_err[t], np.asarray(out["error"])[0, 3], atol=1e-5)
+
+
 def test_horizon_and_warmup_leave_the_first_frames_unscored(trained, prepared, tmp_path):
     out = tmp_path / "s"
     done = run_scoring(prepared.parent, prepared.name, trained, out, "--horizon", "2", "--warmup", "2")

@@ -51,6 +51,8 @@ class PredNet(keras.layers.Layer):
 
     Input: frames (batch, time, height, width, channels) in [0, pixel_max]; height and width must divide
     by 2^(layers-1). The prediction at step t is made from frames before t; step 0 predicts nothing useful.
+    Or a pair (frames, fed) with fed (batch, time): where fed > 0, the model's prediction replaces that
+    step's frame, as extrap_start_time does, but chosen per sequence and step.
     """
 
     def __init__(
@@ -100,9 +102,12 @@ class PredNet(keras.layers.Layer):
         if output_mode in layer_modes:
             self.output_unit, self.output_layer = output_mode[:-1], int(output_mode[-1])
         self.extrap_start_time = None if extrap_start_time is None else int(extrap_start_time)
-        self.input_spec = keras.layers.InputSpec(ndim=5)
 
     def build(self, input_shape):
+        if isinstance(input_shape[0], (list, tuple)):  # (frames, fed)
+            input_shape = input_shape[0]
+        if len(input_shape) != 5:
+            raise ValueError(f"PredNet takes frames (batch, time, height, width, channels). Received: {input_shape}")
         _, _, height, width, channels = input_shape
         if channels != self.stack_sizes[0]:
             raise ValueError(
@@ -154,9 +159,9 @@ class PredNet(keras.layers.Layer):
         return r, c, e, ops.zeros((), dtype="int32")
 
     def step(self, state, frame):
-        """One time step: (state, frame) -> (new state, outputs of this step)."""
+        """One time step: (state, frame or (frame, fed)) -> (new state, outputs of this step)."""
         r_tm1, c_tm1, e_tm1, t = state
-        a = frame
+        a, fed = frame if isinstance(frame, (list, tuple)) else (frame, None)
 
         r, c = [None] * self.nb_layers, [None] * self.nb_layers
         for l in reversed(range(self.nb_layers)):
@@ -177,6 +182,8 @@ class PredNet(keras.layers.Layer):
                 prediction = ahat
                 if self.extrap_start_time is not None:  # the prediction stands in for the frame
                     a = ops.where(t >= self.extrap_start_time, ahat, a)
+                if fed is not None:
+                    a = ops.where(ops.reshape(fed, (-1, 1, 1, 1)) > 0, ahat, a)
             e.append(ops.concatenate([self.error_activation(a - ahat), self.error_activation(ahat - a)], axis=-1))
             if l == self.output_layer:
                 units = {"R": r[l], "E": e[l], "A": a, "Ahat": ahat}
@@ -193,8 +200,11 @@ class PredNet(keras.layers.Layer):
         return (r, c, e, t + 1), out
 
     def call(self, inputs):
-        frames = ops.transpose(inputs, (1, 0, 2, 3, 4))  # time-major for the scan
-        _, outputs = scan(self.step, self._initial_state(ops.shape(inputs)[0]), frames)
+        frames, fed = inputs if isinstance(inputs, (list, tuple)) else (inputs, None)
+        xs = ops.transpose(frames, (1, 0, 2, 3, 4))  # time-major for the scan
+        if fed is not None:
+            xs = (xs, ops.transpose(ops.cast(fed, self.compute_dtype), (1, 0)))
+        _, outputs = scan(self.step, self._initial_state(ops.shape(frames)[0]), xs)
 
         def batch_major(x):
             return ops.transpose(x, (1, 0, *range(2, len(x.shape))))

@@ -111,18 +111,21 @@ def find_prednet(model: keras.Model) -> PredNet:
 
 
 def predictor(
-    trained: keras.Model | PredNet, output_mode: str = "all", extrap_start_time: int | None = None
+    trained: keras.Model | PredNet, output_mode: str = "all", extrap_start_time: int | None = None, fed=False
 ) -> keras.Model:
     """A model with the trained weights that outputs `output_mode`, for sequences of any length.
 
     This is how a model trained with output_mode='error' predicts frames without retraining: a new
-    PredNet layer from the same config, with the other output mode, and the same weights.
+    PredNet layer from the same config, with the other output mode, and the same weights. With `fed`, the
+    model takes [frames, fed]: fed (batch, time) > 0 where its own prediction replaces the frame.
     """
     layer = trained if isinstance(trained, PredNet) else find_prednet(trained)
     config = {**layer.get_config(), "output_mode": output_mode, "extrap_start_time": extrap_start_time}
     config.pop("name", None)
     new = PredNet.from_config(config)
     inputs = keras.Input((None, *layer.frame_shape), name="frames")
+    if fed:
+        inputs = [inputs, keras.Input((None,), name="fed")]
     model = keras.Model(inputs, new(inputs), name=f"prednet_{output_mode}")
     new.set_weights(layer.get_weights())
     return model
