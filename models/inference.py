@@ -120,16 +120,15 @@ def _predict_windows(model, X, sources, batch_size, window, horizon):
     fed = np.zeros((batch_size, window), np.float32)
     for i in range(0, len(X), batch_size):
         rows = targets[i : i + batch_size]
+        last = rows - starts[rows]  # the step of frame t in its window
         batch[:] = 0
         fed[:] = 0
         for j, t in enumerate(rows):
-            batch[j, : t - starts[t] + 1] = X[starts[t] : t + 1] / 255.0
-            last = t - starts[t]
-            fed[j, max(last - horizon + 1, 0) : last] = 1  # the steps between t - horizon and t
+            batch[j, : last[j] + 1] = X[starts[t] : t + 1] / 255.0
+            fed[j, max(last[j] - horizon + 1, 0) : last[j]] = 1  # the steps between t - horizon and t
         pred, err = _outputs(model, [batch, fed] if horizon > 1 else batch)
         if errors is None:
             errors = np.zeros((len(X), err.shape[-1]), np.float32)
-        last = rows - starts[rows]
         predictions[rows] = pred[np.arange(len(rows)), last]
         errors[rows] = err[np.arange(len(rows)), last]
     return predictions, errors

@@ -158,15 +158,22 @@ def test_extrapolation_feeds_predictions_back():
     assert not np.allclose(np.asarray(p(changed)), base)
 
 
+def extrapolating_and_plain(shape, extrap_start_time):
+    """Two layers with the same weights, output_mode 'all': one extrapolating from that step, one not."""
+    extrap = layer(output_mode="all", extrap_start_time=extrap_start_time)
+    extrap.build(shape)
+    plain = layer(output_mode="all")
+    plain.build(shape)
+    plain.set_weights(extrap.get_weights())
+    return extrap, plain
+
+
 def test_extrapolation_is_closed_loop():
     # From step 3 on, the model's prediction of each frame stands in for it: the same as a model without
     # extrapolation fed those predictions as frames.
     frames = np.random.default_rng(4).random((2, 6, 4, 4, 3)).astype("float32")
-    extrap = layer(output_mode="all", extrap_start_time=3)
+    extrap, plain = extrapolating_and_plain(frames.shape, extrap_start_time=3)
     out = extrap(frames)
-    plain = layer(output_mode="all")
-    plain.build(frames.shape)
-    plain.set_weights(extrap.get_weights())
     fed = frames.copy()
     fed[:, 3:] = np.asarray(out["prediction"])[:, 3:]
     again = plain(fed)
@@ -178,11 +185,8 @@ def test_fed_steps_are_chosen_per_sequence():
     # (frames, fed): the prediction replaces the frame where fed > 0, sequence by sequence; a sequence fed
     # from step 3 on is the extrapolation above, one fed nowhere the plain model.
     frames = np.random.default_rng(6).random((2, 6, 4, 4, 3)).astype("float32")
-    extrap = layer(output_mode="all", extrap_start_time=3)
+    extrap, plain = extrapolating_and_plain(frames.shape, extrap_start_time=3)
     extrap_out = extrap(frames)
-    plain = layer(output_mode="all")
-    plain.build(frames.shape)
-    plain.set_weights(extrap.get_weights())
     fed = np.zeros((2, 6), "float32")
     fed[0, 3:] = 1
     out = plain((frames, fed))
