@@ -80,13 +80,22 @@ SMOOTHED = ("regularity", "patch_max")
 
 
 def add_smoothed(df: pd.DataFrame, window: int, prefixes=("model", "copy")) -> pd.DataFrame:
-    """Adds `<prefix>_<metric>_smooth<window>` for the SMOOTHED metrics (nothing when window <= 1)."""
+    """Adds `<prefix>_<metric>_smooth<window>` for the SMOOTHED metrics (nothing when window <= 1).
+
+    The smoothed regularity is the regularity of the smoothed PSNR: the rolling mean comes first and the
+    per-video min-max last, so that each video's final score spans [0, 1] as the unsmoothed one does
+    (smoothing an already normalised score shrinks each video's range by a different amount).
+    """
     if window <= 1:
         return df
-    columns = [f"{p}_{m}" for p in prefixes for m in SMOOTHED]
+    columns = [f"{p}_{m}" for p in prefixes for m in ("psnr", "patch_max")]
     smoothed = smooth(df[["video", *columns]], columns, window)
-    for col in columns:
-        df[f"{col}_smooth{window}"] = smoothed[col]
+    if "predictable" in df:  # frames with no score get no smoothed score either
+        smoothed.loc[~df["predictable"], columns] = np.nan
+    for prefix in prefixes:
+        psnr = smoothed[f"{prefix}_psnr"]
+        df[f"{prefix}_regularity_smooth{window}"] = min_max_per_video(psnr, df["video"])
+        df[f"{prefix}_patch_max_smooth{window}"] = smoothed[f"{prefix}_patch_max"]
     return df
 
 

@@ -109,11 +109,17 @@ def test_baseline_is_difference_to_previous_frame(scored, prepared):
 def test_smoothed_scores_are_centred_means_within_a_video(scored):
     df = pd.read_pickle(scored / "df.pkl.gz")
     video = df[df["video"] == "Test002"]
-    raw, smoothed = video["model_regularity"].to_numpy(), video["model_regularity_smooth5"].to_numpy()
+    raw, smoothed = video["model_patch_max"].to_numpy(), video["model_patch_max_smooth5"].to_numpy()
     assert smoothed[10] == pytest.approx(np.nanmean(raw[8:13]))
     assert smoothed[3] == pytest.approx(np.nanmean(raw[2:6]))  # frames 1-2 have no score and do not count
-    assert np.isnan(raw[:2]).all() and smoothed[0] == pytest.approx(raw[2])
+    assert np.isnan(raw[:2]).all() and np.isnan(smoothed[:2]).all()
     assert smoothed[-1] == pytest.approx(np.nanmean(raw[-3:]))  # and at the end: it never reaches another video
+    # Smoothed regularity: the PSNR's centred mean, then scaled to [0, 1] within the video.
+    psnr = pd.Series(video["model_psnr"].to_numpy()).rolling(5, center=True, min_periods=1).mean()
+    psnr[:2] = np.nan
+    expected = (psnr - psnr.min()) / (psnr.max() - psnr.min())
+    np.testing.assert_allclose(video["model_regularity_smooth5"].to_numpy(), expected.to_numpy(), rtol=1e-6)
+    assert np.nanmin(expected) == 0 and np.nanmax(expected) == 1
     summary = json.loads((scored / "metrics.json").read_text())
     assert summary["smooth"] == 5 and "copy_patch_max_smooth5" in summary["metrics"]
     # Smoothed regularity is still "higher is normal": evaluated negated, like the raw score.
