@@ -50,7 +50,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="frames the model must have seen before a frame's prediction is scored: the first "
         "warmup + horizon - 1 frames of each video get no score",
     )
-    p.add_argument("--batch_size", type=int, default=8, help="sequences (windows, or videos with --window 0) per call")
+    p.add_argument(
+        "--batch_size",
+        type=int,
+        default=64,
+        help="sequences (windows, or videos with --window 0) per model call; every GPU figure in docs/results.md "
+        "used 64",
+    )
     p.add_argument("--patch", type=int, default=16, help="patch side in pixels for the patch_max metric")
     p.add_argument(
         "--smooth",
@@ -74,6 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name} must be 1 or more frames; got {value}")
+    if args.batch_size < 1:
+        p.error(f"--batch_size must be 1 or more sequences; got {args.batch_size}")
     args.model_dir = args.model_dir or f"outputs/models/{args.dataset}"
     args.scored_data = args.scored_data or f"outputs/scored/{args.dataset}"
     return args

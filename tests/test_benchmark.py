@@ -31,6 +31,8 @@ def test_cli_prints_a_row_per_setting():
         "1",
         "--R0_channels",
         "4",
+        "--score_batch",
+        "3",
     )
     assert done.returncode == 0, done.stderr[-2000:]
     row = next(line for line in done.stdout.splitlines() if line.startswith("backend="))
@@ -38,6 +40,10 @@ def test_cli_prints_a_row_per_setting():
     assert values["size"] == "16x24x1" and float(values["train_fps"]) > 0 and float(values["score_fps"]) > 0
     # frames scored as batch_scoring.py does by default: 6-frame windows (the CPU profile's nt), 2 frames ahead
     assert values["horizon"] == "2" and 0 < float(values["scored_fps"]) < float(values["score_fps"])
+    assert values["score_batch"] == "3"
+    # the timed epoch trained: a rate is reported only for an epoch that changed the weights
+    timed = next(line for line in done.stdout.splitlines() if line.startswith("timed epoch: 2 steps"))
+    assert float(timed.rsplit(" ", 1)[1]) > 0
     cpu = prednet_kwargs(1, (8, 16), R0_channels=4)  # config/cpu.json's stacks
     gflop = flops_per_frame(cpu["stack_sizes"], cpu["R_stack_sizes"], 16, 24) / 1e9
     assert abs(float(values["gflop_per_frame"]) - gflop) < 1e-3 * gflop

@@ -261,9 +261,10 @@ def test_horizon_and_warmup_leave_the_first_frames_unscored(trained, prepared, t
         (["--horizon", "0"], "--horizon must be 1"),
         (["--warmup", "-1"], "--warmup must be 1"),
         (["--horizon", "4"], "window longer"),
+        (["--batch_size", "0"], "--batch_size must be 1"),
     ],  # the training window is 4 frames
 )
-def test_bad_horizon_or_warmup_is_refused(prepared, trained, tmp_path, options, message):
+def test_bad_scoring_options_are_refused(prepared, trained, tmp_path, options, message):
     out = tmp_path / "s"
     done = run_scoring(prepared.parent, prepared.name, trained, out, *options)
     assert done.returncode == 2 and message in done.stderr and not out.exists()
