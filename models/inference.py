@@ -104,31 +104,34 @@ def _predict_windows(model, X, sources, batch_size, window, horizon):
     window's last step; windows at the start of a video are shorter and padded at the end. At the window's
     steps after t - horizon the model's own prediction replaces the frame (closed loop, in the same call),
     except at t itself, whose frame stays in so that the layer errors of its step compare it with its
-    prediction (which does not depend on it). Every call has the same shape (the last one padded), so the
-    model compiles once."""
-    if horizon > 1:
-        from models.prednet import find_prednet, predictor
+    prediction (which does not depend on it). Windows travel as uint8 and only the step of t comes back
+    (`window_scorer`); every call has the same shape (the last one padded), so the model compiles once."""
+    from models.prednet import find_prednet, window_scorer
 
-        model = predictor(find_prednet(model), "all", fed=True)
+    scorer = window_scorer(find_prednet(model), window)
     first = np.zeros(len(X), np.int64)
     for _, sl in video_slices(sources):
         first[sl] = sl.start
-    targets = np.arange(len(X))
-    starts = np.maximum(first, targets - window + 1)
+    steps = np.arange(window)
     predictions, errors = np.zeros(X.shape, np.float32), None
-    batch = np.zeros((batch_size, window, *X.shape[1:]), np.float32)
-    fed = np.zeros((batch_size, window), np.float32)
     for i in range(0, len(X), batch_size):
-        rows = targets[i : i + batch_size]
-        last = rows - starts[rows]  # the step of frame t in its window
-        batch[:] = 0
-        fed[:] = 0
-        for j, t in enumerate(rows):
-            batch[j, : last[j] + 1] = X[starts[t] : t + 1] / 255.0
-            fed[j, max(last[j] - horizon + 1, 0) : last[j]] = 1  # the steps between t - horizon and t
-        pred, err = _outputs(model, [batch, fed] if horizon > 1 else batch)
+        rows = np.arange(i, min(i + batch_size, len(X)))
+        start = np.maximum(first[rows], rows - window + 1)
+        last = rows - start  # the step of frame t in its window
+        index = start[:, None] + steps
+        inside = steps <= last[:, None]
+        frames = np.where(inside[..., None, None, None], X[np.minimum(index, rows[:, None])], 0).astype(np.uint8)
+        fed = ((steps > last[:, None] - horizon) & (steps < last[:, None])).astype(np.float32)
+        pick = (steps == last[:, None]).astype(np.float32)
+        pad = batch_size - len(rows)
+        if pad:
+            frames, fed, pick = (
+                np.concatenate([a, np.zeros((pad, *a.shape[1:]), a.dtype)]) for a in (frames, fed, pick)
+            )
+        out = scorer.predict_on_batch([frames, fed, pick])
+        pred, err = np.asarray(out["prediction"], np.float32), np.asarray(out["error"], np.float32)
         if errors is None:
             errors = np.zeros((len(X), err.shape[-1]), np.float32)
-        predictions[rows] = pred[np.arange(len(rows)), last]
-        errors[rows] = err[np.arange(len(rows)), last]
+        predictions[rows] = pred[: len(rows)]
+        errors[rows] = err[: len(rows)]
     return predictions, errors

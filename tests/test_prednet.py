@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import pytest
 
-from models.prednet import PredNet, WeightedError, build_training_model, find_prednet, predictor
+from models.prednet import PredNet, WeightedError, build_training_model, find_prednet, predictor, window_scorer
 
 ROOT = Path(__file__).resolve().parent.parent
 # Outputs of the constant-initialiser test below, checked by hand at step 0 and by the NumPy reference.
@@ -193,6 +193,21 @@ def test_fed_steps_are_chosen_per_sequence():
     for key in ("prediction", "error"):
         np.testing.assert_allclose(np.asarray(out[key])[0], np.asarray(extrap_out[key])[0], atol=1e-6)
         np.testing.assert_allclose(np.asarray(out[key])[1], np.asarray(plain(frames)[key])[1], atol=1e-6)
+
+
+def test_window_scorer_returns_the_picked_step_of_uint8_windows():
+    keras.utils.set_random_seed(0)
+    model = build_training_model(5, (4, 4, 3), (1.0, 0.0), stack_sizes=(3, 4), R_stack_sizes=(5, 6))
+    frames = np.random.default_rng(7).integers(0, 256, (2, 5, 4, 4, 3)).astype("uint8")
+    fed = np.zeros((2, 5), "float32")
+    fed[1, 2:4] = 1
+    pick = np.zeros((2, 5), "float32")
+    pick[0, 4] = pick[1, 3] = 1
+    out = window_scorer(model, 5).predict_on_batch([frames, fed, pick])
+    full = predictor(model, "all", fed=True).predict_on_batch([frames / np.float32(255), fed])
+    for j, step in enumerate((4, 3)):
+        np.testing.assert_allclose(out["prediction"][j], full["prediction"][j, step], atol=1e-6)
+        np.testing.assert_allclose(out["error"][j], full["error"][j, step], atol=1e-6)
 
 
 def test_training_several_frames_ahead_scores_the_predictions():

@@ -10,6 +10,7 @@ from models.prednet.model import (
     load_model,
     predictor,
     prednet_kwargs,
+    window_scorer,
 )
 
 __all__ = [
@@ -22,4 +23,5 @@ __all__ = [
     "load_model",
     "prednet_kwargs",
     "predictor",
+    "window_scorer",
 ]

@@ -131,6 +131,33 @@ def predictor(
     return model
 
 
+def window_scorer(trained: keras.Model | PredNet, window: int) -> keras.Model:
+    """A model that scores one frame per `window`-frame sequence, for windowed scoring on an accelerator.
+
+    Takes [frames, fed, pick]: frames (batch, window, h, w, c) uint8 (scaled to [0, 1] on the device, a
+    quarter of the float32 transfer), fed (batch, window) > 0 where the model's own prediction replaces the
+    frame, and pick (batch, window), one-hot at the step to return. Returns that step's prediction
+    (batch, h, w, c) and layer errors (batch, layers) alone, instead of every step's.
+    """
+    layer = trained if isinstance(trained, PredNet) else find_prednet(trained)
+    config = {**layer.get_config(), "output_mode": "all", "extrap_start_time": None}
+    config.pop("name", None)
+    new = PredNet.from_config(config)
+    frames = keras.Input((window, *layer.frame_shape), dtype="uint8", name="frames")
+    fed = keras.Input((window,), name="fed")
+    pick = keras.Input((window,), name="pick")
+    out = new([ops.cast(frames, "float32") / 255.0, fed])
+    prediction = ops.cast(out["prediction"], "float32")
+    error = ops.cast(out["error"], "float32")
+    outputs = {
+        "prediction": ops.sum(prediction * pick[:, :, None, None, None], axis=1),
+        "error": ops.sum(error * pick[:, :, None], axis=1),
+    }
+    model = keras.Model([frames, fed, pick], outputs, name="prednet_window_scorer")
+    new.set_weights(layer.get_weights())
+    return model
+
+
 def load_model(path: str | Path, compile: bool = False) -> keras.Model:
     """Loads a `.keras` file that train.py wrote, with a clear error when it is missing or unreadable."""
     path = Path(path)
