@@ -110,6 +110,15 @@ def find_prednet(model: keras.Model) -> PredNet:
     raise PipelineError(f"Model {model.name} has no PredNet layer.")
 
 
+def _fresh_copy(trained: keras.Model | PredNet, output_mode: str, extrap_start_time: int | None = None):
+    """The trained PredNet layer, and an unbuilt one of the same config with other outputs (its weights are
+    set from the trained one once a model has built it)."""
+    layer = trained if isinstance(trained, PredNet) else find_prednet(trained)
+    config = {**layer.get_config(), "output_mode": output_mode, "extrap_start_time": extrap_start_time}
+    config.pop("name", None)
+    return layer, PredNet.from_config(config)
+
+
 def predictor(
     trained: keras.Model | PredNet, output_mode: str = "all", extrap_start_time: int | None = None, fed=False
 ) -> keras.Model:
@@ -119,10 +128,7 @@ def predictor(
     PredNet layer from the same config, with the other output mode, and the same weights. With `fed`, the
     model takes [frames, fed]: fed (batch, time) > 0 where its own prediction replaces the frame.
     """
-    layer = trained if isinstance(trained, PredNet) else find_prednet(trained)
-    config = {**layer.get_config(), "output_mode": output_mode, "extrap_start_time": extrap_start_time}
-    config.pop("name", None)
-    new = PredNet.from_config(config)
+    layer, new = _fresh_copy(trained, output_mode, extrap_start_time)
     inputs = keras.Input((None, *layer.frame_shape), name="frames")
     if fed:
         inputs = [inputs, keras.Input((None,), name="fed")]
@@ -139,10 +145,7 @@ def window_scorer(trained: keras.Model | PredNet, window: int) -> keras.Model:
     frame, and pick (batch, window), one-hot at the step to return. Returns that step's prediction
     (batch, h, w, c) and layer errors (batch, layers) alone, instead of every step's.
     """
-    layer = trained if isinstance(trained, PredNet) else find_prednet(trained)
-    config = {**layer.get_config(), "output_mode": "all", "extrap_start_time": None}
-    config.pop("name", None)
-    new = PredNet.from_config(config)
+    layer, new = _fresh_copy(trained, "all")
     frames = keras.Input((window, *layer.frame_shape), dtype="uint8", name="frames")
     fed = keras.Input((window,), name="fed")
     pick = keras.Input((window,), name="pick")
