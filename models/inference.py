@@ -129,8 +129,7 @@ def _predict_windows(model, X, sources, batch_size, window, horizon):
             frames, fed, pick = (
                 np.concatenate([a, np.zeros((pad, *a.shape[1:]), a.dtype)]) for a in (frames, fed, pick)
             )
-        out = scorer.predict_on_batch([frames, fed, pick])
-        pred, err = np.asarray(out["prediction"], np.float32), np.asarray(out["error"], np.float32)
+        pred, err = _outputs(scorer, [frames, fed, pick])
         if errors is None:
             errors = np.zeros((len(X), err.shape[-1]), np.float32)
         predictions[rows] = pred[: len(rows)]

@@ -76,11 +76,9 @@ def smooth(df: pd.DataFrame, features: list[str], window: int) -> pd.DataFrame:
     return out
 
 
-SMOOTHED = ("regularity", "patch_max")
-
-
 def add_smoothed(df: pd.DataFrame, window: int, prefixes=("model", "copy")) -> pd.DataFrame:
-    """Adds `<prefix>_<metric>_smooth<window>` for the SMOOTHED metrics (nothing when window <= 1).
+    """Adds `<prefix>_regularity_smooth<window>` and `<prefix>_patch_max_smooth<window>` (nothing when
+    window <= 1).
 
     The smoothed regularity is the regularity of the smoothed PSNR: the rolling mean comes first and the
     per-video min-max last, so that each video's final score spans [0, 1] as the unsmoothed one does
