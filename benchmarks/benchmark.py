@@ -155,6 +155,8 @@ def main(argv=None) -> int:
     ):
         p.add_argument(f"--{name}", default=None, help=argparse.SUPPRESS)
     args = parse_with_config(p, argv)
+    if args.score_batch is not None and args.score_batch < 1:
+        p.error(f"--score_batch must be 1 or more windows; got {args.score_batch}")
     args.stack_sizes = [
         int(v) for v in (args.stack_sizes if isinstance(args.stack_sizes, list) else str(args.stack_sizes).split(","))
     ]

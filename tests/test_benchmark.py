@@ -48,3 +48,8 @@ def test_cli_prints_a_row_per_setting():
     gflop = flops_per_frame(cpu["stack_sizes"], cpu["R_stack_sizes"], 16, 24) / 1e9
     assert abs(float(values["gflop_per_frame"]) - gflop) < 1e-3 * gflop
     assert done.stdout.splitlines()[-3].startswith("| backend")  # the markdown table ends the output
+
+
+def test_bad_score_batch_is_refused():
+    done = run_script("benchmarks/benchmark.py", "--score_batch", "0")
+    assert done.returncode == 2 and "--score_batch must be 1 or more windows; got 0" in done.stderr
