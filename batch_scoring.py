@@ -38,10 +38,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--horizon",
         type=int,
+        default=DEFAULT_HORIZON,
+        help="predict each frame from the frames up to this many steps before it, the model fed its own "
+        "predictions in between (1: the next frame; more needs --window longer than the horizon)",
+    )
+    p.add_argument(
+        "--per_window",
+        type=int,
         default=None,
-        help=f"predict each frame from the frames up to this many steps before it, the model fed its own "
-        f"predictions in between (1: the next frame; needs --window longer than the horizon). Default: "
-        f"{DEFAULT_HORIZON}, or window - 1 for a shorter window, 1 with --window 0",
+        help="with --horizon 1, score this many frames per window (the last steps of windows this many frames "
+        "apart): window / per_window model steps per frame instead of window, each frame predicted from the "
+        "last window - per_window to window - 1 frames (default: half the window with --horizon 1, else 1)",
     )
     p.add_argument(
         "--warmup",
@@ -76,7 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.window is not None and args.window < 0:
         p.error(f"--window must be 0 (whole videos) or a number of frames; got {args.window}")
-    for name in ("horizon", "warmup"):
+    for name in ("horizon", "warmup", "per_window"):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name} must be 1 or more frames; got {value}")
@@ -96,7 +103,7 @@ def main(argv=None) -> int:
         raise PipelineError(f"{data_dir} has no test frames to score.")
     y = load_labels(data_dir)
 
-    from models.inference import default_horizon, load_predictor, predict_videos
+    from models.inference import default_per_window, load_predictor, predict_videos
     from models.plots import error_frames, plot_roc, plot_scores, save_gif
     from models.scoring import add_smoothed, build_frame_table, evaluate, metric_columns, portable, side_by_side
 
@@ -108,11 +115,12 @@ def main(argv=None) -> int:
         )
     with atomic_dir(args.scored_data, args.overwrite) as out:
         window = config.get("arguments", {}).get("nt", 0) if args.window is None else args.window
-        horizon = args.horizon or default_horizon(window)
-        predictions, layer_errors, fps = predict_videos(model, X, sources, args.batch_size, window, horizon)
+        horizon, per_window = args.horizon, args.per_window or default_per_window(window, args.horizon)
+        predictions, layer_errors, fps = predict_videos(model, X, sources, args.batch_size, window, horizon, per_window)
         print(
-            f"scored {len(X)} frames of {len(set(sources))} videos, each from the frames up to {horizon} before it, "
-            f"at {fps:.0f} frames/s (compilation included)"
+            f"scored {len(X)} frames of {len(set(sources))} videos, each from the frames up to {horizon} before it"
+            + (f" ({per_window} per {window}-frame window)" if window else " (whole videos)")
+            + f", at {fps:.0f} frames/s (compilation included)"
         )
         first_scored = args.warmup + horizon - 1
         df = build_frame_table(X, sources, y, predictions, layer_errors, args.patch, first_scored)
@@ -122,6 +130,7 @@ def main(argv=None) -> int:
             "dataset": args.dataset,
             "window": window,
             "horizon": horizon,
+            "per_window": per_window,
             "warmup": args.warmup,
             "smooth": args.smooth,
         }

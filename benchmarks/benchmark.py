@@ -8,7 +8,7 @@ Trains with `model.fit` on a `WindowDataset` of random frames (so the input pipe
 Scoring is timed twice: `score_fps`, model steps per second over whole 180-frame sequences (the raw rate,
 and the one `score_peak_frac` comes from), and `scored_fps`, frames per second scored the way
 batch_scoring.py does by default (`predict_videos` in `nt`-frame windows, --score_batch windows per call,
-`default_horizon` frames ahead, fed back within the same call: window steps per frame).
+the next frame, `default_per_window` frames scored per window: window / per_window steps per frame).
 With --prepare RAW_ROOT it also times data preparation of that dataset folder.
 Prints one line per setting and a markdown table at the end.
 """
@@ -28,7 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from models.config import parse_with_config  # noqa: E402
-from models.inference import default_horizon, predict_videos  # noqa: E402
+from models.inference import DEFAULT_HORIZON, default_per_window, predict_videos  # noqa: E402
 from models.training import WindowDataset  # noqa: E402
 
 PEAK_BF16 = 790e12  # H100 SXM dense bf16 matrix throughput measured on the lent machine
@@ -98,10 +98,11 @@ def bench(args, batch_size: int, precision: str) -> dict:
         out = pred.predict_on_batch(seq)
     np.asarray(out["error"])
     score_fps = 3 * seq.shape[0] * seq.shape[1] / (time.perf_counter() - start)
-    horizon = default_horizon(args.nt)
+    horizon, per_window = DEFAULT_HORIZON, default_per_window(args.nt, DEFAULT_HORIZON)
     score_batch = args.score_batch or batch_size
-    predict_videos(pred, X[: score_batch * 2], sources[: score_batch * 2], score_batch, args.nt, horizon)  # compile
-    _, _, scored_fps = predict_videos(pred, X, sources, score_batch, args.nt, horizon)
+    scoring = (score_batch, args.nt, horizon, per_window)
+    predict_videos(pred, X[: score_batch * 2], sources[: score_batch * 2], *scoring)  # compile
+    _, _, scored_fps = predict_videos(pred, X, sources, *scoring)
     flops = flops_per_frame(kwargs["stack_sizes"], kwargs["R_stack_sizes"], h, w)
     keras.mixed_precision.set_dtype_policy("float32")
     return {
@@ -115,6 +116,7 @@ def bench(args, batch_size: int, precision: str) -> dict:
         "scored_fps": scored_fps,
         "score_batch": score_batch,
         "horizon": horizon,
+        "per_window": per_window,
         "gflop_per_frame": flops / 1e9,
         "train_peak_frac": 3 * flops * train_fps / PEAK_BF16,
         "score_peak_frac": flops * score_fps / PEAK_BF16,

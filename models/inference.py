@@ -11,16 +11,20 @@ from models.data.store import video_slices
 from models.errors import PipelineError
 from models.io import read_json
 
-# Frames ahead that batch_scoring.py predicts each frame from by default (the model's own prediction stands
-# in for the frame in between): on Ped2 at 128x192 the best or within 0.005 of the best of 1-4 for each
-# fully trained model, and clearly better than 1 for a shorter-trained one; 1 is 0.006-0.008 better for the
-# smoothed regularity (docs/results.md).
-DEFAULT_HORIZON = 2
+# Frames ahead that batch_scoring.py predicts each frame from by default: the next frame, the task PredNet
+# is trained on. On Ped2 at 128x192 it beat 2 frames ahead (the model's own prediction standing in for the
+# frame between) in the smoothed regularity for each of three fully trained models (0.982-0.986 against
+# 0.976-0.979) and in the forest, and only it lets a window score several frames (`default_per_window`);
+# 2 ahead won the unsmoothed regularity for two of the three (docs/results.md).
+DEFAULT_HORIZON = 1
 
 
-def default_horizon(window: int | None) -> int:
-    """DEFAULT_HORIZON, at most window - 1 frames ahead; 1 (the next frame) for whole videos."""
-    return max(min(DEFAULT_HORIZON, window - 1), 1) if window else 1
+def default_per_window(window: int | None, horizon: int) -> int:
+    """Frames scored per window by default: half the window when predicting the next frame, so that each
+    frame is predicted from window // 2 to window - 1 frames before it, at 2 model steps per frame instead
+    of `window` (on Ped2 at 32x48 and 64x96, within 0.004 AUC of one frame per window for five models;
+    docs/results.md); 1 otherwise."""
+    return max(window // 2, 1) if window and horizon == 1 else 1
 
 
 def load_predictor(model_dir: str | Path, output_mode: str = "all"):
@@ -36,7 +40,13 @@ def load_predictor(model_dir: str | Path, output_mode: str = "all"):
 
 
 def predict_videos(
-    model, X: np.ndarray, sources: np.ndarray, batch_size: int = 4, window: int | None = None, horizon: int = 1
+    model,
+    X: np.ndarray,
+    sources: np.ndarray,
+    batch_size: int = 4,
+    window: int | None = None,
+    horizon: int = 1,
+    per_window: int = 1,
 ):
     """Predicts every frame of every video from earlier frames of the same video only.
 
@@ -51,6 +61,10 @@ def predict_videos(
         horizon: predict frame t from the frames up to t - horizon: for the horizon - 1 frames in between
             the model is fed its own predictions, in the same model call (needs a window longer than the
             horizon). 1: the next frame, from every frame before it.
+        per_window: with horizon 1, score this many frames per window: the last `per_window` steps of
+            windows `per_window` frames apart, so that each frame is predicted from the last
+            window - per_window to window - 1 frames before it, for window / per_window model steps per
+            frame instead of window (the first `window` frames of a video share its first window).
 
     Returns:
         predictions (n, h, w, c) in [0, 1] aligned with X (frames with no frame `horizon` steps before them
@@ -66,9 +80,15 @@ def predict_videos(
             f"predicting {horizon} frames ahead needs a window longer than that (at least {horizon + 1} "
             f"frames). Received window: {window}"
         )
+    if per_window != 1 and not (window and horizon == 1 and 1 <= per_window < window):
+        raise PipelineError(
+            f"scoring {per_window} frames per window needs windowed scoring of the next frame (horizon 1) and "
+            f"fewer frames per window than the window ({window}). Received: per_window {per_window}, horizon "
+            f"{horizon}"
+        )
     start = time.perf_counter()
     if window:
-        predictions, errors = _predict_windows(model, X, sources, batch_size, window, horizon)
+        predictions, errors = _predict_windows(model, X, sources, batch_size, window, horizon, per_window)
     else:
         predictions, errors = _predict_whole(model, X, sources, batch_size)
     seconds = time.perf_counter() - start
@@ -100,31 +120,53 @@ def _predict_whole(model, X, sources, batch_size):
     return predictions, errors
 
 
-def _predict_windows(model, X, sources, batch_size, window, horizon):
-    """Frame t from the window of frames max(first, t - window + 1) .. t of its video, read at the
-    window's last step; windows at the start of a video are shorter and padded at the end. At the window's
-    steps after t - horizon the model's own prediction replaces the frame (closed loop, in the same call),
-    except at t itself, whose frame stays in so that the layer errors of its step compare it with its
-    prediction (which does not depend on it). Windows travel as uint8 and only the step of t comes back
-    (`window_scorer`); every call has the same shape (the last one padded), so the model compiles once."""
+def window_rows(sources: np.ndarray, window: int, per_window: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The windows that score every frame once: first frame, end of the video, and the steps each scores.
+
+    A video's first `window` frames are scored in the window that starts at its first frame (`per_window`
+    steps per row); each later frame t in the last `per_window` steps of the window that ends at t or up
+    to per_window - 1 frames after it. Returns start (rows,), stop (rows,) (the video's end: later steps
+    are padding) and steps (rows, per_window) (-1: no frame, at a video's end).
+    """
+    starts, stops, steps = [], [], []
+    for _, sl in video_slices(sources):
+        n = sl.stop - sl.start
+        head = min(window, n)
+        chunks = [(0, np.arange(u, min(u + per_window, head))) for u in range(0, head, per_window)]
+        for u in range(window, n, per_window):
+            end = min(u + per_window, n)
+            chunks.append((end - window, np.arange(u, end) - (end - window)))
+        for offset, chunk in chunks:
+            starts.append(sl.start + offset)
+            stops.append(sl.stop)
+            steps.append(np.pad(chunk, (0, per_window - len(chunk)), constant_values=-1))
+    return np.array(starts, np.int64), np.array(stops, np.int64), np.array(steps, np.int64).reshape(-1, per_window)
+
+
+def _predict_windows(model, X, sources, batch_size, window, horizon, per_window):
+    """Frame t from the frames of its video in the window that scores it (`window_rows`), read at its step;
+    the window of frame t at the start of a video starts at the video's first frame, padded at the end
+    (the model is causal, so padding never changes a step before it). With horizon > 1 (one frame per
+    window) the model's own prediction replaces the frame at the steps after t - horizon, in the same call
+    (closed loop), except at t itself, whose frame stays in so that the layer errors of its step compare
+    it with its prediction (which does not depend on it). Windows travel as uint8 and only the scored
+    steps come back (`window_scorer`); every call has the same shape (the last one padded), so the model
+    compiles once."""
     from models.prednet import find_prednet, window_scorer
 
-    scorer = window_scorer(find_prednet(model), window)
-    first = np.zeros(len(X), np.int64)
-    for _, sl in video_slices(sources):
-        first[sl] = sl.start
+    scorer = window_scorer(find_prednet(model), window, per_window)
+    starts, stops, picked = window_rows(sources, window, per_window)
     steps = np.arange(window)
     predictions, errors = np.zeros(X.shape, np.float32), None
-    for i in range(0, len(X), batch_size):
-        rows = np.arange(i, min(i + batch_size, len(X)))
-        start = np.maximum(first[rows], rows - window + 1)
-        last = rows - start  # the step of frame t in its window
+    for i in range(0, len(starts), batch_size):
+        start, stop, step = starts[i : i + batch_size], stops[i : i + batch_size], picked[i : i + batch_size]
         index = start[:, None] + steps
-        inside = steps <= last[:, None]
-        frames = np.where(inside[..., None, None, None], X[np.minimum(index, rows[:, None])], 0).astype(np.uint8)
-        fed = ((steps > last[:, None] - horizon) & (steps < last[:, None])).astype(np.float32)
-        pick = (steps == last[:, None]).astype(np.float32)
-        pad = batch_size - len(rows)
+        inside = index < stop[:, None]
+        frames = np.where(inside[..., None, None, None], X[np.minimum(index, stop[:, None] - 1)], 0).astype(np.uint8)
+        last = step.max(axis=1)[:, None]  # with horizon > 1, the one step scored
+        fed = ((steps > last - horizon) & (steps < last)).astype(np.float32)
+        pick = (step[..., None] == steps).astype(np.float32)
+        pad = batch_size - len(start)
         if pad:
             frames, fed, pick = (
                 np.concatenate([a, np.zeros((pad, *a.shape[1:]), a.dtype)]) for a in (frames, fed, pick)
@@ -132,6 +174,8 @@ def _predict_windows(model, X, sources, batch_size, window, horizon):
         pred, err = _outputs(scorer, [frames, fed, pick])
         if errors is None:
             errors = np.zeros((len(X), err.shape[-1]), np.float32)
-        predictions[rows] = pred[: len(rows)]
-        errors[rows] = err[: len(rows)]
+        valid = step >= 0
+        rows = (start[:, None] + step)[valid]
+        predictions[rows] = pred[: len(start)][valid]
+        errors[rows] = err[: len(start)][valid]
     return predictions, errors

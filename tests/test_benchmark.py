@@ -38,8 +38,10 @@ def test_cli_prints_a_row_per_setting():
     row = next(line for line in done.stdout.splitlines() if line.startswith("backend="))
     values = dict(item.split("=") for item in row.split())
     assert values["size"] == "16x24x1" and float(values["train_fps"]) > 0 and float(values["score_fps"]) > 0
-    # frames scored as batch_scoring.py does by default: 6-frame windows (the CPU profile's nt), 2 frames ahead
-    assert values["horizon"] == "2" and 0 < float(values["scored_fps"]) < float(values["score_fps"])
+    # frames scored as batch_scoring.py does by default: 6-frame windows (the CPU profile's nt), the next frame,
+    # 3 frames per window
+    assert (values["horizon"], values["per_window"]) == ("1", "3")
+    assert 0 < float(values["scored_fps"]) < float(values["score_fps"])
     assert values["score_batch"] == "3"
     # the timed epoch trained: a rate is reported only for an epoch that changed the weights
     timed = next(line for line in done.stdout.splitlines() if line.startswith("timed epoch: 2 steps"))

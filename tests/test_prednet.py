@@ -195,19 +195,26 @@ def test_fed_steps_are_chosen_per_sequence():
         np.testing.assert_allclose(np.asarray(out[key])[1], np.asarray(plain(frames)[key])[1], atol=1e-6)
 
 
-def test_window_scorer_returns_the_picked_step_of_uint8_windows():
+def test_window_scorer_returns_the_picked_steps_of_uint8_windows():
     keras.utils.set_random_seed(0)
     model = build_training_model(5, (4, 4, 3), (1.0, 0.0), stack_sizes=(3, 4), R_stack_sizes=(5, 6))
     frames = np.random.default_rng(7).integers(0, 256, (2, 5, 4, 4, 3)).astype("uint8")
     fed = np.zeros((2, 5), "float32")
     fed[1, 2:4] = 1
-    pick = np.zeros((2, 5), "float32")
-    pick[0, 4] = pick[1, 3] = 1
-    out = window_scorer(model, 5).predict_on_batch([frames, fed, pick])
+    picked = [(4, 2), (3, None)]  # steps to return of each window (None: nothing)
+    pick = np.zeros((2, 2, 5), "float32")
+    for j, steps in enumerate(picked):
+        for k, step in enumerate(steps):
+            if step is not None:
+                pick[j, k, step] = 1
+    out = window_scorer(model, 5, per_window=2).predict_on_batch([frames, fed, pick])
     full = predictor(model, "all", fed=True).predict_on_batch([frames / np.float32(255), fed])
-    for j, step in enumerate((4, 3)):
-        np.testing.assert_allclose(out["prediction"][j], full["prediction"][j, step], atol=1e-6)
-        np.testing.assert_allclose(out["error"][j], full["error"][j, step], atol=1e-6)
+    assert out["prediction"].shape == (2, 2, 4, 4, 3) and out["error"].shape == (2, 2, 2)
+    for j, steps in enumerate(picked):
+        for k, step in enumerate(steps):
+            want = {key: 0 * full[key][j, 0] if step is None else full[key][j, step] for key in ("prediction", "error")}
+            np.testing.assert_allclose(out["prediction"][j, k], want["prediction"], atol=1e-6)
+            np.testing.assert_allclose(out["error"][j, k], want["error"], atol=1e-6)
 
 
 def test_training_several_frames_ahead_scores_the_predictions():

@@ -74,6 +74,8 @@ def scored(trained, prepared, tmp_path_factory):
         "3",
         "--smooth",
         "5",
+        "--warmup",
+        "2",
         "--save_prediction_error_video_frames",
         "--plot_videos",
         "Test002",
@@ -89,8 +91,8 @@ def test_every_test_frame_once_with_its_label(scored, prepared):
     assert len(df) == len(X) and (df["video"].to_numpy() == sources).all()
     assert (df["y"].to_numpy() == load_labels(prepared)).all()
     assert df.groupby("video")["frame"].apply(lambda f: f.tolist() == list(range(1, 25))).all()
-    # By default frame t is predicted from frames up to t - 2 (the default horizon), so the first 2 frames
-    # of each video have nothing far enough back to be predicted from.
+    # Frame t is predicted from frames up to t - 1 (the default horizon), and scored once the model has seen
+    # 2 frames (--warmup 2): the first 2 frames of each video get no score.
     first = df["frame"] <= 2
     assert (~df.loc[first, "predictable"]).all() and df.loc[~first, "predictable"].all()
     assert df.loc[first, "model_mse"].isna().all() and df.loc[~first, "model_mse"].notna().all()
@@ -132,7 +134,8 @@ def test_outputs(scored):
     summary = json.loads((scored / "metrics.json").read_text())
     assert summary["training"]["nt"] == 4  # the scores say which training run made them
     assert summary["window"] == 4  # and, by default, were predicted in windows of the training length
-    assert summary["horizon"] == 2 and summary["warmup"] == 1  # the default horizon
+    assert summary["horizon"] == 1 and summary["per_window"] == 2  # by default the next frame, 2 per 4-frame window
+    assert summary["warmup"] == 2
     for col in ("model_regularity", "copy_regularity", "model_mse", "model_E2", "copy_patch_max"):
         assert 0 <= summary["metrics"][col]["micro_auc"] <= 1
     for name in ("metrics.md", "roc.png", "scores.png", "Test002_prediction_error.gif"):
@@ -172,7 +175,7 @@ def test_without_labels_metrics_are_still_written(trained, prepared, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "evaluation skipped" in done.stdout
     df = pd.read_pickle(out / "df.pkl.gz")
-    assert "y" not in df and df["model_regularity"].notna().sum() == len(df) - 4 * 2  # 2 unscored frames per video
+    assert "y" not in df and df["model_regularity"].notna().sum() == len(df) - 4  # the first frame of each video
     assert "metrics" not in json.loads((out / "metrics.json").read_text())
 
 
@@ -195,6 +198,51 @@ def test_windowed_prediction_sees_only_its_window(trained, prepared):
     assert np.abs(windowed[t] - whole[t]).max() > 1e-4  # the longer history does change the prediction
     with pytest.raises(Exception, match="window"):
         predict_videos(model, X, sources, window=-1)
+
+
+def test_window_rows_score_every_frame_once_from_enough_earlier_frames():
+    from models.inference import window_rows
+
+    sources = np.array(["a"] * 23 + ["b"] * 3 + ["c"] * 12)
+    first = {"a": 0, "b": 23, "c": 26}
+    window = 6
+    for per_window in (1, 2, 4):
+        starts, stops, steps = window_rows(sources, window, per_window)
+        frames = starts[:, None] + steps
+        valid = steps >= 0
+        assert sorted(frames[valid]) == list(range(len(sources)))  # each frame once
+        assert (steps < window).all() and (frames < stops[:, None])[valid].all()
+        for start, row, step in zip(starts, frames, steps, strict=True):
+            for t, k in zip(row[step >= 0], step[step >= 0], strict=True):
+                video_start = first[sources[t]]
+                assert sources[start] == sources[t] and start >= video_start
+                # the first frames of a video share its first window; later ones see window - per_window or more
+                assert start == video_start if t - video_start < window else k >= window - per_window
+        # video a: 23 frames, the first 6 in ceil(6 / per_window) rows, the other 17 in ceil(17 / per_window)
+        assert (sources[starts] == "a").sum() == -(-window // per_window) + -(-17 // per_window)
+
+
+def test_several_frames_per_window_are_each_predicted_from_their_own_window(trained, prepared):
+    from models.inference import load_predictor, predict_videos
+
+    model, _, _ = load_predictor(trained)
+    X, sources = load_split(prepared, "test")
+    X, sources = X[:48], sources[:48]  # two 24-frame videos
+    one, one_err, _ = predict_videos(model, X, sources, batch_size=5, window=4)
+    two, two_err, _ = predict_videos(model, X, sources, batch_size=3, window=4, per_window=2)
+    for start in (0, 24):  # the first window holds the whole history, whichever step scores the frame
+        np.testing.assert_allclose(two[start : start + 4], one[start : start + 4], atol=1e-5)
+        np.testing.assert_allclose(two_err[start : start + 4], one_err[start : start + 4], atol=1e-5)
+    # Later, frames 4, 5 | 6, 7 | ... of a video share the 4-frame window that ends at the second of them.
+    for t, window_start in ((24 + 12, 24 + 10), (24 + 13, 24 + 10), (23, 20)):
+        alone, alone_err, _ = predict_videos(model, X[window_start : t + 1], sources[window_start : t + 1], window=0)
+        np.testing.assert_allclose(two[t], alone[-1], atol=1e-5)
+        np.testing.assert_allclose(two_err[t], alone_err[-1], atol=1e-5)
+    assert np.abs(two[24 + 12] - one[24 + 12]).max() > 1e-4  # 2 frames of history instead of 3
+    np.testing.assert_allclose(two[24 + 13], one[24 + 13], atol=1e-5)  # the window's last step: as before
+    for kwargs in ({"window": 4, "horizon": 2}, {"window": 0}, {"window": 4, "per_window": 4}):
+        with pytest.raises(Exception, match="per window"):
+            predict_videos(model, X, sources, **{"per_window": 2, **kwargs})
 
 
 def test_predicting_frames_ahead_feeds_the_model_its_own_predictions(trained, prepared):

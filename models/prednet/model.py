@@ -137,24 +137,23 @@ def predictor(
     return model
 
 
-def window_scorer(trained: keras.Model | PredNet, window: int) -> keras.Model:
-    """A model that scores one frame per `window`-frame sequence, for windowed scoring on an accelerator.
+def window_scorer(trained: keras.Model | PredNet, window: int, per_window: int = 1) -> keras.Model:
+    """A model that scores `per_window` steps of each `window`-frame sequence, for windowed scoring.
 
     Takes [frames, fed, pick]: frames (batch, window, h, w, c) uint8 (scaled to [0, 1] on the device, a
     quarter of the float32 transfer), fed (batch, window) > 0 where the model's own prediction replaces the
-    frame, and pick (batch, window), one-hot at the step to return. Returns that step's prediction
-    (batch, h, w, c) and layer errors (batch, layers) alone, instead of every step's.
+    frame, and pick (batch, per_window, window), one-hot at each step to return (all zero: none). Returns
+    those steps' predictions (batch, per_window, h, w, c) and layer errors (batch, per_window, layers)
+    alone, instead of every step's.
     """
     layer, new = _fresh_copy(trained, "all")
     frames = keras.Input((window, *layer.frame_shape), dtype="uint8", name="frames")
     fed = keras.Input((window,), name="fed")
-    pick = keras.Input((window,), name="pick")
+    pick = keras.Input((per_window, window), name="pick")
     out = new([ops.cast(frames, "float32") / 255.0, fed])
-    prediction = ops.cast(out["prediction"], "float32")
-    error = ops.cast(out["error"], "float32")
     outputs = {
-        "prediction": ops.sum(prediction * pick[:, :, None, None, None], axis=1),
-        "error": ops.sum(error * pick[:, :, None], axis=1),
+        "prediction": ops.einsum("bsk,bkhwc->bshwc", pick, ops.cast(out["prediction"], "float32")),
+        "error": ops.einsum("bsk,bkl->bsl", pick, ops.cast(out["error"], "float32")),
     }
     model = keras.Model([frames, fed, pick], outputs, name="prednet_window_scorer")
     new.set_weights(layer.get_weights())
