@@ -32,7 +32,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--smooth",
         type=int,
         default=None,
-        help="centred moving average over this many frames (1: none; default: batch_scoring.py's --smooth)",
+        help="centred moving average of the features and of the classifiers' probabilities over this many frames "
+        "of each video (1: none; default: batch_scoring.py's --smooth)",
     )
     p.add_argument(
         "--normalize",
@@ -55,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def apply(args) -> int:
     import joblib
 
-    from models.anoms import load_scored, prepare_frames
+    from models.anoms import load_scored, prepare_frames, smooth_probabilities
 
     path = Path(args.apply) / "classifier.joblib"
     if not path.is_file():
@@ -69,7 +70,8 @@ def apply(args) -> int:
         per_video=bundle.get("normalize") == "video",
     )
     out = data[["video", "frame"] + (["y"] if "y" in data else [])].copy()
-    out["anomaly_probability"] = bundle["pipeline"].predict_proba(data[bundle["features"]].to_numpy(float))[:, 1]
+    proba = bundle["pipeline"].predict_proba(data[bundle["features"]].to_numpy(float))[:, 1]
+    out["anomaly_probability"] = smooth_probabilities(proba, data["video"], bundle["smooth"])
     out["anomalous"] = (out["anomaly_probability"] >= bundle["threshold"]).astype(int)
     target = Path(args.scored_data)
     target = (target if target.is_dir() else target.parent) / "anomaly_scores.csv"
@@ -98,7 +100,7 @@ def main(argv=None) -> int:
         raise PipelineError(f"--smooth must be 1 (none) or more frames. Received: {args.smooth}")
     data = prepare_frames(df, features, args.smooth, per_video=args.normalize == "video")
     with atomic_dir(args.model_path, args.overwrite) as out:
-        report, _ = evaluate_by_video(data, features, args.seed, args.n_splits, args.threshold)
+        report, _ = evaluate_by_video(data, features, args.seed, args.n_splits, args.threshold, args.smooth)
         forest = make_models(args.seed)["random_forest"].fit(data[features].to_numpy(float), data["y"].astype(int))
         table = importances(forest, data, features, args.seed)
         joblib.dump(
@@ -133,8 +135,8 @@ def main(argv=None) -> int:
         ).T
         (out / "report.md").write_text(
             f"# Anomaly classifiers, grouped by video\n\n{summary['frames']} frames, {summary['videos']} videos, "
-            f"{summary['anomalous']} anomalous; {summary['cross_validation']}; smoothing {args.smooth}, "
-            f"normalized per video: {args.normalize == 'video'}.\n\n"
+            f"{summary['anomalous']} anomalous; {summary['cross_validation']}; features and probabilities "
+            f"averaged over {args.smooth} frames, normalized per video: {args.normalize == 'video'}.\n\n"
             f"{rows.round(4).to_markdown()}\n\n## Feature importances (random forest)\n\n"
             f"{table.round(4).to_markdown()}\n"
         )

@@ -59,6 +59,19 @@ def test_per_video_scaling_removes_each_video_s_error_level():
     assert scaled["random_forest"]["roc_auc"] == 1.0 and raw["random_forest"]["roc_auc"] < 0.9
 
 
+def test_probabilities_are_averaged_over_neighbouring_frames_of_a_video():
+    df = frames_table()
+    df["model_flicker"] = df["y"] + 2.0 * np.random.default_rng(2).standard_normal(len(df))  # informative, noisy
+    raw_report, raw = evaluate_by_video(df, ["model_flicker"])
+    report, smoothed = evaluate_by_video(df, ["model_flicker"], smooth_window=5)
+    video = (df["video"] == "Test002").to_numpy()
+    for name in raw:
+        p, q = raw[name][video], smoothed[name][video]
+        assert q[10] == pytest.approx(p[8:13].mean())
+        assert q[0] == pytest.approx(p[:3].mean())  # frames of the video before it do not count
+    assert report["random_forest"]["roc_auc"] > raw_report["random_forest"]["roc_auc"] + 0.05
+
+
 def test_bad_smoothing_is_refused(tmp_path):
     frames_table().to_pickle(tmp_path / "df.pkl.gz")
     with pytest.raises(PipelineError, match="--smooth must be 1"):
@@ -92,7 +105,12 @@ def test_cli_fits_saves_and_applies(tmp_path):
     bundle = joblib.load(out / "classifier.joblib")
     assert bundle["smooth"] == 3 and bundle["normalize"] == "video"
     data = prepare_frames(df, bundle["features"], bundle["smooth"], per_video=True)
-    expected = bundle["pipeline"].predict_proba(data[bundle["features"]].to_numpy(float))[:, 1]
+    proba = bundle["pipeline"].predict_proba(data[bundle["features"]].to_numpy(float))[:, 1]
+    expected = (
+        pd.Series(proba)
+        .groupby(data["video"].to_numpy())
+        .transform(lambda p: p.rolling(3, center=True, min_periods=1).mean())
+    )  # the forest's probabilities, averaged over the same 3 frames of each video as the features
     new = tmp_path / "new"
     new.mkdir()
     df.drop(columns="y").to_pickle(new / "df.pkl.gz")
