@@ -56,8 +56,8 @@ def predict_videos(
         sources: the video of each frame.
         batch_size: sequences per model call (videos, or windows when `window` is set).
         window: None or 0 to run each video as one sequence (the prediction of frame t then depends on
-            every frame before it); k to run the model over the k frames ending at frame t alone, as it saw
-            sequences in its k-frame training windows (k times the compute).
+            every frame before it); k to run the model over k-frame windows, as it saw sequences in training:
+            frame t from the frames of the window ending at it alone (k times the compute; see per_window).
         horizon: predict frame t from the frames up to t - horizon: for the horizon - 1 frames in between
             the model is fed its own predictions, in the same model call (needs a window longer than the
             horizon). 1: the next frame, from every frame before it.
