@@ -310,6 +310,9 @@ def test_horizon_and_warmup_leave_the_first_frames_unscored(trained, prepared, t
         (["--warmup", "-1"], "--warmup must be 1"),
         (["--horizon", "4"], "window longer"),
         (["--batch_size", "0"], "--batch_size must be 1"),
+        (["--per_window", "0"], "--per_window must be 1"),
+        (["--per_window", "4"], "scoring 4 frames per window"),
+        (["--horizon", "2", "--per_window", "2"], "horizon 1"),
     ],  # the training window is 4 frames
 )
 def test_bad_scoring_options_are_refused(prepared, trained, tmp_path, options, message):
