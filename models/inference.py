@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,11 @@ from models.io import read_json
 # 0.976-0.979) and in the forest, and only it lets a window score several frames (`default_per_window`);
 # 2 ahead won the unsmoothed regularity for two of the three (docs/results.md).
 DEFAULT_HORIZON = 1
+
+
+# Window scorers built so far, per trained PredNet layer and (window, per_window). Each is a new Keras model
+# that compiles on its first call, so building one per `predict_videos` call compiled it again every time.
+_SCORERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def default_per_window(window: int | None, horizon: int) -> int:
@@ -151,10 +157,8 @@ def _predict_windows(model, X, sources, batch_size, window, horizon, per_window)
     (closed loop), except at t itself, whose frame stays in so that the layer errors of its step compare
     it with its prediction (which does not depend on it). Windows travel as uint8 and only the scored
     steps come back (`window_scorer`); every call has the same shape (the last one padded), so the model
-    compiles once."""
-    from models.prednet import find_prednet, window_scorer
-
-    scorer = window_scorer(find_prednet(model), window, per_window)
+    compiles once, on the first `predict_videos` call for this model and window (`_window_scorer`)."""
+    scorer = _window_scorer(model, window, per_window)
     starts, stops, picked = window_rows(sources, window, per_window)
     steps = np.arange(window)
     predictions, errors = np.zeros(X.shape, np.float32), None
@@ -179,3 +183,19 @@ def _predict_windows(model, X, sources, batch_size, window, horizon, per_window)
         predictions[rows] = pred[: len(start)][valid]
         errors[rows] = err[: len(start)][valid]
     return predictions, errors
+
+
+def _window_scorer(model, window: int, per_window: int):
+    """The `window_scorer` of `model`'s PredNet layer, built on first use and kept while that layer lives;
+    later calls copy the layer's current weights into it, so that a model trained further is scored as it
+    is now."""
+    from models.prednet import find_prednet, window_scorer
+
+    layer = find_prednet(model)
+    scorers = _SCORERS.setdefault(layer, {})
+    scorer = scorers.get((window, per_window))
+    if scorer is None:
+        scorer = scorers[(window, per_window)] = window_scorer(layer, window, per_window)
+    else:
+        find_prednet(scorer).set_weights(layer.get_weights())
+    return scorer

@@ -245,6 +245,29 @@ def test_several_frames_per_window_are_each_predicted_from_their_own_window(trai
             predict_videos(model, X, sources, **{"per_window": 2, **kwargs})
 
 
+def test_the_window_scorer_is_built_once_per_model_and_follows_its_weights(trained, prepared):
+    from models.inference import _SCORERS, load_predictor, predict_videos
+    from models.prednet import find_prednet, predictor
+
+    model, _, _ = load_predictor(trained)
+    X, sources = load_split(prepared, "test")
+    X, sources = X[:48], sources[:48]
+    first, first_err, _ = predict_videos(model, X, sources, batch_size=3, window=4, per_window=2)
+    scorer = _SCORERS[find_prednet(model)][(4, 2)]
+    again, again_err, _ = predict_videos(model, X, sources, batch_size=3, window=4, per_window=2)
+    assert _SCORERS[find_prednet(model)][(4, 2)] is scorer  # compiled once, not once per call
+    np.testing.assert_array_equal(again, first)
+    np.testing.assert_array_equal(again_err, first_err)
+
+    layer = find_prednet(model)
+    layer.set_weights([w * 0.5 for w in layer.get_weights()])  # e.g. trained further
+    changed, changed_err, _ = predict_videos(model, X, sources, batch_size=3, window=4, per_window=2)
+    assert np.abs(changed - first).max() > 1e-3
+    fresh, fresh_err, _ = predict_videos(predictor(layer), X, sources, batch_size=3, window=4, per_window=2)
+    np.testing.assert_allclose(changed, fresh, atol=1e-6)
+    np.testing.assert_allclose(changed_err, fresh_err, atol=1e-6)
+
+
 def test_predicting_frames_ahead_feeds_the_model_its_own_predictions(trained, prepared):
     from models.inference import load_predictor, predict_videos
 
