@@ -28,8 +28,8 @@ _SCORERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def default_per_window(window: int | None, horizon: int) -> int:
     """Frames scored per window by default: half the window when predicting the next frame, so that each
     frame is predicted from window // 2 to window - 1 frames before it, at 2 model steps per frame instead
-    of `window` (on Ped2 at 32x48 and 64x96, within 0.004 AUC of one frame per window for five models;
-    docs/results.md); 1 otherwise."""
+    of `window` (on Ped2 at 32x48 and 64x96, within 0.004 AUC of one frame per window for five models,
+    and the same smoothed AUC at 128x192; docs/results.md); 1 otherwise."""
     return max(window // 2, 1) if window and horizon == 1 else 1
 
 
