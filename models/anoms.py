@@ -46,7 +46,7 @@ def load_scored(path: str | Path) -> pd.DataFrame:
 
 def default_features(df: pd.DataFrame) -> list[str]:
     """The model's metrics as batch_scoring.py wrote them (smoothing is fit_anoms.py's own --smooth)."""
-    return [c for c in df.columns if c.startswith("model_") and "_smooth" not in c]
+    return [c for c in df.columns if c.startswith("model_") and "_smooth" not in c and not c.endswith("_alarm")]
 
 
 def prepare_frames(

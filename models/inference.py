@@ -53,6 +53,7 @@ def predict_videos(
     window: int | None = None,
     horizon: int = 1,
     per_window: int = 1,
+    progress=None,
 ):
     """Predicts every frame of every video from earlier frames of the same video only.
 
@@ -71,6 +72,7 @@ def predict_videos(
             windows `per_window` frames apart, so that each frame is predicted from the last
             window - per_window to window - 1 frames before it, for window / per_window model steps per
             frame instead of window (the first `window` frames of a video share its first window).
+        progress: an optional tqdm bar, advanced by the frames scored in each model call.
 
     Returns:
         predictions (n, h, w, c) in [0, 1] aligned with X (frames with no frame `horizon` steps before them
@@ -94,9 +96,9 @@ def predict_videos(
         )
     start = time.perf_counter()
     if window:
-        predictions, errors = _predict_windows(model, X, sources, batch_size, window, horizon, per_window)
+        predictions, errors = _predict_windows(model, X, sources, batch_size, window, horizon, per_window, progress)
     else:
-        predictions, errors = _predict_whole(model, X, sources, batch_size)
+        predictions, errors = _predict_whole(model, X, sources, batch_size, progress)
     seconds = time.perf_counter() - start
     return predictions, errors, len(X) / max(seconds, 1e-9)
 
@@ -106,7 +108,7 @@ def _outputs(model, batch) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(out["prediction"], np.float32), np.asarray(out["error"], np.float32)
 
 
-def _predict_whole(model, X, sources, batch_size):
+def _predict_whole(model, X, sources, batch_size, progress=None):
     """Several videos per call, padded at the end to one length: padding at the end never changes
     earlier predictions, since the model is causal in time."""
     videos = video_slices(sources)
@@ -123,6 +125,8 @@ def _predict_whole(model, X, sources, batch_size):
         for j, (_, sl) in enumerate(group):
             predictions[sl] = pred[j, : sl.stop - sl.start]
             errors[sl] = err[j, : sl.stop - sl.start]
+        if progress is not None:
+            progress.update(sum(sl.stop - sl.start for _, sl in group))
     return predictions, errors
 
 
@@ -149,7 +153,7 @@ def window_rows(sources: np.ndarray, window: int, per_window: int = 1) -> tuple[
     return np.array(starts, np.int64), np.array(stops, np.int64), np.array(steps, np.int64).reshape(-1, per_window)
 
 
-def _predict_windows(model, X, sources, batch_size, window, horizon, per_window):
+def _predict_windows(model, X, sources, batch_size, window, horizon, per_window, progress=None):
     """Frame t from the frames of its video in the window that scores it (`window_rows`), read at its step;
     the window of frame t at the start of a video starts at the video's first frame, padded at the end
     (the model is causal, so padding never changes a step before it). With horizon > 1 (one frame per
@@ -182,6 +186,8 @@ def _predict_windows(model, X, sources, batch_size, window, horizon, per_window)
         rows = (start[:, None] + step)[valid]
         predictions[rows] = pred[: len(start)][valid]
         errors[rows] = err[: len(start)][valid]
+        if progress is not None:
+            progress.update(len(rows))
     return predictions, errors
 
 
@@ -199,3 +205,23 @@ def _window_scorer(model, window: int, per_window: int):
     else:
         find_prednet(scorer).set_weights(layer.get_weights())
     return scorer
+
+
+def frame_contexts(sources: np.ndarray, window: int | None, per_window: int = 1, horizon: int = 1) -> np.ndarray:
+    """Frames of context each frame is predicted from by `predict_videos` with these settings: its step in
+    the window that scores it (`window_rows`), or its index in its video with whole-video scoring (capped at
+    `WHOLE_VIDEO_CONTEXTS` - 1); minus horizon - 1 frames fed back. Calibration removes the error's
+    dependence on it (`models.calibration`)."""
+    contexts = np.zeros(len(sources), np.int64)
+    if window:
+        starts, _, steps = window_rows(sources, window, per_window)
+        for start, row in zip(starts, steps, strict=True):
+            row = row[row >= 0]
+            contexts[start + row] = row
+    else:
+        for _, sl in video_slices(sources):
+            contexts[sl] = np.minimum(np.arange(sl.stop - sl.start), WHOLE_VIDEO_CONTEXTS - 1)
+    return np.maximum(contexts - (horizon - 1), 0)
+
+
+WHOLE_VIDEO_CONTEXTS = 20

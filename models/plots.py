@@ -82,3 +82,53 @@ def plot_importances(table: pd.DataFrame, path: Path) -> None:
         ax.barh(table.index[::-1], table[col][::-1])
         ax.set_title(col, fontsize=9)
     _save(fig, path)
+
+
+def plot_live_scores(df: pd.DataFrame, path: Path, threshold: float, smooth: int, n_videos: int | None = None) -> None:
+    """Per video: the live score (left axis, calibrated: 2 = 1 normal frame in 100) with its threshold and
+    alarms, and the offline score (right axis: 1 - the smoothed regularity, scaled within the video)."""
+    videos = list(dict.fromkeys(df["video"]))[:n_videos]
+    offline = f"model_regularity_smooth{smooth}" if smooth > 1 else "model_regularity"
+    labelled = "y" in df
+    fig, axes = plt.subplots(len(videos), 1, figsize=(9, 1.9 * len(videos) + 0.6), squeeze=False)
+    top = max(float(np.nanmax(df["score"].to_numpy(float), initial=0.0)), threshold) * 1.1 + 0.1
+    for ax, video in zip(axes[:, 0], videos, strict=True):
+        g = df[df["video"] == video]
+        frames = g["frame"].to_numpy()
+        if labelled:
+            for s, e in label_ranges(g["y"].to_numpy()):
+                ax.axvspan(frames[s - 1] - 0.5, frames[e - 1] + 0.5, color="red", alpha=0.12, lw=0)
+        for s, e in label_ranges(g["alarm"].to_numpy()):
+            ax.axvspan(frames[s - 1] - 0.5, frames[e - 1] + 0.5, ymin=0.92, ymax=1.0, color="darkorange", lw=0)
+        ax.plot(frames, g["score"], color="tab:blue", lw=1.2, label="live score (left axis)")
+        ax.axhline(threshold, color="red", ls="--", lw=0.9, label=f"threshold {threshold:.1f}")
+        ax.set_ylim(0, top)
+        ax.set_ylabel(f"{video}\nscore", fontsize=8)
+        ax.tick_params(labelsize=7)
+        if offline in g:
+            twin = ax.twinx()
+            twin.plot(frames, 1 - g[offline], color="tab:green", lw=0.9, alpha=0.8, label="offline score (right axis)")
+            twin.set_ylim(-0.05, 1.05)
+            twin.set_ylabel("offline", fontsize=7)
+            twin.tick_params(labelsize=7)
+        ax.set_xlim(frames[0] - 0.5, frames[-1] + 0.5)
+    handles = [h for a in fig.axes[:2] for h in a.get_legend_handles_labels()[0]]
+    labels = [lbl for a in fig.axes[:2] for lbl in a.get_legend_handles_labels()[1]]
+    handles.append(plt.Rectangle((0, 0), 1, 1, color="darkorange"))
+    labels.append("alarm")
+    if labelled:
+        handles.append(plt.Rectangle((0, 0), 1, 1, color="red", alpha=0.12))
+        labels.append("labelled anomalous")
+    fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=7, frameon=False)
+    what = "" if labelled else " (no labels)"
+    axes[0, 0].set_title(
+        f"live score: causal, calibrated on normal video; offline: {smooth}-frame centred mean, min-max per video"
+        + what,
+        fontsize=8,
+        pad=14,
+    )
+    axes[-1, 0].set_xlabel("frame")
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
+    plt.close(fig)

@@ -188,4 +188,5 @@ def side_by_side(results: pd.DataFrame) -> pd.DataFrame:
 
 
 def metric_columns(df: pd.DataFrame) -> list[str]:
-    return [c for c in df.columns if c.startswith(("model_", "copy_"))]
+    """The score columns of the model and the baseline (not their 0/1 alarm states)."""
+    return [c for c in df.columns if c.startswith(("model_", "copy_")) and not c.endswith("_alarm")]

@@ -11,6 +11,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from models.calibration import FILENAME as CALIBRATION_FILE
 from models.data.store import dataset_dir, load_split, read_metadata, video_slices
 from models.errors import PipelineError
 from models.io import atomic_file, write_json
@@ -222,8 +223,23 @@ def _plot_history(history_csv: Path, out_png: Path) -> None:
     plt.close(fig)
 
 
+def fit_normal_calibration(model, s: TrainSettings, X_train, src_train, X_val, src_val):
+    """The live score's calibration (`models.calibration`) on the normal videos: the local error levels on the
+    train and val frames, the exceedance on the val videos (held out from training; the train videos when
+    there are none), with batch_scoring.py's default windows."""
+    from models.live import calibrate, scoring_settings
+
+    X = np.concatenate([X_train, X_val])
+    sources = np.concatenate([src_train, src_val])
+    tail = set(src_val.tolist()) or set(src_train.tolist())
+    settings = scoring_settings({"arguments": {"nt": s.nt}})
+    fitted_on = {"train_frames": len(X_train), "val_frames": len(X_val), "tail_videos": sorted(tail)}
+    return calibrate(predictor(model, "all"), X, sources, tail, settings, batch_size=64, fitted_on=fitted_on)
+
+
 def train(s: TrainSettings) -> dict:
-    """Trains PredNet and writes model.keras, config.json, history.csv and history.png to `s.model_dir`.
+    """Trains PredNet and writes model.keras, calibration.json, config.json, history.csv and history.png to
+    `s.model_dir`.
 
     Returns:
         The content of config.json.
@@ -326,8 +342,10 @@ def train(s: TrainSettings) -> dict:
         X_train, src_train, s.nt, s.batch_size, shuffle=False, step=s.nt, samples_per_epoch=s.val_samples
     )
     mse_model, mse_copy = next_frame_mse(model, eval_data)
+    calibration = fit_normal_calibration(model, s, X_train, src_train, X_val, src_val)
     with atomic_file(model_dir / "model.keras") as tmp:
         model.save(tmp)
+    calibration.save(model_dir / CALIBRATION_FILE)
     _plot_history(model_dir / "history.csv", model_dir / "history.png")
     steady = throughput.rates[1:] or throughput.rates
     config = {

@@ -1,0 +1,263 @@
+"""Calibration on normal video: what the prediction error looks like at each place of the frame, and how
+often normal frames reach a given score, so that a live score means the same in every video.
+
+The live score of a frame, for a source of predictions (the model, or copying the last frame):
+
+1. `local_errors`: the squared prediction error averaged over the cells of a grid (8 rows by default, cells
+   `cell` pixels square), in log: L[t, p] = log(mse of cell p + eps).
+2. The normal level of each cell and of each context length: a frame scored with c frames of context in its
+   window (`frame_contexts`) is predicted worse when c is small, so L[t, p] ~ mu[p] + delta[c] on normal
+   video, with the spread sigma[p] of each cell. Both are fitted on normal frames (the training videos and
+   the val videos: many frames per place). `heat` = (L - mu - delta) / sigma: how unusual the error is at
+   that place, in normal standard deviations; removing delta[c] removes the period-`per_window` sawtooth
+   of windowed scoring and the start-up spike of each video.
+3. `local` = the largest heat of the frame (where the frame is least normal), and `live` its mean over the
+   last `smooth` frames (trailing: no look-ahead).
+4. `score` = -log10 of the fraction of normal frames whose live value is at least as high, estimated on the
+   normal val videos (held out from training, so their errors are those of new normal video), with an
+   exponential tail above their 90th percentile: a score of 2 is reached by 1 normal frame in 100, whatever
+   the video; the default alarm threshold is the score of a false-positive rate (`fpr`, 1%).
+
+`Calibration` is stored as `calibration.json` in the model folder (train.py writes it at the end of
+training); `batch_scoring.py --calibrate_on` fits a new one from a camera's normal footage.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from models.errors import PipelineError
+from models.io import read_json, write_json
+
+FILENAME = "calibration.json"
+EPS = 1e-5  # squared error floor of a cell (PSNR 50 dB): copying a static background errs by exactly 0
+DEFAULT_FPR = 0.01
+DEFAULT_SMOOTH = 5
+GRID_ROWS = 8
+TAIL_QUANTILE = 0.9
+MAX_NORMAL_VALUES = 20000
+SOURCES = ("model", "copy")
+
+
+def default_cell(height: int) -> int:
+    """Cell side in pixels: an 8-row grid (16 pixels at 128x192, 4 at 32x48)."""
+    return max(1, height // GRID_ROWS)
+
+
+def local_errors(frames: np.ndarray, predictions: np.ndarray, cell: int) -> np.ndarray:
+    """log(mean squared error + EPS) of each `cell`-pixel square cell: (n, h // cell, w // cell).
+
+    Args:
+        frames: (n, h, w, c) uint8 frames, or floats in [0, 1].
+        predictions: (n, h, w, c) predictions in [0, 1].
+        cell: cell side in pixels.
+    """
+    x = frames.astype(np.float32) / 255.0 if frames.dtype == np.uint8 else frames.astype(np.float32)
+    se = ((x - predictions.astype(np.float32)) ** 2).mean(axis=-1)
+    n, h, w = se.shape
+    gh, gw = max(h // cell, 1), max(w // cell, 1)
+    ch, cw = h // gh, w // gw
+    cells = se[:, : gh * ch, : gw * cw].reshape(n, gh, ch, gw, cw).mean(axis=(2, 4))
+    return np.log(cells + EPS).astype(np.float32)
+
+
+def copy_predictions(frames: np.ndarray, sources: np.ndarray) -> np.ndarray:
+    """The copy-last-frame baseline's prediction of each frame, in [0, 1] (a video's first frame: itself)."""
+    from models.data.store import video_slices
+
+    x = frames.astype(np.float32) / 255.0
+    previous = np.empty_like(x)
+    for _, sl in video_slices(sources):
+        previous[sl.start] = x[sl.start]
+        previous[sl.start + 1 : sl.stop] = x[sl.start : sl.stop - 1]
+    return previous
+
+
+@dataclass
+class LocalNorm:
+    """The normal log error of each cell (mu), its spread (sigma) and the offset of each context (delta)."""
+
+    mu: list
+    sigma: list
+    delta: list
+
+    @classmethod
+    def fit(cls, errors: np.ndarray, contexts: np.ndarray, n_contexts: int, iterations: int = 3) -> LocalNorm:
+        """Fits mu[p] + delta[c] to normal log errors (n, gh, gw) with contexts (n,) in [0, n_contexts)."""
+        if len(errors) < 2:
+            raise PipelineError(f"Calibration needs at least 2 scored normal frames. Received: {len(errors)}")
+        delta = np.zeros(n_contexts, np.float64)
+        seen = np.zeros(n_contexts, bool)
+        frame_mean = errors.reshape(len(errors), -1).mean(axis=1)
+        for _ in range(iterations):
+            mu = (errors - delta[contexts][:, None, None]).mean(axis=0)
+            offset = frame_mean - mu.mean()
+            for c in range(n_contexts):
+                at = contexts == c
+                if at.any():
+                    delta[c], seen[c] = np.median(offset[at]), True
+            delta -= np.median(delta[contexts])  # the most common contexts carry no offset
+        delta = _fill_unseen(delta, seen)
+        residual = errors - mu[None] - delta[contexts][:, None, None]
+        sigma = residual.std(axis=0)
+        sigma = np.maximum(sigma, max(float(np.median(sigma)) * 0.1, 1e-3))  # a cell that never varies
+        return cls(mu.tolist(), sigma.tolist(), delta.tolist())
+
+    def heat(self, errors: np.ndarray, contexts: np.ndarray) -> np.ndarray:
+        """(errors - mu - delta[context]) / sigma: how unusual each cell's error is, (n, gh, gw)."""
+        mu, sigma, delta = (np.asarray(v, np.float32) for v in (self.mu, self.sigma, self.delta))
+        if errors.shape[1:] != mu.shape:
+            raise PipelineError(f"Calibration is for a {mu.shape} grid of cells; the frames give {errors.shape[1:]}.")
+        c = np.clip(contexts, 0, len(delta) - 1)
+        return (errors - mu[None] - delta[c][:, None, None]) / sigma[None]
+
+
+def _fill_unseen(values: np.ndarray, seen: np.ndarray) -> np.ndarray:
+    """Contexts never seen in the normal frames take the value of the nearest one seen."""
+    if seen.all() or not seen.any():
+        return values
+    idx = np.flatnonzero(seen)
+    nearest = idx[np.abs(np.arange(len(values))[:, None] - idx[None]).argmin(axis=1)]
+    return values[nearest]
+
+
+def trailing_mean(values: np.ndarray, videos: np.ndarray, window: int) -> np.ndarray:
+    """Mean over the last `window` frames of the same video with a value (NaN frames skipped and kept NaN)."""
+    series = pd.Series(values, dtype=float)
+    out = series.groupby(np.asarray(videos)).transform(lambda v: v.rolling(window, min_periods=1).mean())
+    return np.where(np.isnan(values), np.nan, out.to_numpy())
+
+
+@dataclass
+class NormalTail:
+    """The distribution of a live value on normal frames, as sorted values, turned into -log10 exceedance."""
+
+    values: list
+
+    @classmethod
+    def fit(cls, values: np.ndarray) -> NormalTail:
+        values = np.sort(np.asarray(values, np.float64)[np.isfinite(values)])
+        if len(values) < 10:
+            raise PipelineError(f"Calibration needs at least 10 scored normal frames. Received: {len(values)}")
+        if len(values) > MAX_NORMAL_VALUES:
+            values = np.quantile(values, np.linspace(0, 1, MAX_NORMAL_VALUES))
+        return cls(values.tolist())
+
+    def score(self, live: np.ndarray) -> np.ndarray:
+        """-log10 P(normal live value >= live): 2 means 1 normal frame in 100 scores as high."""
+        normal = np.asarray(self.values)
+        n = len(normal)
+        exceed = (n - np.arange(n)) / (n + 1)  # the share of normal values >= each sorted value
+        q = float(np.quantile(normal, TAIL_QUANTILE))
+        p_q = float(np.interp(q, normal, exceed))
+        above = normal[normal > q]
+        scale = max(float((above - q).mean()) if len(above) else 0.0, 1e-6)
+        live = np.asarray(live, np.float64)
+        body = np.interp(live, normal, exceed, left=1.0)
+        tail = p_q * np.exp(-np.maximum(live - q, 0.0) / scale)
+        p = np.where(live > q, tail, body)
+        return np.where(np.isfinite(live), -np.log10(np.clip(p, 1e-300, 1.0)), np.nan)
+
+
+@dataclass
+class Calibration:
+    """Everything the live score needs; stored as calibration.json (plain JSON)."""
+
+    cell: int
+    window: int
+    per_window: int
+    horizon: int
+    first_scored: int
+    smooth: int
+    fpr: float
+    norms: dict  # source -> LocalNorm
+    tails: dict  # source -> NormalTail
+    fitted_on: dict = field(default_factory=dict)
+    version: int = 1
+
+    @property
+    def threshold(self) -> float:
+        return threshold_for(self.fpr)
+
+    def save(self, path: str | Path) -> None:
+        data = asdict(self)
+        data["threshold"] = self.threshold
+        write_json(path, data)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Calibration:
+        data = read_json(path)
+        try:
+            data.pop("threshold", None)
+            data["norms"] = {k: LocalNorm(**v) for k, v in data["norms"].items()}
+            data["tails"] = {k: NormalTail(**v) for k, v in data["tails"].items()}
+            return cls(**data)
+        except (KeyError, TypeError) as err:
+            raise PipelineError(f"{path} is not a calibration file: {err}") from None
+
+
+def threshold_for(fpr: float) -> float:
+    """The score over which a share `fpr` of normal frames lies."""
+    if not 0 < fpr < 1:
+        raise PipelineError(f"The false-positive rate must be in (0, 1). Received: {fpr}")
+    return -math.log10(fpr)
+
+
+def live_values(heat: np.ndarray, predictable: np.ndarray, videos: np.ndarray, smooth: int):
+    """`local` (the largest heat of each frame, NaN where not predictable) and `live` (its trailing mean)."""
+    peak = np.nan_to_num(heat.reshape(len(heat), -1), nan=-np.inf).max(axis=1, initial=-np.inf)
+    local = np.where(predictable & np.isfinite(peak), peak, np.nan)
+    return local, trailing_mean(local, videos, smooth)
+
+
+def fit_calibration(
+    local_by_source: dict[str, np.ndarray],
+    contexts: np.ndarray,
+    predictable: np.ndarray,
+    videos: np.ndarray,
+    tail_mask: np.ndarray,
+    settings: dict,
+) -> Calibration:
+    """Fits the local norms on every predictable normal frame given and the tails on those in `tail_mask`.
+
+    Args:
+        local_by_source: source name -> `local_errors` (n, gh, gw) of normal frames.
+        contexts: (n,) frames of context of each frame's prediction (`frame_contexts`).
+        predictable: (n,) frames that have a score.
+        videos: (n,) the video of each frame.
+        tail_mask: (n,) frames whose live values set the exceedance (the held-out normal videos).
+        settings: cell, window, per_window, horizon, first_scored, smooth, fpr and fitted_on.
+    """
+    n_contexts = max(int(contexts.max()) + 1, settings["window"] or 1)
+    norms, tails = {}, {}
+    for source, errors in local_by_source.items():
+        norm = LocalNorm.fit(errors[predictable], contexts[predictable], n_contexts)
+        heat = norm.heat(errors, contexts)
+        _, live = live_values(heat, predictable, videos, settings["smooth"])
+        norms[source], tails[source] = norm, NormalTail.fit(live[tail_mask & predictable])
+    return Calibration(norms=norms, tails=tails, **settings)
+
+
+def apply_calibration(
+    calibration: Calibration,
+    local_by_source: dict[str, np.ndarray],
+    contexts: np.ndarray,
+    predictable: np.ndarray,
+    videos: np.ndarray,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Columns `<source>_local`, `<source>_live`, `<source>_score` for each source, and its heat maps."""
+    columns, heats = {}, {}
+    for source, errors in local_by_source.items():
+        heat = calibration.norms[source].heat(errors, contexts)
+        heat[~predictable] = np.nan
+        local, live = live_values(heat, predictable, videos, calibration.smooth)
+        columns[f"{source}_local"] = local
+        columns[f"{source}_live"] = live
+        columns[f"{source}_score"] = calibration.tails[source].score(live)
+        heats[source] = heat
+    return columns, heats

@@ -1,0 +1,118 @@
+"""Videos to score as they come: video files, folders of frames, or folders of either; no dataset layout.
+
+    batch_scoring.py --input cam1.mp4 cam2.avi frames_of_cam3/ folder_of_clips/
+
+A file with a video suffix (.mp4, .avi, .mov, .mkv) is one video, named by its stem; a folder that holds
+frame files is one video, named by the folder; any other folder is searched one level down for both
+(hidden entries and `*_gt` mask folders are skipped). Names must be unique.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from models.data import frames as frame_io
+from models.data.index import FRAME_SUFFIXES, VIDEO_SUFFIXES, Video, _frame_files, labels_for, parse_labels_csv
+from models.errors import PipelineError
+
+DEFAULT_FPS = 10.0  # UCSD's frame rate, for folders of frames
+
+
+def _as_video(path: Path) -> Video | None:
+    if path.name.startswith("."):
+        return None
+    if path.is_file() and path.suffix.lower() in VIDEO_SUFFIXES:
+        return Video(path.stem, "test", path)
+    if path.is_dir() and not path.name.endswith("_gt"):
+        frames = _frame_files(path)
+        if frames:
+            video = Video(path.name, "test", path, frames=frames)
+            gt = path.with_name(f"{path.name}_gt")
+            if gt.is_dir():
+                video.mask_dir, video.mask_frames = gt, _frame_files(gt)
+            return video
+    return None
+
+
+def find_inputs(paths) -> list[Video]:
+    """The videos named by `paths` (files, frame folders, or folders holding them), in the order given.
+
+    Raises:
+        PipelineError: a path that does not exist, holds no video, or two videos with one name.
+    """
+    videos = []
+    for raw in paths:
+        path = Path(raw)
+        if not path.exists():
+            raise PipelineError(f"Input {path} does not exist.")
+        video = _as_video(path)
+        if video is not None:
+            videos.append(video)
+            continue
+        if path.is_file():
+            raise PipelineError(
+                f"Input {path} is not a video file ({', '.join(VIDEO_SUFFIXES)}) or a folder of frames "
+                f"({', '.join(FRAME_SUFFIXES)})."
+            )
+        found = [v for v in (_as_video(p) for p in sorted(path.iterdir())) if v is not None]
+        if not found:
+            raise PipelineError(f"Input folder {path} holds no video files, frames or folders of frames.")
+        videos += found
+    seen: dict[str, Path] = {}
+    for v in videos:
+        if v.name in seen:
+            raise PipelineError(f"Two inputs are both named {v.name!r}: {seen[v.name]} and {v.path}; rename one.")
+        seen[v.name] = v.path
+    return videos
+
+
+def video_fps(video: Video, default: float = DEFAULT_FPS) -> float:
+    """Frames per second of a video file (its container's rate), or `default` for a folder of frames."""
+    if video.frames is not None:
+        return default
+    import imageio.v2 as imageio
+
+    try:
+        with imageio.get_reader(str(video.path), "ffmpeg") as reader:
+            fps = float(reader.get_meta_data().get("fps") or default)
+    except Exception as err:  # imageio raises several types for unreadable files
+        raise PipelineError(f"Cannot open video file {video.path}: {err}") from None
+    return fps if fps > 0 else default
+
+
+def resize(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """uint8 (n, H, W, c) frames resized to `size` (height, width), as data preparation resizes them."""
+    if frames.shape[1:3] == tuple(size):
+        return frames
+    out = np.empty((len(frames), *size, frames.shape[-1]), np.uint8)
+    for i, f in enumerate(frames):
+        image = Image.fromarray(f[..., 0] if f.shape[-1] == 1 else f)
+        out[i] = np.asarray(image.resize((size[1], size[0]), Image.Resampling.BILINEAR)).reshape(out.shape[1:])
+    return out
+
+
+def read_input(video: Video, channels: int) -> np.ndarray:
+    """All frames of one input video at their native size: uint8 (n, H, W, channels)."""
+    first = frame_io.first_image(video)
+    return frame_io.read_video(video, (first.size[1], first.size[0]), channels)
+
+
+def input_labels(videos: list[Video], lengths: dict[str, int], labels_csv: str | Path) -> np.ndarray:
+    """0/1 per frame of the videos, in order, from a `video,start_frame,end_frame` CSV (a video without rows
+    is all normal).
+
+    Raises:
+        PipelineError: the CSV names a video that is not among the inputs, or a range past a video's end.
+    """
+    table = parse_labels_csv(labels_csv)
+    unknown = sorted(set(table) - {v.name for v in videos})
+    if unknown:
+        raise PipelineError(f"Label file {labels_csv} names videos that are not among the inputs: {unknown}.")
+    out = []
+    for v in videos:
+        v.ranges = table.get(v.name, [])
+        out.append(labels_for(v, lengths[v.name]))
+    return np.concatenate(out) if out else np.zeros(0, np.uint8)

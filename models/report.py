@@ -1,0 +1,103 @@
+"""What batch_scoring.py writes beside the scores: both protocols side by side, event-level figures of the
+live alarm, pixel-level AUROC where masks exist, and the sawtooth check.
+
+The two protocols:
+- **offline** (the published one, for comparison with the literature): the PSNR regularity, averaged over
+  `smooth` centred frames and min-max scaled within each video; it needs the whole video in advance.
+- **live**: the calibrated score of `models.calibration` (causal, one threshold for all videos).
+Each is given for the model and for the copy-last-frame baseline scored the same way.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from models.alarms import event_metrics
+from models.scoring import evaluate, side_by_side
+
+
+def protocol_columns(smooth: int) -> dict[str, tuple[str, str]]:
+    """Protocol name -> (model column, copy column)."""
+    offline = f"regularity_smooth{smooth}" if smooth > 1 else "regularity"
+    return {
+        f"offline: regularity, {smooth}-frame centred mean, min-max per video": (
+            f"model_{offline}",
+            f"copy_{offline}",
+        ),
+        "offline, unsmoothed: regularity, min-max per video": ("model_regularity", "copy_regularity"),
+        "live: calibrated score, causal, one threshold": ("model_score", "copy_score"),
+    }
+
+
+def protocol_table(df: pd.DataFrame, smooth: int) -> pd.DataFrame:
+    """Frame-level micro and macro AUC of each protocol, model and copy baseline."""
+    rows = {}
+    for name, (model, copy) in protocol_columns(smooth).items():
+        if model not in df or copy not in df:
+            continue
+        res = evaluate(df, [model, copy])
+        rows[name] = {
+            "model_auc": res.loc[model, "micro_auc"],
+            "copy_auc": res.loc[copy, "micro_auc"],
+            "model_macro_auc": res.loc[model, "macro_auc"],
+            "copy_macro_auc": res.loc[copy, "macro_auc"],
+        }
+    return pd.DataFrame(rows).T
+
+
+def event_table(df: pd.DataFrame, fps: float) -> pd.DataFrame:
+    """Event-level figures of the live alarm of the model (`alarm`) and of the baseline (`copy_alarm`)."""
+    return pd.DataFrame({"model": event_metrics(df, "alarm", fps), "copy": event_metrics(df, "copy_alarm", fps)}).T
+
+
+def sawtooth(values: np.ndarray, contexts: np.ndarray, mask: np.ndarray) -> float:
+    """How much a score follows the frame's position in its scoring window: the range of its mean over the
+    frames of each context length, in units of its standard deviation (0: none), over the frames in `mask`."""
+    v, c = np.asarray(values, float)[mask], np.asarray(contexts)[mask]
+    keep = np.isfinite(v)
+    v, c = v[keep], c[keep]
+    if len(v) < 2 or len(np.unique(c)) < 2 or v.std() == 0:
+        return float("nan")
+    means = [v[c == k].mean() for k in np.unique(c)]
+    return float((max(means) - min(means)) / v.std())
+
+
+def sawtooth_table(df: pd.DataFrame, window: int, per_window: int) -> dict[str, float]:
+    """`sawtooth` of the raw PSNR and of the live scores on normal scored frames past each video's first
+    window (where the context cycles through window - per_window .. window - 1)."""
+    mask = df["predictable"].to_numpy() & (df["context"].to_numpy() >= window - per_window)
+    if "y" in df:
+        mask &= df["y"].to_numpy() == 0
+    contexts = df["context"].to_numpy()
+    columns = ["model_psnr", "model_local", "model_score", "copy_psnr"]
+    return {col: sawtooth(df[col].to_numpy(), contexts, mask) for col in columns if col in df}
+
+
+def markdown(
+    title: str, df: pd.DataFrame, protocols, events, saw, pixel, threshold: float, fps: float, metrics=None
+) -> str:
+    """metrics.md: the protocols, the live alarm's events, pixel AUROC, the sawtooth and every metric's AUC."""
+    lines = [f"# {title}", ""]
+    lines.append(
+        f"{len(df)} frames of {df['video'].nunique()} videos, {int(df['predictable'].sum())} scored"
+        + (f", {int(df['y'].sum())} anomalous." if "y" in df else ", no labels.")
+    )
+    lines += ["", "## Frame-level AUC, both protocols", ""]
+    lines.append(protocols.round(4).to_markdown() if protocols is not None else "No labels with both classes.")
+    lines += [
+        "",
+        f"## Live alarm at the calibrated threshold (score >= {threshold:.2f}, {fps:g} frames/s)",
+        "",
+        events.round(3).to_markdown() if events is not None else "No labels.",
+    ]
+    if pixel:
+        lines += ["", "## Pixel-level AUROC of the heat maps (frames with masks)", ""]
+        lines += [f"- {k}: {v:.4f}" for k, v in pixel.items()]
+    if saw:
+        lines += ["", "## Sawtooth: score range over the context positions, in standard deviations", ""]
+        lines += [f"- {k}: {v:.3f}" for k, v in saw.items()]
+    if metrics is not None:
+        lines += ["", "## Every metric: frame-level AUC and EER, model and copy-last-frame baseline", ""]
+        lines.append(side_by_side(metrics).round(4).to_markdown())
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,264 @@
+"""What batch_scoring.py does, step by step: gather the frames (a prepared test set, or any videos), the
+model and its calibration; score; write the table, the alarms, the reports, the plots and the overlays."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from models.calibration import FILENAME, Calibration
+from models.data import store
+from models.data.inputs import find_inputs, input_labels, read_input, resize, video_fps
+from models.errors import PipelineError
+from models.io import atomic_file
+
+
+@dataclass
+class ScoringInputs:
+    """The frames to score (the model's size), their labels and masks if any, and the model."""
+
+    X: np.ndarray
+    sources: np.ndarray
+    y: np.ndarray | None
+    masks: np.ndarray | None
+    fps: float
+    title: str
+    model: object
+    config: dict
+    calibration: Calibration
+    native: dict = field(default_factory=dict)  # video -> frames at the input's own size (--input)
+    metadata: dict = field(default_factory=dict)
+
+
+def _read_videos(paths, size, channels, keep_native: bool):
+    """Frames of the videos at `paths`, resized to `size`; their names; the native frames; frames/s."""
+    videos = find_inputs(paths)
+    from tqdm import tqdm
+
+    xs, names, native, rates = [], [], {}, []
+    for video in tqdm(videos, unit="video", desc="reading", disable=None, leave=False):
+        frames = read_input(video, channels)
+        if keep_native:
+            native[video.name] = frames
+        xs.append(resize(frames, size))
+        names.append(np.full(len(frames), video.name))
+        rates.append(video_fps(video))
+    return videos, np.concatenate(xs), np.concatenate(names), native, rates
+
+
+def _calibration(args, model, config, settings, dataset_dir):
+    """The calibration asked for; fitted anew when it must be (--calibrate_on, a model without one, or
+    other window settings on a prepared dataset)."""
+    from models.live import calibrate
+
+    frame_shape = tuple(config["frame_shape"])
+    if args.calibrate_on:
+        _, X, sources, _, _ = _read_videos(args.calibrate_on, frame_shape[:2], frame_shape[2], False)
+        print(f"calibrating on {len(X)} frames of {len(set(sources))} normal videos")
+        return calibrate(
+            model,
+            X,
+            sources,
+            None,
+            settings,
+            args.live_smooth,
+            args.fpr or 0.01,
+            args.batch_size,
+            {"videos": [str(p) for p in args.calibrate_on], "frames": len(X)},
+        )
+    path = Path(args.calibration) if args.calibration else Path(args.model_dir) / FILENAME
+    cal = Calibration.load(path) if (args.calibration or path.is_file()) else None
+    same = cal is not None and all(getattr(cal, k) == v for k, v in settings.items())
+    if same:
+        return cal
+    if dataset_dir is None:
+        if cal is None:
+            raise PipelineError(
+                f"No calibration in {args.model_dir} (a model trained before calibration existed): pass "
+                "--calibrate_on with a few minutes of normal footage from the camera."
+            )
+        raise PipelineError(
+            f"{path} was fitted for window {cal.window}, {cal.per_window} per window, horizon {cal.horizon}, "
+            f"first scored frame {cal.first_scored}; score with those settings or pass --calibrate_on."
+        )
+    X, sources, tail = _normal_frames(dataset_dir)
+    why = "no calibration.json in the model folder" if cal is None else "other scoring settings than its calibration"
+    print(f"calibrating on the {len(X)} normal train and val frames of {dataset_dir} ({why})")
+    return calibrate(
+        model,
+        X,
+        sources,
+        tail,
+        settings,
+        cal.smooth if cal else args.live_smooth,
+        args.fpr or (cal.fpr if cal else 0.01),
+        args.batch_size,
+        {"dataset": str(dataset_dir), "frames": len(X)},
+    )
+
+
+def _normal_frames(dataset_dir):
+    """Train and val frames of a prepared dataset, and the videos that set the tail (val; train without)."""
+    X_train, src_train = store.load_split(dataset_dir, "train")
+    X_val, src_val = store.load_split(dataset_dir, "val")
+    tail = set(src_val.tolist()) or set(src_train.tolist())
+    return np.concatenate([X_train, X_val]), np.concatenate([src_train, src_val]), tail
+
+
+def load_scoring_inputs(args) -> ScoringInputs:
+    from models.inference import load_predictor
+    from models.live import scoring_settings
+
+    model, trained, config = load_predictor(args.model_dir)
+    h, w, c = trained.frame_shape
+    config.setdefault("frame_shape", [h, w, c])
+    settings = scoring_settings(config, args.window, args.per_window, args.warmup, args.horizon)
+    native, meta, masks, dataset_dir = {}, {}, None, None
+    if args.input:
+        keep = args.overlays is None or args.overlays > 0
+        videos, X, sources, native, rates = _read_videos(args.input, (h, w), c, keep)
+        lengths = {v.name: int((sources == v.name).sum()) for v in videos}
+        y = input_labels(videos, lengths, args.labels) if args.labels else None
+        fps, title = float(np.median(rates)), f"{len(videos)} input videos"
+    else:
+        dataset_dir = store.dataset_dir(args.preprocessed_data, args.dataset)
+        meta = store.read_metadata(dataset_dir)
+        X, sources = store.load_split(dataset_dir, "test")
+        if len(X) == 0:
+            raise PipelineError(f"{dataset_dir} has no test frames to score.")
+        if (h, w, c) != X.shape[1:]:
+            raise PipelineError(
+                f"Model in {args.model_dir} takes frames {(h, w, c)} (h, w, c) but the test frames of "
+                f"{dataset_dir} are {X.shape[1:]}; prepare the data with the model's size and channels."
+            )
+        y = store.load_labels(dataset_dir)
+        mask_file = dataset_dir / "masks_test.hkl"
+        masks = store.load(mask_file) if mask_file.is_file() else None
+        fps, title = args.fps, args.dataset
+    calibration = _calibration(args, model, config, settings, dataset_dir)
+    if args.fpr:
+        calibration.fpr = args.fpr
+    return ScoringInputs(X, sources, y, masks, fps, title, model, config, calibration, native, meta)
+
+
+def run_scoring(args, inputs: ScoringInputs, out: Path) -> dict:
+    """Scores the frames and writes every output into `out`; returns the summary (metrics.json)."""
+    from tqdm import tqdm
+
+    from models.alarms import AlarmRule, alarm_events
+    from models.live import score_frames
+    from models.plots import error_frames, plot_live_scores, plot_roc, save_gif
+    from models.report import event_table, markdown, protocol_table, sawtooth_table
+    from models.scoring import add_smoothed, evaluate, metric_columns, portable
+
+    cal, X, sources = inputs.calibration, inputs.X, inputs.sources
+    rule = AlarmRule(cal.threshold, args.alarm_min_frames, args.alarm_gap)
+    with tqdm(total=len(X), unit="frame", desc="scoring", disable=None, leave=False) as bar:
+        df, heats, predictions, rate = score_frames(
+            inputs.model, X, sources, cal, inputs.y, args.batch_size, args.patch, rule, bar
+        )
+    print(
+        f"scored {len(X)} frames of {len(set(sources))} videos at {rate:.0f} frames/s (compilation included), "
+        f"each from the frames before it ({cal.per_window} per {cal.window}-frame window)"
+        if cal.window
+        else f"scored {len(X)} frames of {len(set(sources))} videos at {rate:.0f} frames/s (whole videos)"
+    )
+    df = add_smoothed(df, args.smooth)
+    settings = {
+        "model_dir": str(args.model_dir),
+        "input": args.input or args.dataset,
+        "window": cal.window,
+        "horizon": cal.horizon,
+        "per_window": cal.per_window,
+        "warmup": args.warmup,
+        "smooth": args.smooth,
+        "live_smooth": cal.smooth,
+        "threshold": cal.threshold,
+        "fpr": cal.fpr,
+        "alarm_min_frames": rule.min_frames,
+        "alarm_gap": rule.gap,
+        "fps": inputs.fps,
+    }
+    df.attrs = {**settings, "height": int(X.shape[1]), "width": int(X.shape[2])}
+    portable(df).to_pickle(out / "df.pkl.gz")
+    events = alarm_events(df)
+    events.to_csv(out / "alarms.csv", index=False)
+    cal.save(out / "calibration.json")
+    summary = {
+        "frames": len(df),
+        "videos": int(df["video"].nunique()),
+        "frames_per_s": rate,
+        "alarms": len(events),
+        **settings,
+        "training": inputs.config.get("arguments"),
+    }
+    print(f"{len(events)} alarms at score >= {cal.threshold:.2f} (false-positive rate {cal.fpr:g} on normal frames)")
+    protocols = event_rows = results = None
+    pixel = {}
+    if inputs.masks is not None and len(inputs.masks) == len(df):
+        from models.overlay import pixel_auroc
+
+        pixel = {f"{s}_heat": pixel_auroc(heats[s], inputs.masks) for s in heats}
+        summary["pixel_auroc"] = pixel
+    saw = sawtooth_table(df, cal.window, cal.per_window) if cal.window else {}
+    summary["sawtooth"] = saw
+    if inputs.y is not None and df["y"].nunique() == 2:
+        results = evaluate(df, metric_columns(df))
+        protocols = protocol_table(df, args.smooth)
+        event_rows = event_table(df, inputs.fps)
+        summary["metrics"] = json.loads(results.to_json(orient="index"))
+        summary["protocols"] = json.loads(protocols.to_json(orient="index"))
+        summary["events"] = json.loads(event_rows.to_json(orient="index"))
+        print(protocols[["model_auc", "copy_auc"]].round(3).to_string())
+        print(event_rows[["events", "detected", "median_delay_frames", "false_alarms_per_minute"]].round(2).to_string())
+        aucs = results["micro_auc"].to_dict()
+        plot_roc(df, [c for c in roc_columns(args.smooth) if c in df], out / "roc.png", aucs)
+    else:
+        print("no labels with both classes: scores and alarms written, evaluation skipped")
+    (out / "metrics.md").write_text(
+        markdown(f"Scores: {inputs.title}", df, protocols, event_rows, saw, pixel, cal.threshold, inputs.fps, results)
+    )
+    plot_live_scores(df, out / "scores.png", cal.threshold, args.smooth, args.n_plot)
+    _write_overlays(args, inputs, df, heats, out)
+    if args.save_prediction_error_video_frames:
+        names = args.plot_videos.split(",") if args.plot_videos else list(dict.fromkeys(sources))[:2]
+        for name, sl in store.video_slices(sources):
+            if name in names:
+                save_gif(error_frames(X[sl] / 255.0, predictions[sl]), out / f"{name}_prediction_error.gif")
+    with atomic_file(out / "metrics.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=2, default=float) + "\n")
+    return summary
+
+
+def roc_columns(smooth: int) -> list[str]:
+    """The headline score of each protocol, model and baseline."""
+    offline = f"regularity_smooth{smooth}" if smooth > 1 else "regularity"
+    return [f"model_{offline}", f"copy_{offline}", "model_score", "copy_score"]
+
+
+def _write_overlays(args, inputs: ScoringInputs, df, heats, out: Path) -> None:
+    count = args.overlays if args.overlays is not None else (len(inputs.native) if args.input else 0)
+    if count <= 0:
+        return
+    from tqdm import tqdm
+
+    from models.overlay import write_overlay
+
+    (out / "overlays").mkdir(exist_ok=True)
+    slices = store.video_slices(inputs.sources)[:count]
+    for name, sl in tqdm(slices, unit="video", desc="overlays", disable=None, leave=False):
+        frames = inputs.native.get(name, inputs.X[sl])
+        write_overlay(
+            out / "overlays" / f"{name}.mp4",
+            frames,
+            heats["model"][sl],
+            df["score"].to_numpy()[sl],
+            inputs.calibration.threshold,
+            df["alarm"].to_numpy()[sl],
+            fps=inputs.fps,
+            title=name,
+        )
+    print(f"overlays of {len(slices)} videos -> {args.scored_data}/overlays/")

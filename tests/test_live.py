@@ -1,0 +1,247 @@
+"""The live score: calibration on normal video, alarms, and batch_scoring.py --input on real encoded video."""
+
+import json
+
+import imageio.v2 as imageio
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import run_script
+
+from models.alarms import AlarmRule, AlarmState, alarm_events, alarm_states, event_metrics
+from models.calibration import Calibration, LocalNorm, NormalTail, local_errors, threshold_for, trailing_mean
+from models.data.store import load_labels, load_split
+from models.inference import frame_contexts, window_rows
+from models.report import sawtooth
+
+
+def test_local_errors_are_log_cell_means():
+    frames = np.zeros((1, 4, 4, 1), np.uint8)
+    pred = np.zeros((1, 4, 4, 1), np.float32)
+    pred[0, :2, :2] = 0.5  # top-left cell: squared error 0.25 everywhere
+    pred[0, 2, 2] = 1.0  # bottom-right cell: one pixel of 4 errs by 1
+    out = local_errors(frames, pred, cell=2)
+    assert out.shape == (1, 2, 2)
+    np.testing.assert_allclose(np.exp(out[0]) - 1e-5, [[0.25, 0], [0, 0.25]], atol=1e-6)
+
+
+def test_local_norm_recovers_place_and_context_levels():
+    rng = np.random.default_rng(0)
+    mu = rng.normal(-6, 1, (3, 4))
+    delta = np.array([1.5, 0.6, 0.0, 0.0])  # early contexts err more; the common ones carry no offset
+    contexts = rng.choice(4, 4000, p=[0.05, 0.05, 0.45, 0.45])
+    errors = mu[None] + delta[contexts][:, None, None] + rng.normal(0, 0.3, (4000, 3, 4))
+    norm = LocalNorm.fit(errors, contexts, 4)
+    np.testing.assert_allclose(norm.delta, delta, atol=0.05)
+    np.testing.assert_allclose(norm.mu, mu, atol=0.05)
+    np.testing.assert_allclose(norm.sigma, 0.3, atol=0.03)
+    heat = norm.heat(errors, contexts)
+    assert abs(heat.mean()) < 0.02 and abs(heat.std() - 1) < 0.03
+
+
+def test_normal_tail_scores_are_exceedance_in_log10():
+    # Normal live values with an exponential distribution: P(value >= x) = exp(-x), exactly.
+    tail = NormalTail.fit(-np.log(1 - (np.arange(2000) + 0.5) / 2000))
+    score = tail.score(np.array([-1.0, np.log(2), np.log(20), np.log(1e4), np.nan]))
+    assert score[0] == 0  # below every normal value: exceeded by all of them
+    assert score[1] == pytest.approx(np.log10(2), abs=0.01)  # the median: half the normal frames
+    assert score[2] == pytest.approx(np.log10(20), abs=0.02)  # 1 in 20, in the fitted exponential tail
+    assert score[3] == pytest.approx(4, abs=0.1)  # 1 in 10,000: beyond the 2000 normal values, extrapolated
+    assert np.isnan(score[4])  # a frame without a score gets none
+    values = np.linspace(-1, 12, 300)
+    assert (np.diff(tail.score(values)) >= 0).all()  # monotone
+    assert threshold_for(0.01) == pytest.approx(2.0)
+    with pytest.raises(Exception, match="false-positive rate"):
+        threshold_for(0)
+
+
+def test_trailing_mean_never_looks_ahead():
+    values = np.array([1.0, 2.0, 3.0, np.nan, 5.0, 10.0, 20.0])
+    videos = np.array(["a"] * 4 + ["b"] * 3)
+    out = trailing_mean(values, videos, 2)
+    np.testing.assert_allclose(out, [1.0, 1.5, 2.5, np.nan, 5.0, 7.5, 15.0])
+    changed = values.copy()
+    changed[2] = 100.0
+    np.testing.assert_allclose(trailing_mean(changed, videos, 2)[:2], out[:2])
+
+
+def test_contexts_follow_the_windows():
+    sources = np.array(["a"] * 11 + ["b"] * 3)
+    contexts = frame_contexts(sources, window=4, per_window=2)
+    # The first window of a video holds its first 4 frames (contexts 0-3); later frames are the last two
+    # steps of 4-frame windows (contexts 2, 3, 2, 3, ...). A video shorter than the window: 0, 1, 2.
+    assert contexts.tolist() == [0, 1, 2, 3, 2, 3, 2, 3, 2, 3, 3, 0, 1, 2]
+    starts, _, steps = window_rows(sources, 4, 2)
+    assert len(starts) == len(steps)
+    assert frame_contexts(sources, window=0).tolist() == list(range(11)) + [0, 1, 2]
+
+
+def test_alarm_goes_on_after_min_frames_and_off_after_gap():
+    rule = AlarmRule(threshold=2.0, min_frames=3, gap=2)
+    scores = [0, 3, 3, 3, 1, 3, 1, 1, 1, 3, 3, np.nan, 3]
+    state = AlarmState(rule)
+    assert [int(state.update(s)) for s in scores] == [0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0, 1]
+    videos = np.array(["a"] * 6 + ["b"] * 7)  # a new video starts from a fresh state
+    # b: 1, 1, 1, 3, 3, (no score), 3: the third scored frame over the threshold raises it
+    assert alarm_states(np.array(scores, float), videos, rule).tolist() == [0, 0, 0, 1, 1, 1] + [0] * 6 + [1]
+    with pytest.raises(Exception, match="min_frames"):
+        AlarmRule(2.0, min_frames=0)
+
+
+def test_events_and_event_metrics_on_a_hand_made_table():
+    df = pd.DataFrame(
+        {
+            "video": ["a"] * 10 + ["b"] * 10,
+            "frame": list(range(1, 11)) * 2,
+            "y": [0, 0, 0, 1, 1, 1, 1, 0, 0, 0] + [0] * 10,
+            "score": [0, 0, 0, 1, 3, 4, 3, 0, 0, 0] + [0, 5, 5, 0, 0, 0, 0, 0, 0, 0],
+            "alarm": [0, 0, 0, 0, 0, 1, 1, 1, 0, 0] + [0, 1, 1, 0, 0, 0, 0, 0, 0, 0],
+        }
+    )
+    events = alarm_events(df)
+    assert events.values.tolist() == [["a", 6, 8, 6, 4.0], ["b", 2, 3, 2, 5.0]]
+    m = event_metrics(df, "alarm", fps=1.0)
+    assert m["events"] == 1 and m["detected"] == 1 and m["median_delay_frames"] == 2  # frames 4 -> 6
+    assert m["false_alarms"] == 1 and m["normal_minutes"] == pytest.approx(16 / 60)
+    assert m["false_alarms_per_minute"] == pytest.approx(60 / 16)
+
+
+def test_sawtooth_measures_dependence_on_context():
+    contexts = np.tile([2, 3], 50)
+    mask = np.ones(100, bool)
+    assert sawtooth(np.where(contexts == 2, 1.0, 0.0), contexts, mask) == pytest.approx(2.0)
+    assert sawtooth(np.random.default_rng(0).normal(size=100), contexts, mask) < 0.5
+
+
+def test_training_writes_a_calibration(trained):
+    cal = Calibration.load(trained / "calibration.json")
+    assert cal.window == 4 and cal.per_window == 2 and cal.cell == 2  # 16-pixel frames: 8 rows of 2 pixels
+    assert cal.threshold == pytest.approx(2.0) and set(cal.norms) == {"model", "copy"}
+    assert np.asarray(cal.norms["model"].mu).shape == (8, 12)
+    config = json.loads((trained / "config.json").read_text())
+    assert len(cal.tails["model"].values) == config["data"]["frames"]["val"] - 1  # each val frame but the first
+
+
+def _write_mp4(path, frames, fps=10):
+    with imageio.get_writer(str(path), fps=fps, codec="libx264", quality=9, macro_block_size=4) as w:
+        for f in frames:
+            w.append_data(np.repeat(f, 3, axis=-1) if f.shape[-1] == 1 else f)
+
+
+@pytest.fixture(scope="module")
+def clips(synthetic_root, tmp_path_factory):
+    """Two test videos of the synthetic set as real .mp4 files, one as a folder of frames, and their labels."""
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("clips")
+    test = synthetic_root / "Test"
+    for name in ("Test001", "Test002"):
+        frames = [np.asarray(Image.open(p).convert("L"))[..., None] for p in sorted((test / name).glob("*.tif"))]
+        _write_mp4(folder / f"{name}.mp4", frames)
+    (folder / "cam3").mkdir()
+    for p in sorted((test / "Test003").glob("*.tif")):
+        Image.open(p).save(folder / "cam3" / f"{p.stem}.png")
+    normal = tmp_path_factory.mktemp("normal")
+    for name in ("Train001", "Train002"):
+        frames = [
+            np.asarray(Image.open(p).convert("L"))[..., None]
+            for p in sorted((synthetic_root / "Train" / name).glob("*.tif"))
+        ]
+        _write_mp4(normal / f"{name}.mp4", frames)
+    (folder / "labels.csv").write_text("video,start_frame,end_frame\nTest001,10,24\nTest002,8,24\ncam3,7,24\n")
+    return folder, normal
+
+
+def test_score_any_video(trained, clips, tmp_path):
+    folder, _ = clips
+    out = tmp_path / "scored"
+    inputs = [folder / "Test001.mp4", folder / "Test002.mp4", folder / "cam3"]
+    done = run_script(
+        "batch_scoring.py", "--model_dir", trained, "--input", *inputs, "--labels", folder / "labels.csv",
+        "--scored_data", out, "--overlays", "0",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "frames/s" in done.stdout and "live: calibrated score" in done.stdout
+    df = pd.read_pickle(out / "df.pkl.gz")
+    assert df["video"].tolist() == ["Test001"] * 24 + ["Test002"] * 24 + ["cam3"] * 24
+    assert df.groupby("video")["frame"].apply(lambda f: f.tolist() == list(range(1, 25))).all()
+    assert df["y"].sum() == 15 + 17 + 18
+    assert set(df["alarm"].unique()) <= {0, 1} and df["score"].notna().sum() == 69  # all but each first frame
+    events = pd.read_csv(out / "alarms.csv")
+    assert list(events.columns) == ["video", "start_frame", "end_frame", "peak_frame", "peak_score"]
+    for _, e in events.iterrows():
+        g = df[df["video"] == e["video"]].set_index("frame")
+        assert g.loc[e["start_frame"] : e["end_frame"], "alarm"].all()
+        assert g.loc[e["peak_frame"], "score"] == pytest.approx(e["peak_score"])
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["threshold"] == pytest.approx(2.0) and summary["alarms"] == len(events)
+    assert "live: calibrated score, causal, one threshold" in summary["protocols"]
+    for name in ("metrics.md", "scores.png", "roc.png", "calibration.json"):
+        assert (out / name).is_file(), name
+
+
+def test_live_score_uses_no_later_frame(trained):
+    from models.inference import load_predictor
+    from models.live import score_frames
+
+    model, _, _ = load_predictor(trained)
+    cal = Calibration.load(trained / "calibration.json")
+    X = np.random.default_rng(0).integers(0, 255, (20, 16, 24, 1), dtype=np.uint8)
+    sources = np.array(["v"] * 20)
+    base, _, _, _ = score_frames(model, X, sources, cal)
+    changed = X.copy()
+    changed[12:] = 255 - changed[12:]
+    after, _, _, _ = score_frames(model, changed, sources, cal)
+    for col in ("score", "alarm", "model_live", "copy_score"):
+        np.testing.assert_allclose(after[col][:12], base[col][:12], atol=1e-5, err_msg=col)
+    assert not np.allclose(after["score"][12:], base["score"][12:])
+
+
+def test_recalibrate_on_normal_footage(trained, clips, tmp_path):
+    folder, normal = clips
+    out = tmp_path / "scored"
+    done = run_script(
+        "batch_scoring.py", "--model_dir", trained, "--input", folder / "Test001.mp4", "--scored_data", out,
+        "--calibrate_on", normal, "--fpr", "0.05", "--overlays", "0",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "calibrating on 48 frames of 2 normal videos" in done.stdout
+    cal = Calibration.load(out / "calibration.json")
+    assert cal.fitted_on["frames"] == 48 and cal.threshold == pytest.approx(-np.log10(0.05))
+    # Its tail is the normal footage's own: scored against it, about 5% of those frames pass the threshold.
+    values = np.asarray(cal.tails["model"].values)
+    assert (cal.tails["model"].score(values) >= cal.threshold).mean() == pytest.approx(0.05, abs=0.03)
+    assert "no labels" in done.stdout
+
+
+def test_input_errors(trained, clips, tmp_path):
+    folder, _ = clips
+    (tmp_path / "notes.txt").write_text("hello")
+    cases = [
+        (["--input", tmp_path / "missing.mp4"], "does not exist"),
+        (["--input", tmp_path / "notes.txt"], "is not a video file"),
+        (["--input", folder / "Test001.mp4", folder / "Test001.mp4"], "both named 'Test001'"),
+        (["--input", folder / "Test001.mp4", "--fpr", "2"], "--fpr"),
+        (["--labels", folder / "labels.csv"], "--labels goes with --input"),
+    ]
+    for extra, message in cases:
+        out = tmp_path / "out"
+        done = run_script("batch_scoring.py", "--model_dir", trained, "--scored_data", out, *extra)
+        assert done.returncode == 2 and message in done.stderr, (extra, done.stderr[-500:])
+        assert not out.exists()
+
+
+def test_prepared_dataset_scores_carry_the_live_columns(trained, prepared, tmp_path):
+    out = tmp_path / "s"
+    done = run_script(
+        "batch_scoring.py", "--preprocessed_data", prepared.parent, "--dataset", prepared.name,
+        "--model_dir", trained, "--scored_data", out,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    df = pd.read_pickle(out / "df.pkl.gz")
+    X, _ = load_split(prepared, "test")
+    assert len(df) == len(X) and (df["y"].to_numpy() == load_labels(prepared)).all()
+    summary = json.loads((out / "metrics.json").read_text())
+    assert set(summary["pixel_auroc"]) == {"model_heat", "copy_heat"}  # the synthetic set has masks
+    # The calibration removes the context dependence of windowed scoring from the live score.
+    assert summary["sawtooth"]["model_score"] < summary["sawtooth"]["model_psnr"]
