@@ -92,6 +92,7 @@ def plot_live_scores(df: pd.DataFrame, path: Path, threshold: float, smooth: int
     labelled = "y" in df
     fig, axes = plt.subplots(len(videos), 1, figsize=(9, 1.9 * len(videos) + 0.6), squeeze=False)
     top = max(float(np.nanmax(df["score"].to_numpy(float), initial=0.0)), threshold) * 1.1 + 0.1
+    twins = []
     for ax, video in zip(axes[:, 0], videos, strict=True):
         g = df[df["video"] == video]
         frames = g["frame"].to_numpy()
@@ -107,13 +108,16 @@ def plot_live_scores(df: pd.DataFrame, path: Path, threshold: float, smooth: int
         ax.tick_params(labelsize=7)
         if offline in g:
             twin = ax.twinx()
+            twins.append(twin)
             twin.plot(frames, 1 - g[offline], color="tab:green", lw=0.9, alpha=0.8, label="offline score (right axis)")
             twin.set_ylim(-0.05, 1.05)
             twin.set_ylabel("offline", fontsize=7)
             twin.tick_params(labelsize=7)
         ax.set_xlim(frames[0] - 0.5, frames[-1] + 0.5)
-    handles = [h for a in fig.axes[:2] for h in a.get_legend_handles_labels()[0]]
-    labels = [lbl for a in fig.axes[:2] for lbl in a.get_legend_handles_labels()[1]]
+    first = axes[0, 0]
+    legend_axes = [first] + twins[:1]
+    handles = [h for a in legend_axes for h in a.get_legend_handles_labels()[0]]
+    labels = [lbl for a in legend_axes for lbl in a.get_legend_handles_labels()[1]]
     handles.append(plt.Rectangle((0, 0), 1, 1, color="darkorange"))
     labels.append("alarm")
     if labelled:

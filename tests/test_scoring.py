@@ -81,7 +81,7 @@ def scored(trained, prepared, tmp_path_factory):
         "Test002",
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "frames/s" in done.stdout and "copy-last-frame regularity" in done.stdout
+    assert "frames/s" in done.stdout and "offline: regularity" in done.stdout
     return out
 
 
