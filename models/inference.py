@@ -135,8 +135,11 @@ def window_rows(sources: np.ndarray, window: int, per_window: int = 1) -> tuple[
 
     A video's first `window` frames are scored in the window that starts at its first frame (`per_window`
     steps per row); each later frame t in the last `per_window` steps of the window that ends at t or up
-    to per_window - 1 frames after it. Returns start (rows,), stop (rows,) (the video's end: later steps
-    are padding) and steps (rows, per_window) (-1: no frame, at a video's end).
+    to per_window - 1 frames after it. Which window scores a frame depends on its position alone, never on
+    the video's length (at a video's end the window runs on into padding, which never changes an earlier
+    step of the causal model), so a stream scored frame by frame gets the same predictions. Returns start
+    (rows,), stop (rows,) (the video's end: later steps are padding) and steps (rows, per_window) (-1: no
+    frame, at a video's end).
     """
     starts, stops, steps = [], [], []
     for _, sl in video_slices(sources):
@@ -144,8 +147,8 @@ def window_rows(sources: np.ndarray, window: int, per_window: int = 1) -> tuple[
         head = min(window, n)
         chunks = [(0, np.arange(u, min(u + per_window, head))) for u in range(0, head, per_window)]
         for u in range(window, n, per_window):
-            end = min(u + per_window, n)
-            chunks.append((end - window, np.arange(u, end) - (end - window)))
+            start = u + per_window - window
+            chunks.append((start, np.arange(u, min(u + per_window, n)) - start))
         for offset, chunk in chunks:
             starts.append(sl.start + offset)
             stops.append(sl.stop)
