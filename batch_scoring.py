@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from models.args import folder, int_at_least, positive_int
 from models.cli import run
 from models.data.store import dataset_dir, load_labels, load_split, read_metadata, video_slices
 from models.errors import PipelineError
@@ -24,27 +25,29 @@ HEADLINE = ["model_regularity", "copy_regularity", "model_mse", "copy_mse"]
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preprocessed_data", default="data/preprocessed")
+    p.add_argument("--preprocessed_data", type=folder, default="data/preprocessed")
     p.add_argument("--dataset", default="UCSDped2")
-    p.add_argument("--model_dir", default=None, help="folder train.py wrote (default: outputs/models/<dataset>)")
-    p.add_argument("--scored_data", default=None, help="output folder (default: outputs/scored/<dataset>)")
+    p.add_argument(
+        "--model_dir", type=folder, default=None, help="folder train.py wrote (default: outputs/models/<dataset>)"
+    )
+    p.add_argument("--scored_data", type=folder, default=None, help="output folder (default: outputs/scored/<dataset>)")
     p.add_argument(
         "--window",
-        type=int,
+        type=int_at_least(0, "frames (0: whole videos)"),
         default=None,
         help="predict each frame from the window of frames ending at it, this many frames long (default: the "
         "model's training window, nt); 0: run each video as one sequence",
     )
     p.add_argument(
         "--horizon",
-        type=int,
+        type=int_at_least(1, "frames"),
         default=DEFAULT_HORIZON,
         help="predict each frame from the frames up to this many steps before it, the model fed its own "
         "predictions in between (1: the next frame; more needs --window longer than the horizon)",
     )
     p.add_argument(
         "--per_window",
-        type=int,
+        type=int_at_least(1, "frames"),
         default=None,
         help="with --horizon 1, score this many frames per window (the last steps of windows this many frames "
         "apart): window / per_window model steps per frame instead of window, each frame predicted from the "
@@ -52,27 +55,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument(
         "--warmup",
-        type=int,
+        type=int_at_least(1, "frames"),
         default=1,
         help="frames the model must have seen before a frame's prediction is scored: the first "
         "warmup + horizon - 1 frames of each video get no score",
     )
     p.add_argument(
         "--batch_size",
-        type=int,
+        type=int_at_least(1, "sequences"),
         default=64,
         help="sequences (windows, or videos with --window 0) per model call; every GPU figure in docs/results.md "
         "used 64",
     )
-    p.add_argument("--patch", type=int, default=16, help="patch side in pixels for the patch_max metric")
+    p.add_argument(
+        "--patch", type=int_at_least(1, "pixels"), default=16, help="patch side in pixels for the patch_max metric"
+    )
     p.add_argument(
         "--smooth",
-        type=int,
+        type=int_at_least(1, "frames"),
         default=15,
         help="also evaluate regularity and patch_max averaged over this many centred frames, which looks "
         "smooth // 2 frames ahead (1: no smoothing)",
     )
-    p.add_argument("--n_plot", type=int, default=12, help="videos shown in scores.png")
+    p.add_argument("--n_plot", type=positive_int, default=12, help="videos shown in scores.png")
     p.add_argument(
         "--save_prediction_error_video_frames",
         action="store_true",
@@ -81,14 +86,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--plot_videos", default=None, help="comma-separated videos for the GIFs (default: the first 2)")
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
-    if args.window is not None and args.window < 0:
-        p.error(f"--window must be 0 (whole videos) or a number of frames; got {args.window}")
-    for name in ("horizon", "warmup", "per_window"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            p.error(f"--{name} must be 1 or more frames; got {value}")
-    if args.batch_size < 1:
-        p.error(f"--batch_size must be 1 or more sequences; got {args.batch_size}")
     args.model_dir = args.model_dir or f"outputs/models/{args.dataset}"
     args.scored_data = args.scored_data or f"outputs/scored/{args.dataset}"
     return args

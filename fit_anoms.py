@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from models.args import folder, int_at_least, non_negative_int, probability
 from models.cli import run
 from models.errors import PipelineError
 from models.io import atomic_dir, atomic_file
@@ -26,11 +27,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scored_data", default=None, help="folder batch_scoring.py wrote, or its df.pkl.gz")
     p.add_argument("--dataset", default="UCSDped2", help="names the default folders")
-    p.add_argument("--model_path", default=None, help="output folder (default: outputs/anoms/<dataset>)")
+    p.add_argument("--model_path", type=folder, default=None, help="output folder (default: outputs/anoms/<dataset>)")
     p.add_argument("--features", default=None, help="comma-separated metric columns (default: every model_ column)")
     p.add_argument(
         "--smooth",
-        type=int,
+        type=int_at_least(1, "frames"),
         default=None,
         help="centred moving average of the features and of the classifiers' probabilities over this many frames "
         "of each video (1: none; default: batch_scoring.py's --smooth)",
@@ -42,10 +43,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="video: scale each feature to [0, 1] within each video before the classifiers see it (as the "
         "regularity score does); none: raw values",
     )
-    p.add_argument("--threshold", type=float, default=0.5, help="probability above which a frame is called anomalous")
-    p.add_argument("--n_splits", type=int, default=5, help="grouped folds (at most the number of videos)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--apply", default=None, help="score --scored_data with the classifier saved in this folder")
+    p.add_argument(
+        "--threshold", type=probability, default=0.5, help="probability above which a frame is called anomalous"
+    )
+    p.add_argument(
+        "--n_splits",
+        type=int_at_least(2, "folds"),
+        default=5,
+        help="folds by video (at most the number of videos; fewer where a training fold would lack a class)",
+    )
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument(
+        "--apply", type=folder, default=None, help="score --scored_data with the classifier saved in this folder"
+    )
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
     args.scored_data = args.scored_data or f"outputs/scored/{args.dataset}"

@@ -72,10 +72,11 @@ def test_probabilities_are_averaged_over_neighbouring_frames_of_a_video():
     assert report["random_forest"]["roc_auc"] > raw_report["random_forest"]["roc_auc"] + 0.05
 
 
-def test_bad_smoothing_is_refused(tmp_path):
+def test_bad_smoothing_is_refused(tmp_path, capsys):
     frames_table().to_pickle(tmp_path / "df.pkl.gz")
-    with pytest.raises(PipelineError, match="--smooth must be 1"):
+    with pytest.raises(SystemExit) as done:
         fit_anoms.main(["--scored_data", str(tmp_path), "--model_path", str(tmp_path / "a"), "--smooth", "0"])
+    assert done.value.code == 2 and "--smooth: must be 1 or more frames" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
 
 
