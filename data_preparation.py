@@ -42,6 +42,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--compression", default="gzip", choices=["gzip", "lzf", "none"], help="HDF5 compression")
     p.add_argument("--workers", type=positive_int, default=None, help="decoding processes (default: all cores)")
+    p.add_argument(
+        "--allow_truncated",
+        action="store_true",
+        help="keep a video file that decodes to fewer frames than its container reports (with a warning giving "
+        "the frames lost) instead of refusing it",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     g = p.add_argument_group("synthetic dataset")
     g.add_argument(
@@ -93,6 +99,7 @@ def main(argv=None) -> int:
         seed=args.seed,
         compression=None if args.compression == "none" else args.compression,
         workers=args.workers,
+        allow_truncated=args.allow_truncated,
     )
     root = resolve_root(args.raw_data, args.dataset)
     meta = prepare(root, out_dir, config, overwrite=args.overwrite, argv=sys.argv[1:] if argv is None else argv)
