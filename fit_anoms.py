@@ -3,9 +3,10 @@
     python fit_anoms.py --scored_data outputs/scored/UCSDped2 --model_path outputs/anoms/UCSDped2
     python fit_anoms.py --apply outputs/anoms/UCSDped2 --scored_data outputs/scored/NewCamera
 
-Evaluated by cross-validation grouped by video (no video on both sides), with ROC AUC and average
-precision from predicted probabilities. Writes classifier.joblib (the forest fitted on all frames),
-report.json, report.md, importances.csv and importances.png to --model_path. With --apply, scores a new
+Evaluated by cross-validation by video (StratifiedGroupKFold: no video on both sides, both classes in
+every training fold), with ROC AUC and average precision from predicted probabilities. Writes
+classifier.joblib (the forest fitted on all frames), report.json, report.md, importances.csv and
+importances.png to --model_path. With --apply, scores a new
 DataFrame from batch_scoring.py with a saved classifier and writes anomaly_scores.csv beside it.
 """
 
@@ -71,7 +72,14 @@ def apply(args) -> int:
     path = Path(args.apply) / "classifier.joblib"
     if not path.is_file():
         raise PipelineError(f"No saved classifier at {path}; run fit_anoms.py without --apply first.")
-    bundle = joblib.load(path)
+    try:
+        bundle = joblib.load(path)
+    except Exception as err:  # a truncated or foreign file fails in pickle, zlib or numpy
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise PipelineError(f"Cannot read the saved classifier {path}: {type(err).__name__} {first}".strip()) from None
+    keys = {"pipeline", "features", "smooth", "threshold"}
+    if not isinstance(bundle, dict) or keys - set(bundle):
+        raise PipelineError(f"{path} is not a classifier saved by fit_anoms.py (it needs the entries {sorted(keys)}).")
     data = prepare_frames(
         load_scored(args.scored_data),
         bundle["features"],
@@ -97,7 +105,15 @@ def main(argv=None) -> int:
         return apply(args)
     import joblib
 
-    from models.anoms import default_features, evaluate_by_video, importances, load_scored, make_models, prepare_frames
+    from models.anoms import (
+        default_features,
+        evaluate_by_video,
+        importances,
+        load_scored,
+        make_models,
+        prepare_frames,
+        video_folds,
+    )
     from models.plots import plot_importances
 
     df = load_scored(args.scored_data)
@@ -109,6 +125,10 @@ def main(argv=None) -> int:
     if args.smooth < 1:
         raise PipelineError(f"--smooth must be 1 (none) or more frames. Received: {args.smooth}")
     data = prepare_frames(df, features, args.smooth, per_video=args.normalize == "video")
+    n_folds = len(video_folds(data["y"].to_numpy().astype(int), data["video"].to_numpy(), args.n_splits))
+    asked = min(args.n_splits, data["video"].nunique())
+    if n_folds < asked:
+        print(f"note: {n_folds} folds by video instead of {asked}: with more, a training fold would lack a class")
     with atomic_dir(args.model_path, args.overwrite) as out:
         report, _ = evaluate_by_video(data, features, args.seed, args.n_splits, args.threshold, args.smooth)
         forest = make_models(args.seed)["random_forest"].fit(data[features].to_numpy(float), data["y"].astype(int))
@@ -133,7 +153,7 @@ def main(argv=None) -> int:
             "frames": len(data),
             "videos": int(data["video"].nunique()),
             "anomalous": int(data["y"].sum()),
-            "cross_validation": f"GroupKFold by video, {min(args.n_splits, data['video'].nunique())} folds",
+            "cross_validation": f"StratifiedGroupKFold by video, {n_folds} folds",
             "models": report,
         }
         (out / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
