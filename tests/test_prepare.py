@@ -215,7 +215,7 @@ def test_float_frames_in_0_1_are_scaled_by_255(tmp_path):
     assert X[0, ..., 0].tolist() == [[0, 64, 128, 255]]  # rounded half up: 127.5 -> 128
 
 
-def _avi(path, n=20):
+def _video(path, n=20):  # an encoded video, its container chosen by the suffix
     import imageio.v2 as imageio
 
     frames = (np.random.default_rng(0).random((n, 32, 48, 3)) * 255).astype(np.uint8)
@@ -226,17 +226,31 @@ def _avi(path, n=20):
 def test_avi_header_gives_the_frame_count_a_truncation_cannot_hide(tmp_path):
     from models.data.frames import avi_frame_count, frames_lost
 
-    path = _avi(tmp_path / "v.avi")
+    path = _video(tmp_path / "v.avi")
     assert avi_frame_count(path) == 20
     path.write_bytes(path.read_bytes()[: path.stat().st_size * 3 // 10])
     assert avi_frame_count(path) == 20
     assert frames_lost(19, 20) == 0 and frames_lost(2, 20) == 18  # one frame short is within rounding
 
 
+def test_truncated_mkv_is_caught_by_its_duration_times_frame_rate(tmp_path):
+    from models.data.frames import read_video
+    from models.data.index import Video
+
+    path = _video(tmp_path / "v.mkv")  # Matroska states its duration up front
+    X, lost = read_video(Video("v", "train", path), (16, 24), 3)
+    assert len(X) == 20 and lost == 0
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(PipelineError, match=r"v.mkv is truncated: \d+ frames decoded but its container reports 20"):
+        read_video(Video("v", "train", path), (16, 24), 3)
+    X, lost = read_video(Video("v", "train", path), (16, 24), 3, allow_truncated=True)
+    assert 0 < len(X) < 20 and len(X) + lost == 20
+
+
 def test_truncated_video_kept_with_a_warning_when_allowed(tmp_path, capsys):
     (tmp_path / "Train").mkdir()
-    _avi(tmp_path / "Train" / "whole.avi", 8)
-    cut = _avi(tmp_path / "Train" / "cut.avi")
+    _video(tmp_path / "Train" / "whole.avi", 8)
+    cut = _video(tmp_path / "Train" / "cut.avi")
     cut.write_bytes(cut.read_bytes()[: cut.stat().st_size * 3 // 10])
     config = PrepareConfig(size=(16, 24), n_layers=3, val_fraction=0, workers=1, allow_truncated=True)
     meta = prepare(tmp_path, tmp_path / "out", config)
