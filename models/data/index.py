@@ -194,7 +194,7 @@ def order_frames(folder: Path, files: list[Path]) -> list[Path]:
         parts = re.split(r"(\d+)", path.stem)
         keys[path] = (tuple(parts[0::2]), tuple(int(n) for n in parts[1::2]))
     first = files[0]
-    hint = "name the frames of a video alike, with their number: 001.png 002.png ... or frame_1.jpg frame_2.jpg ..."
+    hint = "name the frames of a video alike, numbered: 001.png 002.png ... or frame_1.jpg frame_2.jpg ..."
     for path in files:
         if not keys[path][1]:
             raise PipelineError(f"Cannot order the frames of {folder}: {path.name!r} has no frame number; {hint}")
@@ -271,10 +271,7 @@ def build_index(root: str | Path) -> list[Video]:
     videos = []
     for split, sub in (("train", "Train"), ("test", "Test")):
         if (root / sub).is_dir():
-            found = _list_videos(root / sub, split)
-            if split == "test":
-                _attach_labels(root / sub, found)
-            videos += found
+            videos += _list_videos(root / sub, split)
     by_name: dict[str, Video] = {}
     for video in videos:
         other = by_name.setdefault(video.name, video)
@@ -283,6 +280,8 @@ def build_index(root: str | Path) -> list[Video]:
                 f"Two videos named {video.name!r}: {other.path} and {video.path}; video names must be unique "
                 "across Train/ and Test/ (frames and labels are kept by name), so rename one."
             )
+    if (root / "Test").is_dir():
+        _attach_labels(root / "Test", [v for v in videos if v.split == "test"])
     if not any(v.split == "train" for v in videos):
         raise PipelineError(f"No training videos in {root / 'Train'}; expected the tree:\n{EXPECTED_TREE}")
     return videos
