@@ -247,7 +247,7 @@ ROWS = [
     Row("videos-same-name-across-splits", "data_preparation", videos_at("Train/thursday.mp4", "Test/thursday.mp4"), "Two videos named 'thursday': raw/ds/Train/thursday.mp4 and raw/ds/Test/thursday.mp4", parse=False),
     Row("videos-same-name-two-formats", "data_preparation", videos_at("Train/monday.mp4", "Train/monday.avi"), "Two videos named 'monday': raw/ds/Train/monday.avi and raw/ds/Train/monday.mp4", parse=False),
     Row("videos-folder-and-file", "data_preparation", videos_at("Train/x/", "Train/x.mp4"), "Two videos named 'x': raw/ds/Train/x and raw/ds/Train/x.mp4", parse=False),
-    Row("videos-truncated-avi", "data_preparation", truncated_avi, "but its container reports 20; pass --allow_truncated", parse=False),
+    Row("videos-truncated-avi", "data_preparation", truncated_avi, "but its container reports 20; re-encode it, or keep the", parse=False),
     Row("videos-not-a-video", "data_preparation", not_a_video, "Cannot open video file raw/ds/Train/broken.mp4", parse=False),
     # data_preparation.py data: labels
     Row("labels-latin-1", "data_preparation", labels_csv("video,start_frame,end_frame\ncam,1,1\n# caméra\n".encode("latin-1")), "Label file raw/ds/Test/labels.csv is not UTF-8 text", parse=False),

@@ -190,7 +190,7 @@ def _grey_video(tmp_path, image):
 
 
 def test_16_bit_frames_are_scaled_not_clipped(tmp_path):
-    from models.data.frames import read_video
+    from models.data.frames import decode_video
 
     values = np.array([[0, 128, 257, 257 * 7], [257 * 100, 257 * 254, 65534, 65535]], dtype=np.uint16)
     expected = [[0, 0, 1, 7], [100, 254, 255, 255]]
@@ -203,7 +203,7 @@ def test_16_bit_frames_are_scaled_not_clipped(tmp_path):
         folder.mkdir()
         video = _grey_video(folder, image)
         assert Image.open(video.frames[0]).mode == image.mode
-        X, lost = read_video(video, (2, 4), 1)
+        X, lost = decode_video(video, (2, 4), 1)
         assert lost == 0 and X.dtype == np.uint8 and X[0, ..., 0].tolist() == expected, image.mode
 
 
@@ -211,7 +211,7 @@ def test_float_frames_in_0_1_are_scaled_by_255(tmp_path):
     from models.data.frames import read_video
 
     image = Image.fromarray(np.array([[0.0, 0.25, 0.5, 1.0]], dtype=np.float32))
-    X, _ = read_video(_grey_video(tmp_path, image), (1, 4), 1)
+    X = read_video(_grey_video(tmp_path, image), (1, 4), 1)
     assert X[0, ..., 0].tolist() == [[0, 64, 128, 255]]  # rounded half up: 127.5 -> 128
 
 
@@ -234,16 +234,16 @@ def test_avi_header_gives_the_frame_count_a_truncation_cannot_hide(tmp_path):
 
 
 def test_truncated_mkv_is_caught_by_its_duration_times_frame_rate(tmp_path):
-    from models.data.frames import read_video
+    from models.data.frames import decode_video, read_video
     from models.data.index import Video
 
     path = _video(tmp_path / "v.mkv")  # Matroska states its duration up front
-    X, lost = read_video(Video("v", "train", path), (16, 24), 3)
+    X, lost = decode_video(Video("v", "train", path), (16, 24), 3)
     assert len(X) == 20 and lost == 0
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(PipelineError, match=r"v.mkv is truncated: \d+ frames decoded but its container reports 20"):
         read_video(Video("v", "train", path), (16, 24), 3)
-    X, lost = read_video(Video("v", "train", path), (16, 24), 3, allow_truncated=True)
+    X, lost = decode_video(Video("v", "train", path), (16, 24), 3, allow_truncated=True)
     assert 0 < len(X) < 20 and len(X) + lost == 20
 
 

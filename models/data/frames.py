@@ -173,19 +173,21 @@ def _iter_video_file(path: Path, meta: dict | None = None):
         reader.close()
 
 
-def read_video(
-    video: Video, size: tuple[int, int], channels: int, allow_truncated: bool = False
-) -> tuple[np.ndarray, int]:
+def read_video(video: Video, size: tuple[int, int], channels: int, allow_truncated: bool = False) -> np.ndarray:
     """All frames of one video, resized to `size` (height, width): uint8 (n, height, width, channels).
-
-    Returns:
-        The frames, and the number of frames lost: how many fewer a video file decoded to than its
-        container reports (0 for frame folders and complete files; see `frames_lost`).
 
     Raises:
         PipelineError: a frame that cannot be decoded, frames of different sizes within the video, or a
             truncated video file without `allow_truncated`.
     """
+    return decode_video(video, size, channels, allow_truncated)[0]
+
+
+def decode_video(
+    video: Video, size: tuple[int, int], channels: int, allow_truncated: bool = False
+) -> tuple[np.ndarray, int]:
+    """`read_video`, also returning the number of frames lost: how many fewer a video file decoded to than
+    its container reports (0 for frame folders and complete files; see `frames_lost`)."""
     meta: dict = {}
     if video.frames is not None:
         images = ((path, _open(path)) for path in video.frames)
@@ -207,7 +209,7 @@ def read_video(
     if lost and not allow_truncated:
         raise PipelineError(
             f"Video file {video.path} is truncated: {len(out)} frames decoded but its container reports "
-            f"{len(out) + lost}; pass --allow_truncated to keep the {len(out)} frames."
+            f"{len(out) + lost}; re-encode it, or keep the {len(out)} frames with --allow_truncated (data preparation)."
         )
     return np.stack(out), lost
 
@@ -219,7 +221,7 @@ def read_masks(video: Video, size: tuple[int, int]) -> np.ndarray:
 
 
 def _read_one(args):
-    return read_video(*args)
+    return decode_video(*args)
 
 
 def read_videos(
@@ -230,7 +232,8 @@ def read_videos(
     progress=None,
     allow_truncated: bool = False,
 ):
-    """Reads many videos in parallel processes, yielding (video, frames, frames lost) in the given order.
+    """Reads many videos in parallel processes, yielding (video, frames, frames lost) in the given order
+    (see `decode_video`).
 
     Args:
         videos: the videos to read.
