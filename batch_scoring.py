@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 
 from models.alarms import DEFAULT_GAP, DEFAULT_MIN_FRAMES
+from models.args import float_in, folder, int_at_least, positive_float, positive_int
 from models.calibration import DEFAULT_SMOOTH
 from models.cli import run
 from models.inference import DEFAULT_HORIZON
@@ -31,7 +32,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
-    p.add_argument("--preprocessed_data", default="data/preprocessed", help="without --input: the prepared data")
+    p.add_argument(
+        "--preprocessed_data", type=folder, default="data/preprocessed", help="without --input: the prepared data"
+    )
     p.add_argument(
         "--dataset", default="UCSDped2", help="without --input: the dataset folder to score the test videos of"
     )
@@ -39,9 +42,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--input", nargs="+", default=None, help="score these videos instead: files, frame folders, or folders of them"
     )
     p.add_argument("--labels", default=None, help="with --input: video,start_frame,end_frame CSV, for evaluation")
-    p.add_argument("--fps", type=float, default=10.0, help="frames per second of folders of frames (default: 10)")
-    p.add_argument("--model_dir", default=None, help="folder train.py wrote (default: outputs/models/<dataset>)")
-    p.add_argument("--scored_data", default=None, help="output folder (default: outputs/scored/<dataset>)")
+    p.add_argument(
+        "--fps", type=positive_float, default=10.0, help="frames per second of folders of frames (default: 10)"
+    )
+    p.add_argument(
+        "--model_dir", type=folder, default=None, help="folder train.py wrote (default: outputs/models/<dataset>)"
+    )
+    p.add_argument("--scored_data", type=folder, default=None, help="output folder (default: outputs/scored/<dataset>)")
     g = p.add_argument_group("live score and alarms")
     g.add_argument(
         "--calibration",
@@ -56,49 +63,52 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     g.add_argument(
         "--live_smooth",
-        type=int,
+        type=int_at_least(1, "frames"),
         default=DEFAULT_SMOOTH,
         help="with --calibrate_on or a new calibration: trailing frames averaged into the live score (default: 5)",
     )
     g.add_argument(
         "--fpr",
-        type=float,
+        type=float_in(0, 1, low_open=True, high_open=True),
         default=None,
         help="alarm threshold as a false-positive rate on normal frames (default: the calibration's, 0.01)",
     )
     g.add_argument(
         "--alarm_min_frames",
-        type=int,
+        type=int_at_least(1, "frames"),
         default=DEFAULT_MIN_FRAMES,
         help="frames over the threshold that raise an alarm (default: 3)",
     )
     g.add_argument(
-        "--alarm_gap", type=int, default=DEFAULT_GAP, help="frames under the threshold that end one (default: 5)"
+        "--alarm_gap",
+        type=int_at_least(1, "frames"),
+        default=DEFAULT_GAP,
+        help="frames under the threshold that end one (default: 5)",
     )
     g.add_argument(
         "--overlays",
-        type=int,
+        type=int_at_least(0, "videos"),
         default=None,
         help="videos to write overlays/<video>.mp4 for (default: all with --input, 0 without)",
     )
     g = p.add_argument_group("model runs")
     g.add_argument(
         "--window",
-        type=int,
+        type=int_at_least(0, "frames (0: whole videos)"),
         default=None,
         help="predict each frame from the window of frames ending at it, this many frames long (default: the "
         "model's training window, nt); 0: run each video as one sequence",
     )
     g.add_argument(
         "--horizon",
-        type=int,
+        type=int_at_least(1, "frames"),
         default=DEFAULT_HORIZON,
         help="predict each frame from the frames up to this many steps before it, the model fed its own "
         "predictions in between (1: the next frame; more needs --window longer than the horizon)",
     )
     g.add_argument(
         "--per_window",
-        type=int,
+        type=int_at_least(1, "frames"),
         default=None,
         help="with --horizon 1, score this many frames per window (the last steps of windows this many frames "
         "apart): window / per_window model steps per frame instead of window, each frame predicted from the "
@@ -106,28 +116,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     g.add_argument(
         "--warmup",
-        type=int,
+        type=int_at_least(1, "frames"),
         default=1,
         help="frames the model must have seen before a frame's prediction is scored: the first "
         "warmup + horizon - 1 frames of each video get no score",
     )
     g.add_argument(
         "--batch_size",
-        type=int,
+        type=int_at_least(1, "sequences"),
         default=64,
         help="sequences (windows, or videos with --window 0) per model call; every GPU figure in docs/results.md "
         "used 64",
     )
     g = p.add_argument_group("offline metrics and plots")
-    g.add_argument("--patch", type=int, default=16, help="patch side in pixels for the patch_max metric")
+    g.add_argument(
+        "--patch", type=int_at_least(1, "pixels"), default=16, help="patch side in pixels for the patch_max metric"
+    )
     g.add_argument(
         "--smooth",
-        type=int,
+        type=int_at_least(1, "frames"),
         default=15,
         help="also evaluate regularity and patch_max averaged over this many centred frames, which looks "
         "smooth // 2 frames ahead (1: no smoothing)",
     )
-    g.add_argument("--n_plot", type=int, default=12, help="videos shown in scores.png")
+    g.add_argument("--n_plot", type=positive_int, default=12, help="videos shown in scores.png")
     g.add_argument(
         "--save_prediction_error_video_frames",
         action="store_true",
@@ -136,21 +148,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--plot_videos", default=None, help="comma-separated videos for the GIFs (default: the first 2)")
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
-    if args.window is not None and args.window < 0:
-        p.error(f"--window must be 0 (whole videos) or a number of frames; got {args.window}")
-    for name in ("horizon", "warmup", "per_window", "batch_size", "patch", "smooth", "live_smooth"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            p.error(f"--{name} must be 1 or more; got {value}")
-    for name in ("alarm_min_frames", "alarm_gap"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be 1 or more frames; got {getattr(args, name)}")
-    if args.fpr is not None and not 0 < args.fpr < 1:
-        p.error(f"--fpr must be a rate between 0 and 1 (exclusive); got {args.fpr}")
-    if not args.fps > 0:
-        p.error(f"--fps must be positive; got {args.fps}")
-    if args.overlays is not None and args.overlays < 0:
-        p.error(f"--overlays must be 0 or more videos; got {args.overlays}")
     if args.labels and not args.input:
         p.error("--labels goes with --input (a prepared dataset has its own labels)")
     name = args.dataset if not args.input else "clips"

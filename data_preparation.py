@@ -12,47 +12,72 @@ import argparse
 import sys
 from pathlib import Path
 
+from models.args import folder, fraction, frame_size, int_at_least, non_negative_int, positive_int
 from models.cli import run
 from models.data.index import resolve_root
 from models.data.prepare import PrepareConfig, prepare
-from models.data.synthetic import SyntheticSpec, make_synthetic
+from models.data.synthetic import MIN_FRAMES, MIN_SIDE, SyntheticSpec, make_synthetic
+from models.errors import PipelineError
 from models.io import atomic_dir
-from models.shapes import check_frame_size, parse_size
+from models.shapes import check_frame_size
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--raw_data", default="data", help="folder holding the dataset (or UCSD_Anomaly_Dataset.v1p2/)")
-    p.add_argument("--preprocessed_data", default="data/preprocessed", help="where to write <dataset>/")
+    p.add_argument(
+        "--raw_data", type=folder, default="data", help="folder holding the dataset (or UCSD_Anomaly_Dataset.v1p2/)"
+    )
+    p.add_argument("--preprocessed_data", type=folder, default="data/preprocessed", help="where to write <dataset>/")
     p.add_argument("--dataset", default="UCSDped2", help="dataset folder name, e.g. UCSDped1, UCSDped2, Synthetic")
-    p.add_argument("--size", default="152x232", help="HEIGHTxWIDTH to resize to (must divide by 2^(n_layers-1))")
-    p.add_argument("--n_layers", type=int, default=4, help="PredNet layers the frame size must suit")
+    p.add_argument(
+        "--size", type=frame_size(), default="152x232", help="HEIGHTxWIDTH to resize to (must divide by 2^(n_layers-1))"
+    )
+    p.add_argument("--n_layers", type=positive_int, default=4, help="PredNet layers the frame size must suit")
     p.add_argument(
         "--channels", default="auto", choices=["auto", "1", "3"], help="1 grey, 3 RGB, auto keeps the source's"
     )
-    p.add_argument("--val_fraction", type=float, default=0.15, help="fraction of normal videos held out for validation")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--val_fraction", type=fraction, default=0.15, help="fraction of normal videos held out for validation"
+    )
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--compression", default="gzip", choices=["gzip", "lzf", "none"], help="HDF5 compression")
-    p.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores)")
+    p.add_argument("--workers", type=positive_int, default=None, help="decoding processes (default: all cores)")
+    p.add_argument(
+        "--allow_truncated",
+        action="store_true",
+        help="keep a video file that decodes to fewer frames than its container reports (with a warning giving "
+        "the frames lost) instead of refusing it",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     g = p.add_argument_group("synthetic dataset")
     g.add_argument(
         "--make_synthetic", action="store_true", help="first write the synthetic UCSD-like dataset to --raw_data"
     )
-    g.add_argument("--synthetic_size", default="120x180", help="HEIGHTxWIDTH of the synthetic source frames")
-    g.add_argument("--synthetic_train_videos", type=int, default=8)
-    g.add_argument("--synthetic_test_videos", type=int, default=4)
-    g.add_argument("--synthetic_frames", type=int, default=120, help="frames per synthetic video")
-    return p.parse_args(argv)
+    g.add_argument(
+        "--synthetic_size",
+        type=frame_size(MIN_SIDE),
+        default="120x180",
+        help="HEIGHTxWIDTH of the synthetic source frames",
+    )
+    g.add_argument("--synthetic_train_videos", type=positive_int, default=8)
+    g.add_argument("--synthetic_test_videos", type=positive_int, default=4)
+    g.add_argument(
+        "--synthetic_frames", type=int_at_least(MIN_FRAMES, "frames"), default=120, help="frames per synthetic video"
+    )
+    args = p.parse_args(argv)
+    try:
+        check_frame_size(*args.size, args.n_layers)
+    except PipelineError as err:
+        p.error(f"argument --size: {err}")
+    return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     out_dir = Path(args.preprocessed_data) / args.dataset
-    size = parse_size(args.size)
-    check_frame_size(*size, args.n_layers)
+    size = args.size
     if args.make_synthetic:
-        h, w = parse_size(args.synthetic_size)
+        h, w = args.synthetic_size
         spec = SyntheticSpec(
             h, w, args.synthetic_train_videos, args.synthetic_test_videos, args.synthetic_frames, args.seed
         )
@@ -74,6 +99,7 @@ def main(argv=None) -> int:
         seed=args.seed,
         compression=None if args.compression == "none" else args.compression,
         workers=args.workers,
+        allow_truncated=args.allow_truncated,
     )
     root = resolve_root(args.raw_data, args.dataset)
     meta = prepare(root, out_dir, config, overwrite=args.overwrite, argv=sys.argv[1:] if argv is None else argv)

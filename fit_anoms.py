@@ -3,9 +3,10 @@
     python fit_anoms.py --scored_data outputs/scored/UCSDped2 --model_path outputs/anoms/UCSDped2
     python fit_anoms.py --apply outputs/anoms/UCSDped2 --scored_data outputs/scored/NewCamera
 
-Evaluated by cross-validation grouped by video (no video on both sides), with ROC AUC and average
-precision from predicted probabilities. Writes classifier.joblib (the forest fitted on all frames),
-report.json, report.md, importances.csv and importances.png to --model_path. With --apply, scores a new
+Evaluated by cross-validation by video (StratifiedGroupKFold: no video on both sides, both classes in
+every training fold), with ROC AUC and average precision from predicted probabilities. Writes
+classifier.joblib (the forest fitted on all frames), report.json, report.md, importances.csv and
+importances.png to --model_path. With --apply, scores a new
 DataFrame from batch_scoring.py with a saved classifier and writes anomaly_scores.csv beside it.
 """
 
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from models.args import folder, int_at_least, non_negative_int, probability
 from models.cli import run
 from models.errors import PipelineError
 from models.io import atomic_dir, atomic_file
@@ -26,11 +28,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scored_data", default=None, help="folder batch_scoring.py wrote, or its df.pkl.gz")
     p.add_argument("--dataset", default="UCSDped2", help="names the default folders")
-    p.add_argument("--model_path", default=None, help="output folder (default: outputs/anoms/<dataset>)")
+    p.add_argument("--model_path", type=folder, default=None, help="output folder (default: outputs/anoms/<dataset>)")
     p.add_argument("--features", default=None, help="comma-separated metric columns (default: every model_ column)")
     p.add_argument(
         "--smooth",
-        type=int,
+        type=int_at_least(1, "frames"),
         default=None,
         help="centred moving average of the features and of the classifiers' probabilities over this many frames "
         "of each video (1: none; default: batch_scoring.py's --smooth)",
@@ -42,10 +44,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="video: scale each feature to [0, 1] within each video before the classifiers see it (as the "
         "regularity score does); none: raw values",
     )
-    p.add_argument("--threshold", type=float, default=0.5, help="probability above which a frame is called anomalous")
-    p.add_argument("--n_splits", type=int, default=5, help="grouped folds (at most the number of videos)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--apply", default=None, help="score --scored_data with the classifier saved in this folder")
+    p.add_argument(
+        "--threshold", type=probability, default=0.5, help="probability above which a frame is called anomalous"
+    )
+    p.add_argument(
+        "--n_splits",
+        type=int_at_least(2, "folds"),
+        default=5,
+        help="folds by video (at most the number of videos; fewer where a training fold would lack a class)",
+    )
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument(
+        "--apply", type=folder, default=None, help="score --scored_data with the classifier saved in this folder"
+    )
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
     args.scored_data = args.scored_data or f"outputs/scored/{args.dataset}"
@@ -61,7 +72,14 @@ def apply(args) -> int:
     path = Path(args.apply) / "classifier.joblib"
     if not path.is_file():
         raise PipelineError(f"No saved classifier at {path}; run fit_anoms.py without --apply first.")
-    bundle = joblib.load(path)
+    try:
+        bundle = joblib.load(path)
+    except Exception as err:  # a truncated or foreign file fails in pickle, zlib or numpy
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise PipelineError(f"Cannot read the saved classifier {path}: {type(err).__name__} {first}".strip()) from None
+    keys = {"pipeline", "features", "smooth", "threshold"}
+    if not isinstance(bundle, dict) or keys - set(bundle):
+        raise PipelineError(f"{path} is not a classifier saved by fit_anoms.py (it needs the entries {sorted(keys)}).")
     data = prepare_frames(
         load_scored(args.scored_data),
         bundle["features"],
@@ -87,7 +105,15 @@ def main(argv=None) -> int:
         return apply(args)
     import joblib
 
-    from models.anoms import default_features, evaluate_by_video, importances, load_scored, make_models, prepare_frames
+    from models.anoms import (
+        default_features,
+        evaluate_by_video,
+        importances,
+        load_scored,
+        make_models,
+        prepare_frames,
+        video_folds,
+    )
     from models.plots import plot_importances
 
     df = load_scored(args.scored_data)
@@ -99,6 +125,10 @@ def main(argv=None) -> int:
     if args.smooth < 1:
         raise PipelineError(f"--smooth must be 1 (none) or more frames. Received: {args.smooth}")
     data = prepare_frames(df, features, args.smooth, per_video=args.normalize == "video")
+    n_folds = len(video_folds(data["y"].to_numpy().astype(int), data["video"].to_numpy(), args.n_splits))
+    asked = min(args.n_splits, data["video"].nunique())
+    if n_folds < asked:
+        print(f"note: {n_folds} folds by video instead of {asked}: with more, a training fold would lack a class")
     with atomic_dir(args.model_path, args.overwrite) as out:
         report, _ = evaluate_by_video(data, features, args.seed, args.n_splits, args.threshold, args.smooth)
         forest = make_models(args.seed)["random_forest"].fit(data[features].to_numpy(float), data["y"].astype(int))
@@ -123,7 +153,7 @@ def main(argv=None) -> int:
             "frames": len(data),
             "videos": int(data["video"].nunique()),
             "anomalous": int(data["y"].sum()),
-            "cross_validation": f"GroupKFold by video, {min(args.n_splits, data['video'].nunique())} folds",
+            "cross_validation": f"StratifiedGroupKFold by video, {n_folds} folds",
             "models": report,
         }
         (out / "report.json").write_text(json.dumps(summary, indent=2) + "\n")

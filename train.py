@@ -12,44 +12,61 @@ from __future__ import annotations
 
 import argparse
 
+from models.args import (
+    floats_at_least,
+    folder,
+    int_at_least,
+    ints_at_least,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 from models.cli import run
-from models.config import float_list, int_list, parse_with_config
+from models.config import parse_with_config
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="default", help="settings file in config/ (name or path); flags override it")
-    p.add_argument("--preprocessed_data", default="data/preprocessed")
+    p.add_argument("--preprocessed_data", type=folder, default="data/preprocessed")
     p.add_argument("--dataset", default="UCSDped2")
-    p.add_argument("--model_dir", default=None, help="output folder (default: outputs/models/<dataset>)")
-    p.add_argument("--stack_sizes", type=int_list, help="channels of the layers above the pixels, e.g. 48,96,192")
+    p.add_argument("--model_dir", type=folder, default=None, help="output folder (default: outputs/models/<dataset>)")
+    p.add_argument(
+        "--stack_sizes", type=ints_at_least(1), help="channels of the layers above the pixels, e.g. 48,96,192"
+    )
     p.add_argument(
         "--R0_channels",
-        type=int,
+        type=positive_int,
         help="channels of the pixel layer's representation units (default: the frames' channels, as in the paper)",
     )
-    p.add_argument("--filter_sizes", type=int_list, help="filter sizes of the A, Ahat and R convolutions, e.g. 3,3,3")
-    p.add_argument("--layer_loss_weights", type=float_list, help="L_0: 1,0; L_all: 1,0.1 (layer 0, layers above)")
-    p.add_argument("--nt", type=int, help="frames per training window")
+    p.add_argument(
+        "--filter_sizes",
+        type=ints_at_least(1, lengths=(3,)),
+        help="filter sizes of the A, Ahat and R convolutions, e.g. 3,3,3",
+    )
+    p.add_argument(
+        "--layer_loss_weights", type=floats_at_least(0.0), help="L_0: 1,0; L_all: 1,0.1 (layer 0, layers above)"
+    )
+    p.add_argument("--nt", type=int_at_least(2, "frames"), help="frames per training window")
     p.add_argument(
         "--horizon",
-        type=int,
+        type=int_at_least(1, "frames"),
         default=1,
         help="frames ahead to train for: the last horizon - 1 steps of each window are fed the model's own "
         "predictions, and the loss is the frame prediction error (1: next-frame prediction with "
         "--layer_loss_weights)",
     )
-    p.add_argument("--batch_size", type=int)
-    p.add_argument("--nb_epoch", type=int)
-    p.add_argument("--samples_per_epoch", type=int, help="training windows per epoch")
-    p.add_argument("--val_samples", type=int, help="validation windows per epoch")
-    p.add_argument("--learning_rate", type=float)
-    p.add_argument("--lr_decay", type=float, help="learning rate times this after each epoch (1: constant)")
-    p.add_argument("--strides", type=int_list, help="frame strides sampled as augmentation, e.g. 1,2,3,4")
-    p.add_argument("--patience", type=int, help="early stopping: epochs without a better val loss")
+    p.add_argument("--batch_size", type=int_at_least(1, "windows"))
+    p.add_argument("--nb_epoch", type=int_at_least(1, "epochs"))
+    p.add_argument("--samples_per_epoch", type=int_at_least(1, "windows"), help="training windows per epoch")
+    p.add_argument("--val_samples", type=int_at_least(1, "windows"), help="validation windows per epoch")
+    p.add_argument("--learning_rate", type=positive_float)
+    p.add_argument("--lr_decay", type=positive_float, help="learning rate times this after each epoch (1: constant)")
+    p.add_argument("--strides", type=ints_at_least(1), help="frame strides sampled as augmentation, e.g. 1,2,3,4")
+    p.add_argument("--patience", type=non_negative_int, help="early stopping: epochs without a better val loss")
     p.add_argument(
         "--max_minutes",
-        type=float,
+        type=positive_float,
         help="wall-clock budget: stop after the last epoch expected to end within it (best weights kept)",
     )
     p.add_argument(
@@ -58,20 +75,40 @@ def parse_args(argv=None) -> argparse.Namespace:
         "prediction, error, or R0, E1, ... (checked here; batch_scoring.py always uses all)",
     )
     p.add_argument("--precision", choices=["float32", "mixed_bfloat16", "mixed_float16"])
-    p.add_argument("--fine_tuning", default=None, help="start from the model in this earlier model folder")
+    p.add_argument("--fine_tuning", type=folder, default=None, help="start from the model in this earlier model folder")
     p.add_argument(
-        "--freeze_layers", type=int_list, default=(), help="PredNet layers whose weights stay fixed, e.g. 0,1"
+        "--freeze_layers",
+        type=ints_at_least(0, allow_empty=True),
+        default=(),
+        help="PredNet layers whose weights stay fixed, e.g. 0,1",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last epoch")
     p.add_argument("--overwrite", action="store_true", help="replace a model already in --model_dir")
     p.add_argument("--verbose", type=int, default=1, choices=[0, 1, 2])
-    args = parse_with_config(p, argv)
-    for name in ("stack_sizes", "filter_sizes", "strides"):
-        setattr(args, name, int_list(getattr(args, name)))
-    args.layer_loss_weights = float_list(args.layer_loss_weights)
+    args = parse_with_config(p, argv)  # checks the config file's values with the same types
+    _check_together(p, args)
     args.model_dir = args.model_dir or f"outputs/models/{args.dataset}"
     return args
+
+
+def _check_together(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Settings that are only wrong in combination, checked before Keras is imported."""
+    weights = args.layer_loss_weights
+    if args.stack_sizes and weights and not args.fine_tuning:  # a fine-tuned model brings its own layers
+        n_layers = len(args.stack_sizes) + 1
+        if len(weights) not in (2, n_layers):
+            p.error(
+                f"argument --layer_loss_weights: needs 2 values (layer 0, layers above) or one per layer "
+                f"({n_layers} with --stack_sizes {','.join(map(str, args.stack_sizes))}). Received: {weights}"
+            )
+        too_high = [layer for layer in args.freeze_layers if layer >= n_layers]
+        if too_high:
+            p.error(f"argument --freeze_layers: the model has layers 0-{n_layers - 1}. Received: {too_high}")
+    if args.horizon > 1 and args.nt and not args.horizon < args.nt:
+        p.error(f"argument --horizon: {args.horizon} frames ahead needs --nt above it. Received: nt {args.nt}")
+    if args.horizon > 1 and weights and any(weights[1:]):
+        p.error(f"argument --horizon: more than 1 frame ahead needs L_0 --layer_loss_weights. Received: {weights}")
 
 
 def main(argv=None) -> int:

@@ -1,11 +1,12 @@
 """Stage 4: classifiers that turn per-frame metrics into anomaly labels, evaluated by video.
 
-Cross-validation is grouped by video (no video has frames on both sides), and every score comes from
-`predict_proba`, never from hard labels.
+Cross-validation is grouped by video (no video has frames on both sides) and stratified, so that every
+training fold holds both classes, and every score comes from `predict_proba`, never from hard labels.
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from sklearn.metrics import (
     recall_score,
     roc_auc_score,
 )
-from sklearn.model_selection import GroupKFold, cross_val_predict
+from sklearn.model_selection import StratifiedGroupKFold, cross_val_predict
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
@@ -62,6 +63,8 @@ def prepare_frames(
         raise PipelineError(
             "The DataFrame has no labels (column 'y'); the test videos need ground truth to fit a classifier."
         )
+    if need_labels:
+        check_labels(df)
     data = df[df["predictable"]] if "predictable" in df else df
     data = smooth(data, features, window).dropna(subset=features)
     if per_video:
@@ -69,6 +72,22 @@ def prepare_frames(
         for col in features:  # a feature constant within a video says nothing there: 0
             data[col] = min_max_per_video(data[col], data["video"]).fillna(0.0)
     return data
+
+
+def check_labels(df: pd.DataFrame) -> None:
+    """Raises a `PipelineError` naming the rows whose label (column 'y') is not 0 or 1, NaN included."""
+    bad = df[~df["y"].isin([0, 1])]
+    if len(bad):
+        where = ", ".join(
+            f"row {i}"
+            + (f" (video {r['video']}, frame {r['frame']})" if "frame" in bad else f" (video {r['video']})")
+            + f": {r['y']}"
+            for i, r in bad.head(3).iterrows()
+        )
+        raise PipelineError(
+            f"Column 'y' must hold 0 or 1 in every row, but {len(bad)} of {len(df)} rows do not: {where}"
+            + (", ..." if len(bad) > 3 else "")
+        )
 
 
 class BestSingleFeature(ClassifierMixin, BaseEstimator):
@@ -123,11 +142,46 @@ def make_models(seed: int = 0) -> dict[str, Pipeline]:
     }
 
 
-def grouped_folds(groups: np.ndarray, n_splits: int = 5) -> GroupKFold:
-    n_groups = len(np.unique(groups))
-    if n_groups < 2:
-        raise PipelineError(f"Only {n_groups} video in the DataFrame: a split by video needs at least 2 test videos.")
-    return GroupKFold(n_splits=min(n_splits, n_groups))
+def video_folds(y: np.ndarray, groups: np.ndarray, n_splits: int = 5) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Cross-validation folds by video whose training sides all hold both classes.
+
+    `StratifiedGroupKFold` keeps each video on one side and spreads the anomalous frames over the folds;
+    with `n_splits` (at most the number of videos) folds, one whose training side would lack a class is
+    retried with fewer folds, down to 2.
+
+    Returns:
+        (train indices, test indices) per fold; the test sides cover every frame once.
+
+    Raises:
+        PipelineError: fewer than 2 videos, or a class found in one video only, or no number of folds that
+            works: the message says why no evaluation by video is possible.
+    """
+    y, groups = np.asarray(y), np.asarray(groups)
+    videos = np.unique(groups)
+    if len(videos) < 2:
+        raise PipelineError(
+            f"Only {len(videos)} video in the DataFrame: a split by video needs at least 2 test videos."
+        )
+    for label, name in ((1, "anomalous"), (0, "normal")):
+        holders = np.unique(groups[y == label])
+        if len(holders) == 0:
+            raise PipelineError(f"No video has {name} frames: a classifier needs both classes.")
+        if len(holders) == 1:
+            raise PipelineError(
+                f"Cannot evaluate by video: only video {holders[0]} of {len(videos)} has {name} frames, so the "
+                f"classifier tested on it would train without any; evaluation by video needs {name} frames in "
+                "at least 2 videos."
+            )
+    for k in range(min(n_splits, len(videos)), 1, -1):
+        with warnings.catch_warnings():  # "the least populated class has only N members": frames, not videos
+            warnings.filterwarnings("ignore", "The least populated class", UserWarning)
+            folds = list(StratifiedGroupKFold(n_splits=k).split(np.zeros(len(y)), y, groups))
+        if all(len(np.unique(y[train])) == 2 for train, _ in folds):
+            return folds
+    raise PipelineError(
+        f"Cannot evaluate by video: every split of the {len(videos)} videos into 2 to {min(n_splits, len(videos))} "
+        "folds leaves a training fold with one class only."
+    )
 
 
 def classification_report(y: np.ndarray, proba: np.ndarray, threshold: float) -> dict:
@@ -160,18 +214,19 @@ def evaluate_by_video(
     threshold: float = 0.5,
     smooth_window: int = 1,
 ) -> tuple[dict, dict[str, np.ndarray]]:
-    """Out-of-fold probabilities of each model with folds grouped by video (averaged over `smooth_window`
-    centred frames of each video, `smooth_probabilities`), and their report.
+    """Out-of-fold probabilities of each model with folds by video (`video_folds`; averaged over
+    `smooth_window` centred frames of each video, `smooth_probabilities`), and their report.
 
     Raises:
-        PipelineError: fewer than two videos, or labels of one class only.
+        PipelineError: fewer than two videos, labels of one class only, or folds that cannot keep both
+            classes in training.
     """
     y, groups = data["y"].to_numpy().astype(int), data["video"].to_numpy()
     if len(np.unique(y)) < 2:
         raise PipelineError(
             f"All {len(y)} frames have label {y[0] if len(y) else '?'}: a classifier needs both classes."
         )
-    cv = grouped_folds(groups, n_splits)
+    cv = video_folds(y, groups, n_splits)
     X = data[features].to_numpy(float)
     report, probas = {}, {}
     for name, model in make_models(seed).items():

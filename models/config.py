@@ -23,16 +23,38 @@ def resolve_config(name_or_path: str) -> Path:
 
 
 def parse_with_config(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
-    """Parses `argv`, taking defaults from the `--config` file first."""
+    """Parses `argv`, taking defaults from the `--config` file first.
+
+    A value from the file goes through its option's `type` and `choices` as a command-line value does, so
+    `"batch_size": 0` in a config file stops with the same message (naming the file) and exit code 2.
+    """
     pre, _ = parser.parse_known_args(argv)
+    values: dict = {}
     if getattr(pre, "config", None):
-        values = {k: v for k, v in read_json(resolve_config(pre.config)).items() if not k.startswith("_")}
+        path = resolve_config(pre.config)
+        values = {k: v for k, v in read_json(path).items() if not k.startswith("_")}
         known = {a.dest for a in parser._actions}
         unknown = sorted(set(values) - known)
         if unknown:
             raise PipelineError(f"Config {pre.config} has unknown settings: {unknown}.")
         parser.set_defaults(**values)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for action in parser._actions:
+        value = getattr(args, action.dest, None)
+        # Only values still the file's own objects: those given on the command line were checked already.
+        if action.dest not in values or value is None or value is not values[action.dest]:
+            continue
+        option = action.option_strings[0] if action.option_strings else action.dest
+        try:
+            if callable(action.type):
+                value = action.type(value)
+        except (argparse.ArgumentTypeError, TypeError, ValueError) as err:
+            parser.error(f"argument {option} (from config {path}): {err}")
+        if action.choices is not None and value not in action.choices:
+            choices = ", ".join(map(repr, action.choices))
+            parser.error(f"argument {option} (from config {path}): invalid choice {value!r} (choose from {choices})")
+        setattr(args, action.dest, value)
+    return args
 
 
 def int_list(text) -> tuple[int, ...]:

@@ -5,7 +5,7 @@ import pytest
 from conftest import run_script
 
 import fit_anoms
-from models.anoms import evaluate_by_video, grouped_folds, prepare_frames
+from models.anoms import evaluate_by_video, prepare_frames, video_folds
 from models.errors import PipelineError
 
 
@@ -30,10 +30,38 @@ def frames_table(n_videos=6, n=40, seed=0):
     return pd.concat(rows, ignore_index=True)
 
 
-def test_grouped_folds_never_share_a_video():
+def test_folds_never_share_a_video_and_train_on_both_classes():
     groups = np.repeat(np.arange(6), 10)
-    for train, test in grouped_folds(groups).split(np.zeros(60), groups=groups):
+    y = np.zeros(60, int)
+    y[[5, 6, 25, 45, 46, 47]] = 1  # anomalies in videos 0, 2 and 4 only
+    folds = video_folds(y, groups)
+    assert len(folds) == 5 and sorted(np.concatenate([test for _, test in folds]).tolist()) == list(range(60))
+    for train, test in folds:
         assert not set(groups[train]) & set(groups[test])
+        assert set(y[train]) == {0, 1}
+
+
+def test_folds_fall_back_to_fewer_when_a_training_fold_would_lack_a_class():
+    sizes, anomalous = [17, 19, 14, 14, 27, 22], [2, 18, 0, 0, 0, 0]  # frames per video, the first ones anomalous
+    groups = np.repeat(np.arange(6), sizes)
+    y = np.concatenate([np.r_[np.ones(a), np.zeros(n - a)] for n, a in zip(sizes, anomalous, strict=True)]).astype(int)
+    # 5 stratified folds would test videos 0 and 1 together and train on normal frames only
+    folds = video_folds(y, groups, n_splits=5)
+    assert len(folds) == 4 and all(set(y[train]) == {0, 1} for train, _ in folds)
+
+
+def test_one_video_with_anomalies_cannot_be_evaluated():
+    groups = np.repeat(["Test001", "Test002"], 10)
+    y = np.r_[np.zeros(5), np.ones(5), np.zeros(10)].astype(int)  # Test002 all normal, as the docs allow
+    with pytest.raises(PipelineError, match="only video Test001 of 2 has anomalous frames"):
+        video_folds(y, groups)
+
+
+def test_labels_that_are_not_0_or_1_are_named():
+    df = frames_table()
+    df.loc[[3, 41], "y"] = np.nan
+    with pytest.raises(PipelineError, match=r"Column 'y' .* 2 of 240 rows .*row 3 \(video Test001, frame 4\)"):
+        prepare_frames(df, ["model_good"])
 
 
 def test_perfect_feature_gives_auc_one_and_noise_about_half():
@@ -72,10 +100,11 @@ def test_probabilities_are_averaged_over_neighbouring_frames_of_a_video():
     assert report["random_forest"]["roc_auc"] > raw_report["random_forest"]["roc_auc"] + 0.05
 
 
-def test_bad_smoothing_is_refused(tmp_path):
+def test_bad_smoothing_is_refused(tmp_path, capsys):
     frames_table().to_pickle(tmp_path / "df.pkl.gz")
-    with pytest.raises(PipelineError, match="--smooth must be 1"):
+    with pytest.raises(SystemExit) as done:
         fit_anoms.main(["--scored_data", str(tmp_path), "--model_path", str(tmp_path / "a"), "--smooth", "0"])
+    assert done.value.code == 2 and "--smooth: must be 1 or more frames" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
 
 

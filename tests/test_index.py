@@ -88,3 +88,55 @@ def test_synthetic_labels_match_masks(synthetic_root):
         has_mask = np.array([np.asarray(Image.open(p)).max() > 0 for p in video.mask_frames])
         assert (y == has_mask).all(), video.name
         assert 0 < y.sum() < len(y)
+
+
+def _touch(folder, *names):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (folder / name).write_bytes(b"")  # indexing reads names only
+
+
+def test_frames_are_in_natural_order_and_hidden_files_skipped(tmp_path):
+    video = tmp_path / "Train" / "walk"
+    _touch(video, *(f"{i}.jpg" for i in range(1, 20)), "._1.jpg", ".DS_Store")
+    _touch(tmp_path / "Train" / "cam", *(f"cam2_f{i}.png" for i in (10, 9, 1)))
+    _touch(tmp_path / "Test" / "Test1", *(f"frame_{i:04d}.png" for i in (0, 2, 10, 1)))
+    _touch(tmp_path / "Test" / "Test1_gt", *(f"{i}.bmp" for i in (10, 2, 1, 0)), "._0.bmp")
+    videos = {v.name: v for v in build_index(tmp_path)}
+    assert [p.name for p in videos["walk"].frames] == [f"{i}.jpg" for i in range(1, 20)]
+    assert [p.name for p in videos["cam"].frames] == ["cam2_f1.png", "cam2_f9.png", "cam2_f10.png"]
+    assert [p.stem for p in videos["Test1"].frames] == ["frame_0000", "frame_0001", "frame_0002", "frame_0010"]
+    assert [p.name for p in videos["Test1"].mask_frames] == ["0.bmp", "1.bmp", "2.bmp", "10.bmp"]
+
+
+def test_videos_in_natural_order_and_hidden_video_files_skipped(tmp_path):
+    for name in ("cam10", "cam2", "cam1"):
+        _touch(tmp_path / "Test" / name, "1.png")
+    _touch(tmp_path / "Train" / "a", "1.png")
+    _touch(tmp_path / "Train", "._b.mp4")
+    (tmp_path / "Test" / "labels.m").write_text("gt_frame = [1];\n" * 3)
+    (tmp_path / "Test" / "._labels.m").write_bytes(b"\x00\x05")  # macOS metadata beside it
+    videos = build_index(tmp_path)
+    assert [v.name for v in videos] == ["a", "cam1", "cam2", "cam10"]
+
+
+def test_m_file_comments_are_ignored(tmp_path):
+    path = tmp_path / "UCSDped2.m"
+    path.write_text(
+        "% ground truth of the test videos\n"
+        "TestVideoFile = {};\n"
+        "%TestVideoFile{end+1}.gt_frame = [1:2];\n"
+        "TestVideoFile{end+1}.gt_frame = [61:180];  % the cart\n"
+        "%{\n"
+        "TestVideoFile{end+1}.gt_frame = [3:4];\n"
+        "%}\n"
+        "TestVideoFile{end+1}.gt_frame = [1:52, ...\n"
+        "    65:115];\n"
+    )
+    assert parse_m_file(path) == [[(61, 180)], [(1, 52), (65, 115)]]
+
+
+def test_labels_csv_with_bom_spaces_and_blank_lines(tmp_path):
+    path = tmp_path / "labels.csv"
+    path.write_bytes("video, start_frame ,end_frame\r\n\r\ncam_a,3,5\r\n,,\r\n\r\ncam_b,1,1\r\n".encode("utf-8-sig"))
+    assert parse_labels_csv(path) == {"cam_a": [(3, 5)], "cam_b": [(1, 1)]}

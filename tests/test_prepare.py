@@ -180,3 +180,81 @@ def test_cli_end_to_end(tmp_path):
 def test_cli_bad_size(tmp_path):
     done = run_script("data_preparation.py", "--raw_data", str(tmp_path), "--size", "150x232")
     assert done.returncode == 2 and "144 or 152" in done.stderr and "Traceback" not in done.stderr
+
+
+def _grey_video(tmp_path, image):
+    from models.data.index import Video
+
+    image.save(tmp_path / "1.tif")
+    return Video("v", "train", tmp_path, frames=[tmp_path / "1.tif"])
+
+
+def test_16_bit_frames_are_scaled_not_clipped(tmp_path):
+    from models.data.frames import decode_video
+
+    values = np.array([[0, 128, 257, 257 * 7], [257 * 100, 257 * 254, 65534, 65535]], dtype=np.uint16)
+    expected = [[0, 0, 1, 7], [100, 254, 255, 255]]
+    little = Image.fromarray(values)  # I;16
+    big = Image.new("I;16B", (4, 2))
+    big.frombytes(values.astype(">u2").tobytes())
+    wide = Image.fromarray(values.astype(np.int32))  # I: 32-bit integers
+    for image in (little, big, wide):
+        folder = tmp_path / image.mode.replace(";", "_")
+        folder.mkdir()
+        video = _grey_video(folder, image)
+        assert Image.open(video.frames[0]).mode == image.mode
+        X, lost = decode_video(video, (2, 4), 1)
+        assert lost == 0 and X.dtype == np.uint8 and X[0, ..., 0].tolist() == expected, image.mode
+
+
+def test_float_frames_in_0_1_are_scaled_by_255(tmp_path):
+    from models.data.frames import read_video
+
+    image = Image.fromarray(np.array([[0.0, 0.25, 0.5, 1.0]], dtype=np.float32))
+    X = read_video(_grey_video(tmp_path, image), (1, 4), 1)
+    assert X[0, ..., 0].tolist() == [[0, 64, 128, 255]]  # rounded half up: 127.5 -> 128
+
+
+def _video(path, n=20):  # an encoded video, its container chosen by the suffix
+    import imageio.v2 as imageio
+
+    frames = (np.random.default_rng(0).random((n, 32, 48, 3)) * 255).astype(np.uint8)
+    imageio.mimwrite(path, frames, fps=10, macro_block_size=16)
+    return path
+
+
+def test_avi_header_gives_the_frame_count_a_truncation_cannot_hide(tmp_path):
+    from models.data.frames import avi_frame_count, frames_lost
+
+    path = _video(tmp_path / "v.avi")
+    assert avi_frame_count(path) == 20
+    path.write_bytes(path.read_bytes()[: path.stat().st_size * 3 // 10])
+    assert avi_frame_count(path) == 20
+    assert frames_lost(19, 20) == 0 and frames_lost(2, 20) == 18  # one frame short is within rounding
+
+
+def test_truncated_mkv_is_caught_by_its_duration_times_frame_rate(tmp_path):
+    from models.data.frames import decode_video, read_video
+    from models.data.index import Video
+
+    path = _video(tmp_path / "v.mkv")  # Matroska states its duration up front
+    X, lost = decode_video(Video("v", "train", path), (16, 24), 3)
+    assert len(X) == 20 and lost == 0
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(PipelineError, match=r"v.mkv is truncated: \d+ frames decoded but its container reports 20"):
+        read_video(Video("v", "train", path), (16, 24), 3)
+    X, lost = decode_video(Video("v", "train", path), (16, 24), 3, allow_truncated=True)
+    assert 0 < len(X) < 20 and len(X) + lost == 20
+
+
+def test_truncated_video_kept_with_a_warning_when_allowed(tmp_path, capsys):
+    (tmp_path / "Train").mkdir()
+    _video(tmp_path / "Train" / "whole.avi", 8)
+    cut = _video(tmp_path / "Train" / "cut.avi")
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size * 3 // 10])
+    config = PrepareConfig(size=(16, 24), n_layers=3, val_fraction=0, workers=1, allow_truncated=True)
+    meta = prepare(tmp_path, tmp_path / "out", config)
+    kept = meta["videos"]["train"]["cut"]
+    assert 0 < kept < 20 and meta["videos"]["train"]["whole"] == 8
+    assert meta["truncated_videos"] == {"cut": {"frames_kept": kept, "frames_lost": 20 - kept}}
+    assert f"{20 - kept} of its 20 frames lost, {kept} kept" in capsys.readouterr().err

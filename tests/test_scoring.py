@@ -329,11 +329,11 @@ def test_horizon_and_warmup_leave_the_first_frames_unscored(trained, prepared, t
 @pytest.mark.parametrize(
     "options, message",
     [
-        (["--horizon", "0"], "--horizon must be 1"),
-        (["--warmup", "-1"], "--warmup must be 1"),
+        (["--horizon", "0"], "--horizon: must be 1"),
+        (["--warmup", "-1"], "--warmup: must be 1"),
         (["--horizon", "4"], "window longer"),
-        (["--batch_size", "0"], "--batch_size must be 1"),
-        (["--per_window", "0"], "--per_window must be 1"),
+        (["--batch_size", "0"], "--batch_size: must be 1"),
+        (["--per_window", "0"], "--per_window: must be 1"),
         (["--per_window", "4"], "scoring 4 frames per window"),
         (["--horizon", "2", "--per_window", "2"], "horizon 1"),
     ],  # the training window is 4 frames

@@ -1,8 +1,19 @@
-"""Decoding and resizing frames, one video per worker process."""
+"""Decoding and resizing frames, one video per worker process.
+
+Every frame becomes uint8. Frames of more than 8 bits are scaled, never clipped: 16-bit frames (Pillow
+modes I;16, I;16B, and I, the 32-bit integers some TIFFs hold, read as 16-bit) by 255/65535, rounded to
+the nearest (65535 -> 255, 257 * k -> k); float frames (mode F) must lie in [0, 1] and are scaled by 255,
+rounded half up (0.5 -> 128). Values outside those ranges are refused, naming the frame.
+
+A video file that decodes to fewer frames than its container reports (an AVI's header, or the duration
+times the frame rate) by more than 1 frame and 1% is truncated: refused, or kept with a warning giving
+the frames lost.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -13,18 +24,47 @@ from PIL import Image, UnidentifiedImageError
 from models.data.index import Video
 from models.errors import PipelineError
 
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F")
+
 
 def detect_channels(image: Image.Image) -> int:
     """1 for grey sources (also grey stored as RGB, as in re-encoded UCSD copies), else 3."""
-    if image.mode in ("1", "L", "LA", "I", "I;16", "F"):
+    if image.mode in GREY_MODES:
         return 1
     rgb = np.asarray(image.convert("RGB"), dtype=np.int16)
     spread = np.abs(rgb[..., 0] - rgb[..., 1]).mean() + np.abs(rgb[..., 1] - rgb[..., 2]).mean()
     return 1 if spread < 2.0 else 3
 
 
-def _to_array(image: Image.Image, size: tuple[int, int], channels: int, resample) -> np.ndarray:
-    image = image.convert("L" if channels == 1 else "RGB")
+def to_8bit(image: Image.Image, path: str | Path = "") -> Image.Image:
+    """A 16-bit, 32-bit integer or float grey frame as an 8-bit one ('L'), scaled as the module says;
+    other frames as they are.
+
+    Raises:
+        PipelineError: integer values outside 0-65535 or float values outside [0, 1], naming `path`.
+    """
+    if image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+        if not (np.isfinite(values).all() and low >= -1e-6 and high <= 1 + 1e-6):
+            raise PipelineError(
+                f"Float frame {path} has values in [{low:g}, {high:g}]; float frames must lie in [0, 1] "
+                "(or save them as 8- or 16-bit integers)."
+            )
+        return Image.fromarray(np.floor(np.clip(values, 0, 1) * 255 + 0.5).astype(np.uint8))
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        values = np.asarray(image).astype(np.int64)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise PipelineError(
+                f"Frame {path} holds integers in [{values.min()}, {values.max()}]; integer frames of more than "
+                "8 bits are read as 16-bit (0-65535)."
+            )
+        return Image.fromarray(((values + 128) // 257).astype(np.uint8))
+    return image
+
+
+def _to_array(image: Image.Image, size: tuple[int, int], channels: int, resample, path: str | Path = "") -> np.ndarray:
+    image = to_8bit(image, path).convert("L" if channels == 1 else "RGB")
     if image.size != (size[1], size[0]):
         image = image.resize((size[1], size[0]), resample)
     arr = np.asarray(image, dtype=np.uint8)
@@ -49,31 +89,110 @@ def _open(path: Path) -> Image.Image:
     return image
 
 
-def _iter_video_file(path: Path):
+def _first_line(err: Exception) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+def avi_frame_count(path: str | Path) -> int | None:
+    """The frame count an AVI file's header states (OpenDML `dmlh`, else the video stream's `strh`
+    length, else `avih`), or None when the file is no AVI. The header comes first in the file, so it
+    survives a truncation that the index at the end does not."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    if head[:4] != b"RIFF" or head[8:12] != b"AVI ":
+        return None
+    counts: dict[str, int] = {}
+
+    def u32(at: int) -> int:
+        return int.from_bytes(head[at : at + 4], "little")
+
+    def walk(pos: int, end: int) -> None:
+        while pos + 8 <= min(end, len(head)):
+            fourcc, size, body = head[pos : pos + 4], u32(pos + 4), pos + 8
+            if fourcc == b"LIST" and head[body : body + 4] in (b"hdrl", b"strl", b"odml"):
+                walk(body + 4, body + size)
+            elif fourcc == b"LIST" and head[body : body + 4] == b"movi":
+                return
+            elif fourcc == b"avih" and size >= 20:
+                counts.setdefault("avih", u32(body + 16))
+            elif fourcc == b"strh" and size >= 36 and head[body : body + 4] == b"vids":
+                counts.setdefault("strh", u32(body + 32))
+            elif fourcc == b"dmlh" and size >= 4:
+                counts.setdefault("dmlh", u32(body))
+            pos = body + size + (size & 1)
+
+    walk(12, len(head))
+    for key in ("dmlh", "strh", "avih"):
+        if counts.get(key):
+            return counts[key]
+    return None
+
+
+def reported_frame_count(path: str | Path, meta: dict) -> int | None:
+    """Frames a video file's container says it holds: an AVI's header count, else its duration times its
+    frame rate (as ffmpeg reports them), or None when it says nothing usable."""
+    if Path(path).suffix.lower() == ".avi":
+        count = avi_frame_count(path)
+        if count:
+            return count
+    duration, fps = meta.get("duration"), meta.get("fps")
+    try:
+        frames = float(duration) * float(fps)
+    except (TypeError, ValueError):
+        return None
+    return round(frames) if math.isfinite(frames) and frames > 0 else None
+
+
+def frames_lost(decoded: int, reported: int | None) -> int:
+    """Frames missing from a decoded video file: 0 unless it is short of its container's count by more than
+    1 frame and 1% (container durations are rounded, and an audio track may outlast the video a little)."""
+    if reported is None:
+        return 0
+    lost = reported - decoded
+    return lost if lost > max(1, reported // 100) else 0
+
+
+def _iter_video_file(path: Path, meta: dict | None = None):
+    """Yields the frames of a video file as arrays; fills `meta` with the reader's metadata first."""
     import imageio.v2 as imageio
 
     try:
         reader = imageio.get_reader(str(path), "ffmpeg")
     except Exception as err:  # imageio raises several types for unreadable files
-        raise PipelineError(f"Cannot open video file {path}: {err}") from None
+        raise PipelineError(
+            f"Cannot open video file {path}: {_first_line(err)} (not a video, or truncated before its index)"
+        ) from None
+    if meta is not None:
+        meta.update(reader.get_meta_data())
     try:
         yield from reader
     except Exception as err:
-        raise PipelineError(f"Cannot decode video file {path}: {err}") from None
+        raise PipelineError(f"Cannot decode video file {path}: {_first_line(err)}") from None
     finally:
         reader.close()
 
 
-def read_video(video: Video, size: tuple[int, int], channels: int) -> np.ndarray:
+def read_video(video: Video, size: tuple[int, int], channels: int, allow_truncated: bool = False) -> np.ndarray:
     """All frames of one video, resized to `size` (height, width): uint8 (n, height, width, channels).
 
     Raises:
-        PipelineError: a frame that cannot be decoded, or frames of different sizes within the video.
+        PipelineError: a frame that cannot be decoded, frames of different sizes within the video, or a
+            truncated video file without `allow_truncated`.
     """
+    return decode_video(video, size, channels, allow_truncated)[0]
+
+
+def decode_video(
+    video: Video, size: tuple[int, int], channels: int, allow_truncated: bool = False
+) -> tuple[np.ndarray, int]:
+    """`read_video`, also returning the number of frames lost: how many fewer a video file decoded to than
+    its container reports (0 for frame folders and complete files; see `frames_lost`)."""
+    meta: dict = {}
     if video.frames is not None:
         images = ((path, _open(path)) for path in video.frames)
     else:
-        images = ((video.path, Image.fromarray(f)) for f in _iter_video_file(video.path))
+        images = ((video.path, Image.fromarray(f)) for f in _iter_video_file(video.path, meta))
     out, first_size, first_path = [], None, None
     for path, image in images:
         if first_size is None:
@@ -83,25 +202,38 @@ def read_video(video: Video, size: tuple[int, int], channels: int) -> np.ndarray
                 f"Frames of different sizes in video {video.name}: {first_path} is {first_size[0]}x{first_size[1]}, "
                 f"{path} is {image.size[0]}x{image.size[1]} (width x height)."
             )
-        out.append(_to_array(image, size, channels, Image.Resampling.BILINEAR))
+        out.append(_to_array(image, size, channels, Image.Resampling.BILINEAR, path))
     if not out:
         raise PipelineError(f"Video {video.name} ({video.path}) has no frames.")
-    return np.stack(out)
+    lost = 0 if video.frames is not None else frames_lost(len(out), reported_frame_count(video.path, meta))
+    if lost and not allow_truncated:
+        raise PipelineError(
+            f"Video file {video.path} is truncated: {len(out)} frames decoded but its container reports "
+            f"{len(out) + lost}; re-encode it, or keep the {len(out)} frames with --allow_truncated (data preparation)."
+        )
+    return np.stack(out), lost
 
 
 def read_masks(video: Video, size: tuple[int, int]) -> np.ndarray:
     """The video's pixel masks, resized with nearest neighbours: uint8 0/1 (n, height, width)."""
-    masks = [_to_array(_open(p), size, 1, Image.Resampling.NEAREST)[..., 0] for p in video.mask_frames]
+    masks = [_to_array(_open(p), size, 1, Image.Resampling.NEAREST, p)[..., 0] for p in video.mask_frames]
     return (np.stack(masks) > 127).astype(np.uint8)
 
 
 def _read_one(args):
-    video, size, channels = args
-    return read_video(video, size, channels)
+    return decode_video(*args)
 
 
-def read_videos(videos: list[Video], size: tuple[int, int], channels: int, workers: int | None = None, progress=None):
-    """Reads many videos in parallel processes, yielding (video, frames) in the given order.
+def read_videos(
+    videos: list[Video],
+    size: tuple[int, int],
+    channels: int,
+    workers: int | None = None,
+    progress=None,
+    allow_truncated: bool = False,
+):
+    """Reads many videos in parallel processes, yielding (video, frames, frames lost) in the given order
+    (see `decode_video`).
 
     Args:
         videos: the videos to read.
@@ -109,12 +241,13 @@ def read_videos(videos: list[Video], size: tuple[int, int], channels: int, worke
         channels: 1 or 3.
         workers: processes to use; all cores by default.
         progress: an optional tqdm bar, advanced by each video's frame count.
+        allow_truncated: keep truncated video files (see `read_video`) instead of refusing them.
     """
     workers = min(workers or os.cpu_count() or 1, len(videos))
-    jobs = [(v, size, channels) for v in videos]
+    jobs = [(v, size, channels, allow_truncated) for v in videos]
     with ProcessPoolExecutor(max_workers=workers) if workers > 1 else contextlib.nullcontext() as pool:
         results = pool.map(_read_one, jobs) if pool is not None else map(_read_one, jobs)
-        for video, frames in zip(videos, results, strict=True):
+        for video, (frames, lost) in zip(videos, results, strict=True):
             if progress is not None:
                 progress.update(len(frames))
-            yield video, frames
+            yield video, frames, lost

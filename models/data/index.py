@@ -14,10 +14,15 @@ UCSD layout (Ped1, Ped2; https://www.svcl.ucsd.edu/projects/anomaly/dataset.htm)
 
 Custom layout: the same `Train/` and `Test/` folders, where each video is either a folder of frames
 (any format Pillow reads: .tif, .jpg, .png, .bmp) or a video file (.mp4, .avi, .mov, .mkv), and the
-test labels are a UCSD-style `.m` file (entries in sorted video order) or `Test/labels.csv`::
+test labels are a UCSD-style `.m` file (entries in the videos' natural order) or `Test/labels.csv`::
 
     video,start_frame,end_frame        1-based and inclusive; several rows per video allowed;
     cam_03,61,180                      a test video without rows is all normal
+
+Rules kept everywhere: names starting with '.' (macOS `._001.jpg`, `.DS_Store`) are skipped; the frames
+(and masks) of a folder are ordered by the numbers in their names (`frame_2.png` before `frame_10.png`),
+and a folder whose names differ in more than their numbers, or share a number, is refused; video names
+(folder names and file names without their suffix) are unique across `Train/` and `Test/`.
 
 `build_index` turns such a tree into a list of `Video` records that the rest of the code consumes.
 """
@@ -25,6 +30,7 @@ test labels are a UCSD-style `.m` file (entries in sorted video order) or `Test/
 from __future__ import annotations
 
 import csv
+import io
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,13 +70,29 @@ class Video:
     mask_frames: list[Path] = field(default_factory=list)
 
 
+def _strip_matlab_comments(text: str) -> str:
+    """MATLAB source without its comments (`% ...` to the end of a line, `%{ ... %}` blocks) and with
+    `...` line continuations joined."""
+    lines, in_block = [], False
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped == "%{":
+            in_block = True
+        elif stripped == "%}" and in_block:
+            in_block = False
+        elif not in_block:
+            lines.append(line.split("%", 1)[0])
+    return "\n".join(lines).replace("...", " ")
+
+
 def parse_m_file(path: str | Path) -> list[list[tuple[int, int]]]:
     """Parses UCSD ground truth: one list of (start, end) ranges per `gt_frame` entry, in file order.
 
-    Accepts several ranges and single frames per entry, e.g. `[1:52, 65:115]` or `[5 7:9]`.
+    Accepts several ranges and single frames per entry, e.g. `[1:52, 65:115]` or `[5 7:9]`; MATLAB
+    comments (`% ...`, `%{ ... %}`) are ignored.
     """
     path = Path(path)
-    text = path.read_text(errors="replace")
+    text = _strip_matlab_comments(path.read_text(errors="replace"))
     entries = re.findall(r"gt_frame\s*=\s*\[([^\]]*)\]", text)
     if not entries:
         raise PipelineError(f"No 'gt_frame = [...]' entries found in label file {path}.")
@@ -93,22 +115,39 @@ def parse_m_file(path: str | Path) -> list[list[tuple[int, int]]]:
 
 
 def parse_labels_csv(path: str | Path) -> dict[str, list[tuple[int, int]]]:
-    """Parses `video,start_frame,end_frame` rows (1-based, inclusive) into ranges per video."""
+    """Parses `video,start_frame,end_frame` rows (1-based, inclusive) into ranges per video.
+
+    The file must be UTF-8 (a byte-order mark, as Excel writes, is fine); blank lines are skipped.
+    """
     path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise PipelineError(
+            f"Label file {path} is not UTF-8 text (byte {err.object[err.start : err.start + 1]!r} at offset "
+            f"{err.start}); save it as UTF-8 (CSV UTF-8 in Excel)."
+        ) from None
     ranges: dict[str, list[tuple[int, int]]] = {}
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        missing = {"video", "start_frame", "end_frame"} - set(reader.fieldnames or [])
-        if missing:
-            raise PipelineError(f"Label file {path} lacks the column(s) {sorted(missing)}; expected video,start_frame,end_frame.")
-        for line, row in enumerate(reader, 2):
-            try:
-                start, end = int(row["start_frame"]), int(row["end_frame"])
-            except (TypeError, ValueError):
-                raise PipelineError(f"Line {line} of {path}: frame numbers must be integers. Received: {row}") from None
-            if start < 1 or end < start:
-                raise PipelineError(f"Line {line} of {path}: invalid range {start}-{end} (1-based, start <= end).")
-            ranges.setdefault(row["video"].strip(), []).append((start, end))
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    reader.fieldnames = [name.strip() for name in reader.fieldnames or []]
+    missing = {"video", "start_frame", "end_frame"} - set(reader.fieldnames)
+    if missing:
+        raise PipelineError(
+            f"Label file {path} lacks the column(s) {sorted(missing)}; expected video,start_frame,end_frame."
+        )
+    for row in reader:
+        if not any(isinstance(v, str) and v.strip() for v in row.values()):
+            continue  # a blank line, or one of commas only
+        line = reader.line_num
+        try:
+            start, end = int(row["start_frame"]), int(row["end_frame"])
+        except (TypeError, ValueError):
+            raise PipelineError(f"Line {line} of {path}: frame numbers must be integers. Received: {row}") from None
+        if start < 1 or end < start:
+            raise PipelineError(f"Line {line} of {path}: invalid range {start}-{end} (1-based, start <= end).")
+        if not (row["video"] or "").strip():
+            raise PipelineError(f"Line {line} of {path}: no video name. Received: {row}")
+        ranges.setdefault(row["video"].strip(), []).append((start, end))
     return ranges
 
 
@@ -126,15 +165,62 @@ def resolve_root(raw_data: str | Path, dataset: str) -> Path:
     )
 
 
+def _visible(folder: Path) -> list[Path]:
+    """The entries of `folder`, without hidden ones (names starting with '.', as macOS's `._001.jpg`)."""
+    return [p for p in folder.iterdir() if not p.name.startswith(".")]
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key that reads the numbers in a name as numbers: 'Test2' before 'Test10'."""
+    parts = re.split(r"(\d+)", name)
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts if p), name
+
+
+def order_frames(folder: Path, files: list[Path]) -> list[Path]:
+    """The frame files of one folder in the order of the numbers in their names (`2.png` before `10.png`).
+
+    The names (without their suffix) must differ in their numbers only, with one number sequence each:
+    `001.tif 002.tif`, `frame_1.jpg ... frame_19.jpg` and `cam2_f1.png cam2_f2.png` are fine; `a1.jpg b2.jpg`
+    (different text), `1.jpg 01.jpg` (the same number) and `frame.jpg frame_1.jpg` are refused, since no
+    order of them can be trusted. A folder of one frame needs no number.
+
+    Raises:
+        PipelineError: naming the folder and two files that cannot be ordered.
+    """
+    if len(files) < 2:
+        return list(files)
+    keys = {}
+    for path in files:
+        parts = re.split(r"(\d+)", path.stem)
+        keys[path] = (tuple(parts[0::2]), tuple(int(n) for n in parts[1::2]))
+    first = files[0]
+    hint = "name the frames of a video alike, numbered: 001.png 002.png ... or frame_1.jpg frame_2.jpg ..."
+    for path in files:
+        if not keys[path][1]:
+            raise PipelineError(f"Cannot order the frames of {folder}: {path.name!r} has no frame number; {hint}")
+        if keys[path][0] != keys[first][0]:
+            raise PipelineError(
+                f"Cannot order the frames of {folder}: {first.name!r} and {path.name!r} differ in more than their "
+                f"numbers; {hint}"
+            )
+    seen: dict[tuple[int, ...], Path] = {}
+    for path in files:
+        other = seen.setdefault(keys[path][1], path)
+        if other is not path:
+            raise PipelineError(
+                f"Cannot order the frames of {folder}: {other.name!r} and {path.name!r} have the same number; {hint}"
+            )
+    return sorted(files, key=lambda p: keys[p][1])
+
+
 def _frame_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in FRAME_SUFFIXES)
+    files = [p for p in _visible(folder) if p.is_file() and p.suffix.lower() in FRAME_SUFFIXES]
+    return order_frames(folder, sorted(files))
 
 
 def _list_videos(split_dir: Path, split: str) -> list[Video]:
     videos = []
-    for entry in sorted(split_dir.iterdir()):
-        if entry.name.startswith("."):
-            continue
+    for entry in sorted(_visible(split_dir), key=lambda p: natural_key(p.name)):
         if entry.is_dir():
             if entry.name.endswith("_gt"):
                 continue
@@ -152,7 +238,7 @@ def _list_videos(split_dir: Path, split: str) -> list[Video]:
 
 
 def _attach_labels(test_dir: Path, videos: list[Video]) -> None:
-    m_files = sorted(test_dir.glob("*.m"))
+    m_files = sorted(p for p in _visible(test_dir) if p.suffix == ".m" and p.is_file())
     csv_file = test_dir / "labels.csv"
     if csv_file.is_file():
         table = parse_labels_csv(csv_file)
@@ -168,7 +254,7 @@ def _attach_labels(test_dir: Path, videos: list[Video]) -> None:
         if len(entries) != len(videos):
             raise PipelineError(
                 f"Label file {m_files[0]} has {len(entries)} entries but {test_dir} has {len(videos)} test "
-                f"videos ({', '.join(v.name for v in videos)}); they must match one to one, in sorted order."
+                f"videos ({', '.join(v.name for v in videos)}); they must match one to one, in that order."
             )
         for v, ranges in zip(videos, entries, strict=True):
             v.ranges = ranges
@@ -178,16 +264,24 @@ def build_index(root: str | Path) -> list[Video]:
     """Lists every video under `root/Train` and `root/Test`, with the test labels when there are any.
 
     Raises:
-        PipelineError: no videos, an empty video folder, or labels that do not match the test videos.
+        PipelineError: no videos, an empty video folder, frames that cannot be ordered, two videos of one
+            name, or labels that do not match the test videos.
     """
     root = Path(root)
     videos = []
     for split, sub in (("train", "Train"), ("test", "Test")):
         if (root / sub).is_dir():
-            found = _list_videos(root / sub, split)
-            if split == "test":
-                _attach_labels(root / sub, found)
-            videos += found
+            videos += _list_videos(root / sub, split)
+    by_name: dict[str, Video] = {}
+    for video in videos:
+        other = by_name.setdefault(video.name, video)
+        if other is not video:
+            raise PipelineError(
+                f"Two videos named {video.name!r}: {other.path} and {video.path}; video names must be unique "
+                "across Train/ and Test/ (frames and labels are kept by name), so rename one."
+            )
+    if (root / "Test").is_dir():
+        _attach_labels(root / "Test", [v for v in videos if v.split == "test"])
     if not any(v.split == "train" for v in videos):
         raise PipelineError(f"No training videos in {root / 'Train'}; expected the tree:\n{EXPECTED_TREE}")
     return videos

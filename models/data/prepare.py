@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ class PrepareConfig:
     seed: int = 0
     compression: str | None = "gzip"
     workers: int | None = None
+    allow_truncated: bool = False
 
 
 def split_videos(names: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
@@ -67,11 +69,19 @@ def prepare(root: str | Path, out_dir: str | Path, config: PrepareConfig, overwr
 
     start = time.perf_counter()
     arrays = {s: ([], []) for s in ("train", "val", "test")}
-    labels, masks = [], []
+    labels, masks, truncated = [], [], {}
     test_has_labels = all(v.ranges is not None for v in videos if v.split == "test")
     with atomic_dir(out_dir, overwrite) as tmp:
         with tqdm(total=None, unit="frame", desc="frames", leave=False, disable=None) as bar:
-            for video, X in frame_io.read_videos(videos, config.size, channels, config.workers, bar):
+            frames = frame_io.read_videos(videos, config.size, channels, config.workers, bar, config.allow_truncated)
+            for video, X, lost in frames:
+                if lost:
+                    truncated[video.name] = {"frames_kept": len(X), "frames_lost": lost}
+                    print(
+                        f"warning: video file {video.path} is truncated: {lost} of its {len(X) + lost} frames lost, "
+                        f"{len(X)} kept (--allow_truncated)",
+                        file=sys.stderr,
+                    )
                 split = split_of[video.name]
                 arrays[split][0].append(X)
                 arrays[split][1].append(np.full(len(X), video.name))
@@ -112,6 +122,7 @@ def prepare(root: str | Path, out_dir: str | Path, config: PrepareConfig, overwr
             "test_labels": bool(labels),
             "anomalous_test_frames": int(np.concatenate(labels).sum()) if labels else None,
             "masks": (tmp / "masks_test.hkl").exists(),
+            "truncated_videos": truncated,
             "seconds": round(seconds, 2),
             "frames_per_second": round(n_frames / max(seconds, 1e-9), 1),
             "arguments": argv,

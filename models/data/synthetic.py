@@ -27,8 +27,11 @@ import numpy as np
 from PIL import Image
 
 from models.data.index import label_ranges
+from models.errors import PipelineError
 
 ANOMALY_KINDS = ("bike", "cart", "lawn", "appearance")
+MIN_FRAMES = 3  # a test video's anomaly starts between its first fifth and its middle
+MIN_SIDE = 8  # pixels
 
 
 @dataclass
@@ -189,6 +192,12 @@ def _write_frames(folder: Path, frames: np.ndarray, suffix: str) -> None:
 def make_synthetic(root: str | Path, name: str = "Synthetic", spec: SyntheticSpec | None = None) -> Path:
     """Writes the dataset to `<root>/UCSD_Anomaly_Dataset.v1p2/<name>` and returns that folder."""
     spec = spec or SyntheticSpec()
+    too_small = spec.frames < MIN_FRAMES or min(spec.height, spec.width) < MIN_SIDE
+    if too_small or min(spec.train_videos, spec.test_videos) < 1:
+        raise PipelineError(
+            f"A synthetic dataset needs {MIN_FRAMES} or more frames per video, frames of {MIN_SIDE}x{MIN_SIDE} pixels "
+            f"or more, and 1 or more train and test videos. Received: {spec}"
+        )
     rng = np.random.default_rng(spec.seed)
     background = make_background(spec.height, spec.width, rng)
     out = Path(root) / "UCSD_Anomaly_Dataset.v1p2" / name
