@@ -1,5 +1,6 @@
 # make install: .venv with the pinned requirements (reinstalled only when requirements.txt changes)
-# make demo:    the whole pipeline on the built-in synthetic dataset, on a CPU, in a few minutes
+# make demo:    the whole pipeline on the built-in synthetic dataset, on a CPU, in a few minutes, then one
+#               test video scored as a user's own (--input), with its overlay video
 # make test:    the test suite
 PYTHON ?= python3
 VENV := .venv
@@ -32,6 +33,8 @@ demo: install
 	$(PY) batch_scoring.py --preprocessed_data $(DEMO)/preprocessed --dataset Synthetic --model_dir $(DEMO)/model \
 		--scored_data $(DEMO)/scored --overwrite
 	$(PY) fit_anoms.py --scored_data $(DEMO)/scored --model_path $(DEMO)/anoms --overwrite
+	$(PY) batch_scoring.py --model_dir $(DEMO)/model --input $(DEMO)/raw/UCSD_Anomaly_Dataset.v1p2/Synthetic/Test/Test001 \
+		--scored_data $(DEMO)/clip --overwrite
 
 clean:
 	rm -rf outputs .pytest_cache
