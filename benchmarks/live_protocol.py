@@ -58,7 +58,7 @@ def cut_at_labels(X, sources, y):
 def main(argv=None) -> int:
     args = parse_args(argv)
     from models.alarms import AlarmRule, alarm_states
-    from models.calibration import default_cell, fit_calibration, trailing_mean
+    from models.calibration import apply_calibration, default_cell, fit_calibration, trailing_mean
     from models.data.store import dataset_dir, load_labels, load_split
     from models.inference import frame_contexts, load_predictor, predict_videos
     from models.live import _local, predictable_mask, score_frames, scoring_settings
@@ -77,17 +77,8 @@ def main(argv=None) -> int:
     local_n = _local(Xn, sn, pred, default_cell(Xn.shape[1]))
     contexts_n = frame_contexts(sn, settings["window"], settings["per_window"])
     pred_n = predictable_mask(sn, settings["first_scored"])
-    cals = {
-        k: fit_calibration(
-            local_n,
-            contexts_n,
-            pred_n,
-            sn,
-            tail,
-            {**settings, "cell": default_cell(Xn.shape[1]), "smooth": k, "fpr": 0.01},
-        )
-        for k in WIDTHS
-    }
+    base = {**settings, "cell": default_cell(Xn.shape[1]), "fpr": 0.01}
+    cals = {k: fit_calibration(local_n, contexts_n, pred_n, sn, tail, {**base, "smooth": k}) for k in WIDTHS}
     print(f"calibrated on {len(Xn)} normal frames ({int(tail.sum())} val) in {time.perf_counter() - start:.0f} s")
 
     X, sources = load_split(data, "test")
@@ -95,26 +86,37 @@ def main(argv=None) -> int:
     report = {"model_dir": args.model_dir, "dataset": args.dataset, "frames": len(X), **settings}
 
     def scored(cal, X, sources, y):
-        df, _, _, rate = score_frames(model, X, sources, cal, y, args.batch_size)
-        return add_smoothed(df, args.smooth), rate
+        df, _, predictions, rate = score_frames(model, X, sources, cal, y, args.batch_size)
+        return add_smoothed(df, args.smooth), rate, predictions
 
-    df, rate = scored(cals[5], X, sources, y)
+    df, rate, pred_t = scored(cals[5], X, sources, y)
+
+    # The grid: cells of 1/4, 1/8 (the default) and 1/16 of the frame's height, with the default trailing mean.
+    contexts_t, pred_mask = df["context"].to_numpy(), df["predictable"].to_numpy()
+    by_rows = {}
+    for rows in (4, 8, 16):
+        cell = max(1, Xn.shape[1] // rows)
+        local = _local(Xn, sn, pred, cell)
+        cal = fit_calibration(local, contexts_n, pred_n, sn, tail, {**base, "cell": cell, "smooth": 5})
+        columns, _ = apply_calibration(cal, _local(X, sources, pred_t, cell), contexts_t, pred_mask, sources)
+        by_rows[rows] = {
+            src: float(roc_auc_score(y[pred_mask], columns[f"{src}_score"][pred_mask])) for src in ("model", "copy")
+        }
+    report["auc_by_grid_rows"] = by_rows
     report["frames_per_s"] = rate
-    # The offline score with the context offset of the calibration taken out of the PSNR (measured, not adopted).
+    # The offline score made of the raw PSNR, as before the context correction (for comparison).
+    valid = df[df["predictable"]]
+    report["offline_raw_psnr"] = {}
     for source in ("model", "copy"):
-        delta = np.asarray(cals[5].norms[source].delta)[np.clip(df["context"].to_numpy(), 0, None)]
-        df[f"{source}_psnr_ctx"] = df[f"{source}_psnr"] + 10 * delta / np.log(10)
-        smoothed = df.groupby("video")[f"{source}_psnr_ctx"].transform(
+        smoothed = valid.groupby("video")[f"{source}_psnr"].transform(
             lambda v: v.rolling(args.smooth, center=True, min_periods=1).mean()
         )
-        smoothed[~df["predictable"]] = np.nan
-        df[f"{source}_regularityctx_smooth{args.smooth}"] = min_max_per_video(smoothed, df["video"])
-    cols = [f"{s}_regularityctx_smooth{args.smooth}" for s in ("model", "copy")]
-    valid = df[df["predictable"]]
-    report["offline_context_corrected"] = {c: float(roc_auc_score(valid["y"], -valid[c])) for c in cols}
+        for name, values in (("unsmoothed", valid[f"{source}_psnr"]), (f"smooth{args.smooth}", smoothed)):
+            regularity = min_max_per_video(values, valid["video"])
+            report["offline_raw_psnr"][f"{source}_{name}"] = float(roc_auc_score(valid["y"], -regularity))
     report["protocols"] = json.loads(protocol_table(df, args.smooth).to_json(orient="index"))
     report["events"] = json.loads(event_table(df, args.fps).to_json(orient="index"))
-    report["sawtooth"] = sawtooth_table(df, settings["window"], settings["per_window"])
+    report["sawtooth"] = sawtooth_table(df)
 
     # The trailing width: every width's AUC, and the width chosen leave-one-video-out.
     videos = df["video"].to_numpy()
@@ -140,7 +142,7 @@ def main(argv=None) -> int:
 
     # The stress form: cut at the label boundaries, scored from scratch.
     Xc, sc, yc = cut_at_labels(X, sources, y)
-    dfc, _ = scored(cals[5], Xc, sc, yc)
+    dfc, _, _ = scored(cals[5], Xc, sc, yc)
     report["stress_protocols"] = json.loads(protocol_table(dfc, args.smooth).to_json(orient="index"))
     report["stress_videos"] = int(dfc["video"].nunique())
     rule = AlarmRule(cals[5].threshold)

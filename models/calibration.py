@@ -7,10 +7,12 @@ The live score of a frame, for a source of predictions (the model, or copying th
    `cell` pixels square), in log: L[t, p] = log(mse of cell p + eps).
 2. The normal level of each cell and of each context length: a frame scored with c frames of context in its
    window (`frame_contexts`) is predicted worse when c is small, so L[t, p] ~ mu[p] + delta[c] on normal
-   video, with the spread sigma[p] of each cell. Both are fitted on normal frames (the training videos and
-   the val videos: many frames per place). `heat` = (L - mu - delta) / sigma: how unusual the error is at
-   that place, in normal standard deviations; removing delta[c] removes the period-`per_window` sawtooth
-   of windowed scoring and the start-up spike of each video.
+   video, fitted on normal frames (the training videos and the val videos: many frames per place).
+   `heat` = L - mu - delta: the log of how many times the normal error of that place the error is (1: e
+   times, 2.3: ten times); removing delta[c] removes the period-`per_window` sawtooth of windowed scoring
+   and the start-up spike of each video. (Dividing by each cell's normal spread as well, a z-score, was
+   measured and is worse: cells where normal error hardly varies, such as empty background, then turn
+   small changes of light or camera noise in new video into large scores; docs/results.md.)
 3. `local` = the largest heat of the frame (where the frame is least normal), and `live` its mean over the
    last `smooth` frames (trailing: no look-ahead).
 4. `score` = -log10 of the fraction of normal frames whose live value is at least as high, estimated on the
@@ -80,41 +82,54 @@ def copy_predictions(frames: np.ndarray, sources: np.ndarray) -> np.ndarray:
 
 @dataclass
 class LocalNorm:
-    """The normal log error of each cell (mu), its spread (sigma) and the offset of each context (delta)."""
+    """The normal log error of each cell (mu), and two offsets per context length: of the frame's largest
+    cell (delta, taken out of the heat maps and so of the live score) and of the frame's log mean squared
+    error (delta_mse, taken out of the PSNR of the offline score)."""
 
     mu: list
-    sigma: list
     delta: list
+    delta_mse: list
 
     @classmethod
     def fit(cls, errors: np.ndarray, contexts: np.ndarray, n_contexts: int, iterations: int = 3) -> LocalNorm:
-        """Fits mu[p] + delta[c] to normal log errors (n, gh, gw) with contexts (n,) in [0, n_contexts)."""
+        """Fits mu[p] + delta[c] to normal log errors (n, gh, gw) with contexts (n,) in [0, n_contexts).
+
+        mu comes from the frames with their context's offset of the mean log cell error taken out; each
+        offset is a median over the normal frames of that context, relative to the median frame (the
+        common contexts carry none), so that a handful of frames per context (the first frames of each
+        video) is enough.
+        """
         if len(errors) < 2:
             raise PipelineError(f"Calibration needs at least 2 scored normal frames. Received: {len(errors)}")
+        flat = errors.reshape(len(errors), -1)
+        seen = np.isin(np.arange(n_contexts), contexts)
         delta = np.zeros(n_contexts, np.float64)
-        seen = np.zeros(n_contexts, bool)
-        frame_mean = errors.reshape(len(errors), -1).mean(axis=1)
         for _ in range(iterations):
             mu = (errors - delta[contexts][:, None, None]).mean(axis=0)
-            offset = frame_mean - mu.mean()
-            for c in range(n_contexts):
-                at = contexts == c
-                if at.any():
-                    delta[c], seen[c] = np.median(offset[at]), True
-            delta -= np.median(delta[contexts])  # the most common contexts carry no offset
-        delta = _fill_unseen(delta, seen)
-        residual = errors - mu[None] - delta[contexts][:, None, None]
-        sigma = residual.std(axis=0)
-        sigma = np.maximum(sigma, max(float(np.median(sigma)) * 0.1, 1e-3))  # a cell that never varies
-        return cls(mu.tolist(), sigma.tolist(), delta.tolist())
+            delta = _context_offsets(flat.mean(axis=1) - mu.mean(), contexts, n_contexts)
+        peak = (flat - mu.reshape(-1)).max(axis=1)
+        log_mse = np.log(np.maximum(np.exp(flat).mean(axis=1) - EPS, EPS))
+        return cls(
+            mu.tolist(),
+            _fill_unseen(_context_offsets(peak, contexts, n_contexts), seen).tolist(),
+            _fill_unseen(_context_offsets(log_mse, contexts, n_contexts), seen).tolist(),
+        )
 
     def heat(self, errors: np.ndarray, contexts: np.ndarray) -> np.ndarray:
-        """(errors - mu - delta[context]) / sigma: how unusual each cell's error is, (n, gh, gw)."""
-        mu, sigma, delta = (np.asarray(v, np.float32) for v in (self.mu, self.sigma, self.delta))
+        """errors - mu - delta[context]: the log of each cell's error over its normal error, (n, gh, gw)."""
+        mu, delta = (np.asarray(v, np.float32) for v in (self.mu, self.delta))
         if errors.shape[1:] != mu.shape:
             raise PipelineError(f"Calibration is for a {mu.shape} grid of cells; the frames give {errors.shape[1:]}.")
         c = np.clip(contexts, 0, len(delta) - 1)
-        return (errors - mu[None] - delta[c][:, None, None]) / sigma[None]
+        return errors - mu[None] - delta[c][:, None, None]
+
+
+def _context_offsets(values: np.ndarray, contexts: np.ndarray, n_contexts: int) -> np.ndarray:
+    """The median of `values` over the frames of each context, less their median over all frames."""
+    out = np.zeros(n_contexts, np.float64)
+    for c in np.unique(contexts):
+        out[c] = np.median(values[contexts == c])
+    return out - np.median(out[contexts])
 
 
 def _fill_unseen(values: np.ndarray, seen: np.ndarray) -> np.ndarray:
@@ -183,6 +198,13 @@ class Calibration:
     @property
     def threshold(self) -> float:
         return threshold_for(self.fpr)
+
+    def psnr_offset(self, source: str, contexts: np.ndarray) -> np.ndarray:
+        """dB to add to the PSNR of frames predicted with these contexts to take out the context's effect on
+        the error (10 log10(e) delta_mse[c]): the offline regularity made of it has no sawtooth and no spike at a
+        video's start either."""
+        delta = np.asarray(self.norms[source].delta_mse, np.float64)
+        return 10.0 / np.log(10.0) * delta[np.clip(contexts, 0, len(delta) - 1)]
 
     def save(self, path: str | Path) -> None:
         data = asdict(self)

@@ -112,7 +112,7 @@ def score_frames(
         predictions: (n, h, w, c) the model's predictions.
         fps: frames scored per second.
     """
-    from models.scoring import build_frame_table
+    from models.scoring import add_regularity, build_frame_table
 
     c = calibration
     predictions, layer_errors, fps = predict_videos(
@@ -123,7 +123,10 @@ def score_frames(
     columns, heats = apply_calibration(
         c, _local(X, sources, predictions, c.cell), contexts, df["predictable"].to_numpy(), sources
     )
+    for source in heats:  # the PSNR without its dependence on the context (`Calibration.psnr_offset`)
+        columns[f"{source}_psnr_ctx"] = df[f"{source}_psnr"].to_numpy() + c.psnr_offset(source, contexts)
     df = pd.concat([df, pd.DataFrame(columns, index=df.index)], axis=1)
+    df = add_regularity(df)
     df["context"] = contexts
     df["score"] = df["model_score"]
     rule = rule or AlarmRule(c.threshold)

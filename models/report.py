@@ -52,25 +52,28 @@ def event_table(df: pd.DataFrame, fps: float) -> pd.DataFrame:
 
 
 def sawtooth(values: np.ndarray, contexts: np.ndarray, mask: np.ndarray) -> float:
-    """How much a score follows the frame's position in its scoring window: the range of its mean over the
-    frames of each context length, in units of its standard deviation (0: none), over the frames in `mask`."""
+    """How much a score follows the frame's position in its scoring window, over the frames in `mask`: the
+    one-way ANOVA F statistic of the score grouped by context length (about 1 when the position explains no
+    more than chance; a period-`per_window` sawtooth gives far more)."""
+    from scipy.stats import f_oneway
+
     v, c = np.asarray(values, float)[mask], np.asarray(contexts)[mask]
     keep = np.isfinite(v)
     v, c = v[keep], c[keep]
-    if len(v) < 2 or len(np.unique(c)) < 2 or v.std() == 0:
+    groups = [v[c == k] for k in np.unique(c)]
+    if len(groups) < 2 or min(len(g) for g in groups) < 2 or v.std() == 0:
         return float("nan")
-    means = [v[c == k].mean() for k in np.unique(c)]
-    return float((max(means) - min(means)) / v.std())
+    return float(f_oneway(*groups).statistic)
 
 
-def sawtooth_table(df: pd.DataFrame, window: int, per_window: int) -> dict[str, float]:
-    """`sawtooth` of the raw PSNR and of the live scores on normal scored frames past each video's first
-    window (where the context cycles through window - per_window .. window - 1)."""
-    mask = df["predictable"].to_numpy() & (df["context"].to_numpy() >= window - per_window)
+def sawtooth_table(df: pd.DataFrame) -> dict[str, float]:
+    """`sawtooth` of the raw PSNR, of the context-corrected one and of the live score on the normal scored
+    frames, the first window of each video included (where the context grows from 1: the start-up spike)."""
+    mask = df["predictable"].to_numpy(copy=True)
     if "y" in df:
         mask &= df["y"].to_numpy() == 0
     contexts = df["context"].to_numpy()
-    columns = ["model_psnr", "model_local", "model_score", "copy_psnr"]
+    columns = ["model_psnr", "model_psnr_ctx", "model_score", "copy_psnr"]
     return {col: sawtooth(df[col].to_numpy(), contexts, mask) for col in columns if col in df}
 
 
@@ -95,7 +98,11 @@ def markdown(
         lines += ["", "## Pixel-level AUROC of the heat maps (frames with masks)", ""]
         lines += [f"- {k}: {v:.4f}" for k, v in pixel.items()]
     if saw:
-        lines += ["", "## Sawtooth: score range over the context positions, in standard deviations", ""]
+        lines += [
+            "",
+            "## Sawtooth: F statistic of each score by frames of context in its window (about 1: none)",
+            "",
+        ]
         lines += [f"- {k}: {v:.3f}" for k, v in saw.items()]
     if metrics is not None:
         lines += ["", "## Every metric: frame-level AUC and EER, model and copy-last-frame baseline", ""]

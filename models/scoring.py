@@ -58,9 +58,15 @@ def score_frame(frames, predictions, predictable, prefix: str, patch: int) -> di
     return {f"{prefix}_{k}": np.where(predictable, v, np.nan) for k, v in metrics.items()}
 
 
+def regularity_source(df: pd.DataFrame, prefix: str) -> str:
+    """The PSNR the regularity is made of: the context-corrected one (`<prefix>_psnr_ctx`, written by live
+    scoring) when the table has it, else the raw PSNR."""
+    return f"{prefix}_psnr_ctx" if f"{prefix}_psnr_ctx" in df else f"{prefix}_psnr"
+
+
 def add_regularity(df: pd.DataFrame, prefixes=("model", "copy")) -> pd.DataFrame:
     for prefix in prefixes:
-        df[f"{prefix}_regularity"] = min_max_per_video(df[f"{prefix}_psnr"], df["video"])
+        df[f"{prefix}_regularity"] = min_max_per_video(df[regularity_source(df, prefix)], df["video"])
     return df
 
 
@@ -86,12 +92,12 @@ def add_smoothed(df: pd.DataFrame, window: int, prefixes=("model", "copy")) -> p
     """
     if window <= 1:
         return df
-    columns = [f"{p}_{m}" for p in prefixes for m in ("psnr", "patch_max")]
+    columns = [c for p in prefixes for c in (regularity_source(df, p), f"{p}_patch_max")]
     smoothed = smooth(df[["video", *columns]], columns, window)
     if "predictable" in df:  # frames with no score get no smoothed score either
         smoothed.loc[~df["predictable"], columns] = np.nan
     for prefix in prefixes:
-        psnr = smoothed[f"{prefix}_psnr"]
+        psnr = smoothed[regularity_source(df, prefix)]
         df[f"{prefix}_regularity_smooth{window}"] = min_max_per_video(psnr, df["video"])
         df[f"{prefix}_patch_max_smooth{window}"] = smoothed[f"{prefix}_patch_max"]
     return df

@@ -203,7 +203,7 @@ def run_scoring(args, inputs: ScoringInputs, out: Path) -> dict:
 
         pixel = {f"{s}_heat": pixel_auroc(heats[s], inputs.masks) for s in heats}
         summary["pixel_auroc"] = pixel
-    saw = sawtooth_table(df, cal.window, cal.per_window) if cal.window else {}
+    saw = sawtooth_table(df)
     summary["sawtooth"] = saw
     if inputs.y is not None and df["y"].nunique() == 2:
         results = evaluate(df, metric_columns(df))

@@ -34,9 +34,8 @@ def test_local_norm_recovers_place_and_context_levels():
     norm = LocalNorm.fit(errors, contexts, 4)
     np.testing.assert_allclose(norm.delta, delta, atol=0.05)
     np.testing.assert_allclose(norm.mu, mu, atol=0.05)
-    np.testing.assert_allclose(norm.sigma, 0.3, atol=0.03)
-    heat = norm.heat(errors, contexts)
-    assert abs(heat.mean()) < 0.02 and abs(heat.std() - 1) < 0.03
+    heat = norm.heat(errors, contexts)  # what is left is the noise
+    assert abs(heat.mean()) < 0.02 and abs(heat.std() - 0.3) < 0.01
 
 
 def test_normal_tail_scores_are_exceedance_in_log10():
@@ -110,10 +109,12 @@ def test_events_and_event_metrics_on_a_hand_made_table():
 
 
 def test_sawtooth_measures_dependence_on_context():
-    contexts = np.tile([2, 3], 50)
-    mask = np.ones(100, bool)
-    assert sawtooth(np.where(contexts == 2, 1.0, 0.0), contexts, mask) == pytest.approx(2.0)
-    assert sawtooth(np.random.default_rng(0).normal(size=100), contexts, mask) < 0.5
+    rng = np.random.default_rng(0)
+    contexts = np.tile([2, 3], 200)
+    mask = np.ones(400, bool)
+    noise = rng.normal(size=400)
+    assert sawtooth(noise + np.where(contexts == 2, 1.0, 0.0), contexts, mask) > 50  # a period-2 sawtooth
+    assert sawtooth(noise, contexts, mask) < 5  # noise alone: F about 1
 
 
 def test_training_writes_a_calibration(trained):
