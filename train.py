@@ -5,6 +5,7 @@
     python train.py --config config/cpu.json ...        # small CPU profile: seconds, for the demo and tests
 
 On the GPU machine without TensorFlow: KERAS_BACKEND=jax python train.py ... (see docs/model_development.md).
+On several GPUs: KERAS_BACKEND=jax python train.py ... --distribute (data-parallel; see docs/tuning.md).
 Writes <model_dir>/model.keras, config.json, history.csv, history.png and checkpoints/.
 """
 
@@ -86,6 +87,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last epoch")
     p.add_argument("--overwrite", action="store_true", help="replace a model already in --model_dir")
     p.add_argument("--verbose", type=int, default=1, choices=[0, 1, 2])
+    p.add_argument(
+        "--distribute",
+        action="store_true",
+        help="data-parallel over all local accelerators, --batch_size split among them (JAX backend only; "
+        "docs/tuning.md)",
+    )
     args = parse_with_config(p, argv)  # checks the config file's values with the same types
     _check_together(p, args)
     args.model_dir = args.model_dir or f"outputs/models/{args.dataset}"

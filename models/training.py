@@ -82,9 +82,15 @@ def shortest_video(sources: np.ndarray) -> int:
     return min(sl.stop - sl.start for _, sl in video_slices(sources))
 
 
-def next_frame_mse(model: keras.Model, dataset: WindowDataset) -> tuple[float, float]:
-    """Mean squared error of the model's next-frame prediction and of copying the last frame (steps >= 1)."""
-    pred_model = predictor(model, "prediction")
+def next_frame_mse(
+    model: keras.Model, dataset: WindowDataset, pred_model: keras.Model | None = None
+) -> tuple[float, float]:
+    """Mean squared error of the model's next-frame prediction and of copying the last frame (steps >= 1).
+
+    `pred_model`, a `predictor(model, "prediction")` already holding the model's weights, saves building
+    (and compiling) a new one at every call.
+    """
+    pred_model = pred_model or predictor(model, "prediction")
     se_model = se_copy = 0.0
     count = 0
     for i in range(len(dataset)):
@@ -184,6 +190,7 @@ class TrainSettings:
     resume: bool = False
     overwrite: bool = False
     verbose: int = 1
+    distribute: bool = False  # data-parallel over all local devices (JAX): models.distribute
 
 
 def _check_output_mode(mode: str, n_layers: int) -> None:
@@ -237,9 +244,13 @@ def fit_normal_calibration(model, s: TrainSettings, X_train, src_train, X_val, s
     return calibrate(predictor(model, "all"), X, sources, tail, settings, batch_size=64, fitted_on=fitted_on)
 
 
-def train(s: TrainSettings) -> dict:
+def train(s: TrainSettings, extra_callbacks: list[keras.callbacks.Callback] | None = None) -> dict:
     """Trains PredNet and writes model.keras, calibration.json, config.json, history.csv and history.png to
     `s.model_dir`.
+
+    Args:
+        s: the settings.
+        extra_callbacks: more Keras callbacks for `fit`, after the built-in ones (the tuner's pruning callback).
 
     Returns:
         The content of config.json.
@@ -261,6 +272,13 @@ def train(s: TrainSettings) -> dict:
         raise PipelineError(f"{model_dir} already holds a trained model; pass --overwrite, or --resume to continue.")
     if s.resume and not (ckpt / "last.keras").is_file():
         raise PipelineError(f"Nothing to resume in {model_dir}: no checkpoints/last.keras.")
+
+    if s.distribute:  # before any model is built: weights are laid out on the devices when created
+        from models.distribute import setup_data_parallel
+
+        devices = setup_data_parallel(s)
+        if s.verbose:
+            print(f"data-parallel over {len(devices)} devices: {', '.join(devices)}")
 
     X_train, src_train = load_split(data_dir, "train")
     X_val, src_val = load_split(data_dir, "val")
@@ -331,7 +349,7 @@ def train(s: TrainSettings) -> dict:
         validation_data=val_data,
         epochs=s.nb_epoch,
         initial_epoch=initial_epoch,
-        callbacks=callbacks,
+        callbacks=callbacks + list(extra_callbacks or ()),
         verbose=s.verbose,
     )
     seconds = time.perf_counter() - start
