@@ -1,0 +1,198 @@
+"""tune.py: a real study on the tiny dataset, two workers on one SQLite storage at once, a rerun, the pruner."""
+
+import json
+import os
+import subprocess
+import sys
+
+import optuna
+import pandas as pd
+import pytest
+from conftest import ROOT, run_script
+
+from models.errors import PipelineError
+from models.training import TrainSettings
+from models.tuning import check_space, decode, load_space
+
+# The tiny profile of conftest.tiny_settings, as the config file every trial starts from.
+TINY_CONFIG = {
+    "stack_sizes": [4, 8],
+    "R0_channels": 3,
+    "filter_sizes": [3, 3, 3],
+    "layer_loss_weights": [1.0, 0.0],
+    "nt": 4,
+    "batch_size": 2,
+    "nb_epoch": 2,
+    "samples_per_epoch": 8,
+    "val_samples": 4,
+    "learning_rate": 0.01,
+    "lr_decay": 1.0,
+    "strides": [1, 2],
+    "patience": 5,
+    "output_mode": "all",
+    "precision": "float32",
+}
+TINY_SPACE = {
+    "_comment": "a continuous rate, so two trials never share their settings by chance",
+    "learning_rate": {"type": "float", "low": 0.003, "high": 0.03, "log": True},
+    "stack_sizes": {"type": "categorical", "choices": [[4, 8], [4, 4]]},
+}
+# Out of the space on purpose: Adam steps of 0.3 throw the frame prediction to black or white in the first epoch,
+# an MSE 15-20 times the untrained model's, and the one-epoch ratio of every normal trial lies below the untrained one.
+BAD_RATE = 0.3
+
+
+def tune_command(prepared, tmp_path, *extra):
+    return [
+        sys.executable,
+        "tune.py",
+        "--config",
+        str(tmp_path / "tiny.json"),
+        "--space",
+        str(tmp_path / "space.json"),
+        "--preprocessed_data",
+        str(prepared.parent),
+        "--dataset",
+        prepared.name,
+        "--study",
+        "tiny",
+        "--output_dir",
+        str(tmp_path / "study"),
+        *map(str, extra),
+    ]
+
+
+@pytest.fixture(scope="module")
+def study_dir(prepared, tmp_path_factory):
+    """Two workers at once (2 trials each, no pruning), then a rerun that adds a bad trial (pruned)."""
+    tmp_path = tmp_path_factory.mktemp("tune")
+    (tmp_path / "tiny.json").write_text(json.dumps(TINY_CONFIG))
+    (tmp_path / "space.json").write_text(json.dumps(TINY_SPACE))
+    env = os.environ | {"KERAS_BACKEND": "tensorflow"}
+    workers = [
+        subprocess.Popen(
+            tune_command(prepared, tmp_path, "--n_trials", 2, "--startup_trials", 100, "--sampler_seed", seed),
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for seed in (1, 2)
+    ]
+    for w in workers:
+        out, _ = w.communicate(timeout=600)
+        assert w.returncode == 0, out[-3000:]
+    storage = f"sqlite:///{tmp_path / 'study' / 'study.db'}"
+    optuna.load_study(study_name="tiny", storage=storage).enqueue_trial({"learning_rate": BAD_RATE})
+    rerun = subprocess.run(
+        tune_command(prepared, tmp_path, "--n_trials", 1, "--startup_trials", 2, "--warmup_epochs", 0),
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    return tmp_path / "study"
+
+
+def trials_of(study_dir):
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{study_dir / 'study.db'}")
+    return study.get_trials()
+
+
+def test_two_workers_share_one_study_without_repeating_a_trial(study_dir):
+    first = [t for t in trials_of(study_dir) if t.number < 4]
+    assert sorted(t.number for t in first) == [0, 1, 2, 3]
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in first)
+    assert len({t.user_attrs["worker"] for t in first}) == 2  # both processes ran trials
+    assert len({t.params["learning_rate"] for t in first}) == 4  # no settings drawn twice
+    for t in first:  # each trial is its own train.py model folder, trained with the trial's settings
+        folder = study_dir / f"trial_{t.number:04d}"
+        assert t.user_attrs["model_dir"] == str(folder) and (folder / "model.keras").is_file()
+        config = json.loads((folder / "config.json").read_text())
+        assert config["arguments"]["learning_rate"] == t.params["learning_rate"]
+        assert config["arguments"]["stack_sizes"] == list(decode(TINY_SPACE["stack_sizes"], t.params["stack_sizes"]))
+        r = config["results"]
+        assert t.value == pytest.approx(r["next_frame_mse"] / r["copy_last_frame_mse"])  # the objective
+        # the per-epoch reports are that ratio too: the last epoch's is the final model's when it is the best
+        assert set(t.intermediate_values) == {0, 1}
+        assert len(pd.read_csv(folder / "history.csv")) == 2
+
+
+def test_rerun_continues_the_study_and_the_pruner_stops_the_bad_trial(study_dir):
+    trials = trials_of(study_dir)
+    assert [t.number for t in trials] == [0, 1, 2, 3, 4]
+    bad = trials[4]
+    assert bad.params["learning_rate"] == BAD_RATE
+    assert bad.state == optuna.trial.TrialState.PRUNED and bad.user_attrs["pruned_at_epoch"] == 0
+    assert list(bad.intermediate_values) == [0]  # stopped after its first epoch, of two
+    assert bad.intermediate_values[0] > max(t.intermediate_values[0] for t in trials[:4])
+    # the pruned trial still ends as a complete model folder, one epoch long
+    config = json.loads((study_dir / "trial_0004" / "config.json").read_text())
+    assert config["results"]["epochs_run"] == 1 and (study_dir / "trial_0004" / "model.keras").is_file()
+
+
+def test_reports(study_dir):
+    for name in ("trials.md", "best_config.json", "history.png", "intermediate.png", "importances.png"):
+        assert (study_dir / name).is_file(), name
+    table = (study_dir / "trials.md").read_text()
+    assert table.count("| complete |") == 4 and "pruned at epoch 1" in table
+    best = min(
+        (t for t in trials_of(study_dir) if t.value is not None and t.state.name == "COMPLETE"), key=lambda t: t.value
+    )
+    rows = [line for line in table.splitlines() if line.startswith("| ")][1:]  # below the header
+    assert rows[0].startswith(f"| {best.number} | complete")  # best first
+
+
+def test_best_config_trains_with_train_py(study_dir, prepared, tmp_path):
+    import train as train_script
+
+    best = json.loads((study_dir / "best_config.json").read_text())
+    assert set(best) - {"_comment"} == set(TINY_CONFIG)  # the same keys as the config the study started from
+    trial = min((t for t in trials_of(study_dir) if t.state.name == "COMPLETE"), key=lambda t: t.value)
+    assert best["learning_rate"] == trial.params["learning_rate"]
+    model_dir = tmp_path / "best"
+    argv = ["--config", str(study_dir / "best_config.json"), "--preprocessed_data", str(prepared.parent)]
+    argv += ["--dataset", prepared.name, "--model_dir", str(model_dir), "--nb_epoch", "1", "--verbose", "0"]
+    assert train_script.main(argv) == 0
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["arguments"]["learning_rate"] == best["learning_rate"]
+    assert config["arguments"]["stack_sizes"] == best["stack_sizes"]
+
+
+@pytest.mark.parametrize(
+    "space,message",
+    [
+        ({"model_dir": {"type": "categorical", "choices": ["a"]}}, "'model_dir' is not a setting tune.py can search"),
+        ({"nt": {"type": "int", "low": 8, "high": 4}}, "nt needs numbers low < high"),
+        ({"learning_rate": {"type": "float", "low": 0, "high": 1, "log": True}}, "low must be positive"),
+        ({"strides": {"type": "categorical", "choices": []}}, "strides needs a non-empty list"),
+        ({"nt": {"type": "uniform", "low": 4, "high": 8}}, "nt needs a type of float, int or categorical"),
+        ({"nt": {"type": "int", "low": 4, "high": 8, "q": 2}}, r"unknown fields \['q'\]"),
+        ({"_comment": "nothing else"}, "no setting to search"),
+    ],
+)
+def test_bad_space_is_refused(space, message, tmp_path):
+    path = tmp_path / "space.json"
+    path.write_text(json.dumps(space))
+    with pytest.raises(PipelineError, match=message):
+        load_space(path)
+
+
+def test_space_files_load():
+    for name in ("tune.json", "tune_cpu.json"):
+        space = load_space(ROOT / "config" / name)
+        assert {"learning_rate", "lr_decay", "stack_sizes", "R0_channels", "nt", "batch_size"} <= set(space)
+        assert all(entry.get("help") for entry in space.values())
+
+
+def test_stacks_that_do_not_suit_the_frames_are_refused_before_any_trial(prepared):
+    base = TrainSettings(preprocessed_data=str(prepared.parent), dataset=prepared.name, model_dir="")
+    with pytest.raises(PipelineError, match=r"stack_sizes \[4, 4, 4, 4\] of the space: .*16x24"):
+        check_space({"stack_sizes": {"type": "categorical", "choices": [[4, 8], [4, 4, 4, 4]]}}, base)
+
+
+def test_cli_argument_error_exit(tmp_path):
+    done = run_script("tune.py", "--n_trials", "0")
+    assert done.returncode == 2 and "--n_trials must be at least 1. Received: 0" in done.stderr

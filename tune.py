@@ -1,0 +1,98 @@
+"""Search train.py's settings with Optuna: each trial trains a model folder, scored by its val next-frame ratio.
+
+    python tune.py --config config/default.json --space config/tune.json --preprocessed_data data/preprocessed \
+        --dataset UCSDped2 --n_trials 12 --study ped2 [--storage URL] [--output_dir outputs/tuning/ped2]
+    python tune.py --config cpu --space config/tune_cpu.json ...     # small CPU space, for a try and the tests
+
+The objective is the val next-frame MSE relative to copying the last frame (lower is better), reported after
+every epoch so that the median pruner stops poor trials early; test labels are never read. The study is kept
+in <output_dir>/study.db (SQLite): rerunning the command continues it. Every worker started with the same
+command and a shared --storage URL (PostgreSQL, MySQL) joins the same study. See docs/tuning.md.
+Writes <output_dir>/trial_NNNN/ (train.py model folders), best_config.json, trials.md, history.png,
+intermediate.png and importances.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from models.cli import run
+from models.errors import PipelineError
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="default", help="train.py settings the trials start from (name or path)")
+    p.add_argument("--space", default="config/tune.json", help="search-space file (docs/tuning.md)")
+    p.add_argument("--preprocessed_data", default="data/preprocessed")
+    p.add_argument("--dataset", default="UCSDped2")
+    p.add_argument("--n_trials", type=int, default=10, help="trials this worker runs (each worker counts its own)")
+    p.add_argument("--study", default=None, help="study name (default: the dataset's)")
+    p.add_argument("--storage", default=None, help="Optuna database URL (default: sqlite:///<output_dir>/study.db)")
+    p.add_argument("--output_dir", default=None, help="trial folders and reports (default: outputs/tuning/<study>)")
+    p.add_argument("--nb_epoch", type=int, help="epochs per trial (default: the config's)")
+    p.add_argument("--max_minutes", type=float, help="wall-clock budget per trial (train.py --max_minutes)")
+    p.add_argument("--precision", choices=["float32", "mixed_bfloat16", "mixed_float16"], help="for the trials")
+    p.add_argument("--seed", type=int, default=0, help="training seed, the same for every trial")
+    p.add_argument(
+        "--sampler_seed",
+        type=int,
+        default=None,
+        help="seed of the TPE sampler, for a repeatable single-worker study; give each worker its own, or none",
+    )
+    p.add_argument("--startup_trials", type=int, default=3, help="complete trials before the pruner starts")
+    p.add_argument("--warmup_epochs", type=int, default=1, help="epochs of each trial that are never pruned")
+    p.add_argument(
+        "--enqueue_config",
+        action="store_true",
+        help="first run the --config file's own values (where they lie in the space), as the hand-set reference",
+    )
+    p.add_argument("--distribute", action="store_true", help="each trial data-parallel over all local GPUs (JAX)")
+    p.add_argument("--verbose", type=int, default=0, choices=[0, 1, 2], help="Keras progress output of the trials")
+    args = p.parse_args(argv)
+    for name in ("n_trials", "nb_epoch"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise PipelineError(f"--{name} must be at least 1. Received: {value}")
+    for name in ("startup_trials", "warmup_epochs"):
+        if getattr(args, name) < 0:
+            raise PipelineError(f"--{name} must be 0 or more. Received: {getattr(args, name)}")
+    if args.max_minutes is not None and not args.max_minutes > 0:
+        raise PipelineError(f"--max_minutes must be positive. Received: {args.max_minutes}")
+    args.study = args.study or args.dataset
+    args.output_dir = Path(args.output_dir or f"outputs/tuning/{args.study}")
+    args.storage = args.storage or f"sqlite:///{args.output_dir.resolve()}/study.db"
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from models import tuning  # imports Keras and Optuna: after argument errors
+
+    space = tuning.load_space(args.space)
+    overrides = {k: getattr(args, k) for k in ("nb_epoch", "max_minutes", "precision") if getattr(args, k) is not None}
+    config_values, base = tuning.base_settings(
+        args.config,
+        preprocessed_data=args.preprocessed_data,
+        dataset=args.dataset,
+        model_dir="",
+        seed=args.seed,
+        verbose=args.verbose,
+        distribute=args.distribute,
+        **overrides,
+    )
+    tuning.check_space(space, base)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    study = tuning.open_study(args.study, args.storage, args.sampler_seed, args.startup_trials, args.warmup_epochs)
+    if args.enqueue_config:
+        tuning.enqueue_config(study, space, config_values)
+    study.optimize(tuning.Tuner(space, base, args.output_dir), n_trials=args.n_trials, catch=(PipelineError,))
+    print(f"study {args.study!r} in {args.storage}: {len(study.trials)} trials in all, {args.n_trials} by this worker")
+    for line in tuning.write_reports(study, space, config_values, args.config, args.output_dir):
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)
