@@ -18,6 +18,7 @@ import argparse
 from pathlib import Path
 
 from models.cli import run
+from models.config import resolve_config
 from models.errors import PipelineError
 
 
@@ -60,6 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
             raise PipelineError(f"--{name} must be 0 or more. Received: {getattr(args, name)}")
     if args.max_minutes is not None and not args.max_minutes > 0:
         raise PipelineError(f"--max_minutes must be positive. Received: {args.max_minutes}")
+    if not Path(args.space).is_file():
+        raise PipelineError(f"Search-space file {args.space} not found (see config/tune.json).")
+    resolve_config(args.config)
     args.study = args.study or args.dataset
     args.output_dir = Path(args.output_dir or f"outputs/tuning/{args.study}")
     args.storage = args.storage or f"sqlite:///{args.output_dir.resolve()}/study.db"

@@ -196,3 +196,5 @@ def test_stacks_that_do_not_suit_the_frames_are_refused_before_any_trial(prepare
 def test_cli_argument_error_exit(tmp_path):
     done = run_script("tune.py", "--n_trials", "0")
     assert done.returncode == 2 and "--n_trials must be at least 1. Received: 0" in done.stderr
+    done = run_script("tune.py", "--space", tmp_path / "nope.json")
+    assert done.returncode == 2 and f"Search-space file {tmp_path / 'nope.json'} not found" in done.stderr
