@@ -335,6 +335,7 @@ def write_reports(study: optuna.Study, space: dict[str, dict], config_values: di
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     from optuna.visualization import matplotlib as ovm
 
     notes = []
@@ -351,7 +352,7 @@ def write_reports(study: optuna.Study, space: dict[str, dict], config_values: di
         write_json(out / "best_config.json", best)
         notes.append(f"best config -> {out / 'best_config.json'}")
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    target = "val next-frame MSE / copy-last-frame MSE"
+    target = "val MSE / copy-last-frame MSE"
     plots = [
         ("history.png", lambda s: ovm.plot_optimization_history(s, target_name=target)),
         ("intermediate.png", ovm.plot_intermediate_values),
@@ -369,7 +370,9 @@ def write_reports(study: optuna.Study, space: dict[str, dict], config_values: di
                 notes.append(f"{name} not written: {err}")
                 continue
             if name == "intermediate.png":
-                ax.set(xlabel="epoch (0 = the first)", ylabel=f"{target}, after each epoch")
+                ax.set(xlabel="epoch (0 = the first)", ylabel=target, title="Val ratio after each epoch")
+            if name != "importances.png":
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             fig = ax.get_figure()
             fig.set_size_inches(8, 5)
             fig.tight_layout()
