@@ -74,6 +74,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from models import tuning  # imports Keras and Optuna: after argument errors
 
+    if args.distribute:
+        from models.distribute import check_backend
+
+        check_backend()
     space = tuning.load_space(args.space)
     overrides = {k: getattr(args, k) for k in ("nb_epoch", "max_minutes", "precision") if getattr(args, k) is not None}
     config_values, base = tuning.base_settings(

@@ -26,6 +26,15 @@ def val_batches(s: TrainSettings) -> list[int]:
     return [s.batch_size] * (samples // s.batch_size) + ([samples % s.batch_size] if samples % s.batch_size else [])
 
 
+def check_backend() -> None:
+    """Raises a PipelineError unless Keras runs on JAX, the one backend keras.distribution supports."""
+    backend = keras.backend.backend()
+    if backend != "jax":
+        raise PipelineError(
+            f"--distribute needs the JAX backend (KERAS_BACKEND=jax python train.py ...). Received: backend={backend}"
+        )
+
+
 def setup_data_parallel(s: TrainSettings) -> list[str]:
     """Makes every Keras model built from now on train data-parallel over all local devices.
 
@@ -42,11 +51,7 @@ def setup_data_parallel(s: TrainSettings) -> list[str]:
     Raises:
         PipelineError: the backend is not JAX, or a batch does not divide among the devices.
     """
-    backend = keras.backend.backend()
-    if backend != "jax":
-        raise PipelineError(
-            f"--distribute needs the JAX backend (KERAS_BACKEND=jax python train.py ...). Received: backend={backend}"
-        )
+    check_backend()
     devices = keras.distribution.list_devices()
     n = len(devices)
     if s.batch_size % n:

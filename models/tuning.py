@@ -168,6 +168,13 @@ class ValRatioPruning(keras.callbacks.Callback):
             self.pruned_at, self.model.stop_training = epoch, True
 
 
+def trial_config(s: TrainSettings, number: int) -> dict:
+    """A trial's settings as a config file for `train.py --config`, to train them again or --resume the trial."""
+    values = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(s).items() if k not in NOT_SEARCHABLE}
+    comment = f"Settings of tuning trial {number}: python train.py --config {s.model_dir}/train_config.json ..."
+    return {"_comment": comment, **values}
+
+
 @dataclasses.dataclass
 class Tuner:
     """Runs trials of train.py's training: each a model folder under `output_dir`, scored by the val ratio."""
@@ -193,6 +200,8 @@ class Tuner:
         trial.set_user_attr("settings", {k: list(v) if isinstance(v, tuple) else v for k, v in vars(s).items()})
         trial.set_user_attr("model_dir", s.model_dir)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        # first, so that even the folder of a trial whose worker died can be resumed with it
+        write_json(Path(s.model_dir) / "train_config.json", trial_config(s, trial.number))
         X_val, src_val = self._val
         keras.backend.clear_session()  # each trial starts from an empty graph: memory stays flat over a study
         try:

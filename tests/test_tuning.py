@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from conftest import ROOT, run_script
 
+import train as train_script
 from models.errors import PipelineError
 from models.training import TrainSettings
 from models.tuning import check_space, decode, load_space
@@ -96,6 +97,10 @@ def study_dir(prepared, tmp_path_factory):
     return tmp_path / "study"
 
 
+def _tuple(value):
+    return tuple(value) if isinstance(value, list) else value
+
+
 def trials_of(study_dir):
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{study_dir / 'study.db'}")
     return study.get_trials()
@@ -113,9 +118,13 @@ def test_two_workers_share_one_study_without_repeating_a_trial(study_dir):
         config = json.loads((folder / "config.json").read_text())
         assert config["arguments"]["learning_rate"] == t.params["learning_rate"]
         assert config["arguments"]["stack_sizes"] == list(decode(TINY_SPACE["stack_sizes"], t.params["stack_sizes"]))
+        # its settings as a train.py config, to train them again or --resume the trial
+        again = vars(train_script.parse_args(["--config", str(folder / "train_config.json")]))
+        ran = config["arguments"]
+        same = [k for k in ran if k not in ("model_dir", "preprocessed_data", "dataset", "verbose")]
+        assert {k: _tuple(again[k]) for k in same} == {k: _tuple(ran[k]) for k in same}
         r = config["results"]
         assert t.value == pytest.approx(r["next_frame_mse"] / r["copy_last_frame_mse"])  # the objective
-        # the per-epoch reports are that ratio too: the last epoch's is the final model's when it is the best
         assert set(t.intermediate_values) == {0, 1}
         assert len(pd.read_csv(folder / "history.csv")) == 2
 
@@ -146,8 +155,6 @@ def test_reports(study_dir):
 
 
 def test_best_config_trains_with_train_py(study_dir, prepared, tmp_path):
-    import train as train_script
-
     best = json.loads((study_dir / "best_config.json").read_text())
     assert set(best) - {"_comment"} == set(TINY_CONFIG)  # the same keys as the config the study started from
     trial = min((t for t in trials_of(study_dir) if t.state.name == "COMPLETE"), key=lambda t: t.value)
