@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     study = tuning.open_study(args.study, args.storage, args.sampler_seed, args.startup_trials, args.warmup_epochs)
     if args.enqueue_config:
         tuning.enqueue_config(study, space, config_values)
-    study.optimize(tuning.Tuner(space, base, args.output_dir), n_trials=args.n_trials, catch=(PipelineError,))
+    study.optimize(tuning.Tuner(space, base, args.output_dir), n_trials=args.n_trials, catch=(tuning.TrialFailed,))
     print(f"study {args.study!r} in {args.storage}: {len(study.trials)} trials in all, {args.n_trials} by this worker")
     for line in tuning.write_reports(study, space, config_values, args.config, args.output_dir):
         print(line)

@@ -158,14 +158,16 @@ class ValRatioPruning(keras.callbacks.Callback):
         find_prednet(self.pred_model).set_weights(find_prednet(self.model).get_weights())
         mse_model, mse_copy = next_frame_mse(self.model, self.val_data, pred_model=self.pred_model)
         ratio = mse_model / max(mse_copy, 1e-12)
-        if logs is not None:
-            logs["val_ratio"] = ratio
         if not math.isfinite(ratio):  # diverged: nothing to learn from later epochs
             self.pruned_at, self.model.stop_training = epoch, True
             return
         self.trial.report(ratio, epoch)
         if self.trial.should_prune():
             self.pruned_at, self.model.stop_training = epoch, True
+
+
+class TrialFailed(PipelineError):
+    """A trial's settings could not be trained; the study goes on with the next trial."""
 
 
 def trial_config(s: TrainSettings, number: int) -> dict:
@@ -196,7 +198,13 @@ class Tuner:
         return dataclasses.replace(self.base, **suggest(trial, self.space), model_dir=str(model_dir))
 
     def __call__(self, trial: optuna.Trial) -> float:
-        s = self.settings(trial)
+        try:
+            s = self.settings(trial)
+        except ValueError as err:  # Optuna refuses a categorical whose choices changed within a study
+            name = trial.study.study_name
+            raise PipelineError(
+                f"The space no longer matches study {name!r}: {err} New choices need a new --study."
+            ) from None
         trial.set_user_attr("settings", {k: list(v) if isinstance(v, tuple) else v for k, v in vars(s).items()})
         trial.set_user_attr("model_dir", s.model_dir)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
@@ -210,9 +218,9 @@ class Tuner:
             )
             pruning = ValRatioPruning(trial, val_data)
             config = train(s, extra_callbacks=[pruning])
-        except PipelineError as err:
+        except PipelineError as err:  # this trial's settings do not work (e.g. nt longer than a video): the next may
             trial.set_user_attr("error", str(err))
-            raise
+            raise TrialFailed(str(err)) from None
         r = config["results"]
         ratio = r["next_frame_mse"] / max(r["copy_last_frame_mse"], 1e-12)
         for key in ("next_frame_mse", "copy_last_frame_mse", "epochs_run", "train_seconds"):

@@ -13,7 +13,7 @@ from conftest import ROOT, run_script
 import train as train_script
 from models.errors import PipelineError
 from models.training import TrainSettings
-from models.tuning import check_space, decode, load_space
+from models.tuning import TrialFailed, Tuner, check_space, decode, load_space, open_study, suggest
 
 # The tiny profile of conftest.tiny_settings, as the config file every trial starts from.
 TINY_CONFIG = {
@@ -198,6 +198,16 @@ def test_stacks_that_do_not_suit_the_frames_are_refused_before_any_trial(prepare
     base = TrainSettings(preprocessed_data=str(prepared.parent), dataset=prepared.name, model_dir="")
     with pytest.raises(PipelineError, match=r"stack_sizes \[4, 4, 4, 4\] of the space: .*16x24"):
         check_space({"stack_sizes": {"type": "categorical", "choices": [[4, 8], [4, 4, 4, 4]]}}, base)
+
+
+def test_changed_choices_stop_the_study_with_a_message(prepared, tmp_path):
+    study = open_study("s", f"sqlite:///{tmp_path / 'study.db'}", 0, 1, 0)
+    entries = {k: v for k, v in TINY_SPACE.items() if not k.startswith("_")}
+    study.optimize(lambda trial: suggest(trial, entries)["learning_rate"], n_trials=1)
+    space = entries | {"stack_sizes": {"type": "categorical", "choices": [[4, 8], [8, 8]]}}
+    base = TrainSettings(preprocessed_data=str(prepared.parent), dataset=prepared.name, model_dir="")
+    with pytest.raises(PipelineError, match="The space no longer matches study 's'.*New choices need a new --study"):
+        study.optimize(Tuner(space, base, tmp_path), n_trials=1, catch=(TrialFailed,))
 
 
 def test_cli_argument_error_exit(tmp_path):
