@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from models.args import folder, int_at_least, non_negative_int, positive_float
 from models.cli import run
 from models.config import resolve_config
 from models.errors import PipelineError
@@ -26,24 +27,35 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="default", help="train.py settings the trials start from (name or path)")
     p.add_argument("--space", default="config/tune.json", help="search-space file (docs/tuning.md)")
-    p.add_argument("--preprocessed_data", default="data/preprocessed")
+    p.add_argument("--preprocessed_data", type=folder, default="data/preprocessed")
     p.add_argument("--dataset", default="UCSDped2")
-    p.add_argument("--n_trials", type=int, default=10, help="trials this worker runs (each worker counts its own)")
+    p.add_argument(
+        "--n_trials",
+        type=int_at_least(1, "trials"),
+        default=10,
+        help="trials this worker runs (each worker counts its own)",
+    )
     p.add_argument("--study", default=None, help="study name (default: the dataset's)")
     p.add_argument("--storage", default=None, help="Optuna database URL (default: sqlite:///<output_dir>/study.db)")
-    p.add_argument("--output_dir", default=None, help="trial folders and reports (default: outputs/tuning/<study>)")
-    p.add_argument("--nb_epoch", type=int, help="epochs per trial (default: the config's)")
-    p.add_argument("--max_minutes", type=float, help="wall-clock budget per trial (train.py --max_minutes)")
+    p.add_argument(
+        "--output_dir", type=folder, default=None, help="trial folders and reports (default: outputs/tuning/<study>)"
+    )
+    p.add_argument("--nb_epoch", type=int_at_least(1, "epochs"), help="epochs per trial (default: the config's)")
+    p.add_argument("--max_minutes", type=positive_float, help="wall-clock budget per trial (train.py --max_minutes)")
     p.add_argument("--precision", choices=["float32", "mixed_bfloat16", "mixed_float16"], help="for the trials")
-    p.add_argument("--seed", type=int, default=0, help="training seed, the same for every trial")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="training seed, the same for every trial")
     p.add_argument(
         "--sampler_seed",
-        type=int,
+        type=non_negative_int,
         default=None,
         help="seed of the TPE sampler, for a repeatable single-worker study; give each worker its own, or none",
     )
-    p.add_argument("--startup_trials", type=int, default=3, help="complete trials before the pruner starts")
-    p.add_argument("--warmup_epochs", type=int, default=1, help="epochs of each trial that are never pruned")
+    p.add_argument(
+        "--startup_trials", type=non_negative_int, default=3, help="complete trials before the pruner starts"
+    )
+    p.add_argument(
+        "--warmup_epochs", type=non_negative_int, default=1, help="epochs of each trial that are never pruned"
+    )
     p.add_argument(
         "--enqueue_config",
         action="store_true",
@@ -52,15 +64,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--distribute", action="store_true", help="each trial data-parallel over all local GPUs (JAX)")
     p.add_argument("--verbose", type=int, default=0, choices=[0, 1, 2], help="Keras progress output of the trials")
     args = p.parse_args(argv)
-    for name in ("n_trials", "nb_epoch"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise PipelineError(f"--{name} must be at least 1. Received: {value}")
-    for name in ("startup_trials", "warmup_epochs"):
-        if getattr(args, name) < 0:
-            raise PipelineError(f"--{name} must be 0 or more. Received: {getattr(args, name)}")
-    if args.max_minutes is not None and not args.max_minutes > 0:
-        raise PipelineError(f"--max_minutes must be positive. Received: {args.max_minutes}")
     if not Path(args.space).is_file():
         raise PipelineError(f"Search-space file {args.space} not found (see config/tune.json).")
     resolve_config(args.config)

@@ -212,6 +212,6 @@ def test_changed_choices_stop_the_study_with_a_message(prepared, tmp_path):
 
 def test_cli_argument_error_exit(tmp_path):
     done = run_script("tune.py", "--n_trials", "0")
-    assert done.returncode == 2 and "--n_trials must be at least 1. Received: 0" in done.stderr
+    assert done.returncode == 2 and "argument --n_trials: must be 1 or more trials. Received: 0" in done.stderr
     done = run_script("tune.py", "--space", tmp_path / "nope.json")
     assert done.returncode == 2 and f"Search-space file {tmp_path / 'nope.json'} not found" in done.stderr
