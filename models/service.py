@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import importlib.metadata
 import logging
 import socket
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,7 +30,6 @@ import numpy as np
 from fastapi import Depends, FastAPI, Query, Request, WebSocket
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
-from starlette.concurrency import run_in_threadpool
 from starlette.websockets import WebSocketDisconnect
 
 from models.alarms import DEFAULT_GAP, DEFAULT_MIN_FRAMES, AlarmRule, alarm_events
@@ -255,6 +256,14 @@ def create_app(model_dir: str | Path, settings: ServiceSettings | None = None) -
     scoring = ScoringModel(model_dir, settings)
     batcher = WindowBatcher(scoring.stream_scorer, settings.max_batch, settings.max_wait_ms)
     state = {"streams": 0, "stream_frames": 0, "clips": 0, "clip_frames": 0, "refused": 0}
+    # Fixed threads for the work off the event loop: clips (decoding and scoring) and stream frames (decoding).
+    # A new thread per task would let the C allocator open arena after arena (the RSS grew under load).
+    clip_pool = ThreadPoolExecutor(settings.clip_workers, thread_name_prefix="clips")
+    decode_pool = ThreadPoolExecutor(2, thread_name_prefix="frames")
+
+    async def off_loop(pool: ThreadPoolExecutor, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args))
+
     versions = _versions()
 
     @contextlib.asynccontextmanager
@@ -269,6 +278,8 @@ def create_app(model_dir: str | Path, settings: ServiceSettings | None = None) -
         log.info("ready: %s", scoring.model_dir.name)
         yield
         await batcher.stop()
+        clip_pool.shutdown(wait=False, cancel_futures=True)
+        decode_pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(
         title="PredNet video anomaly scoring",
@@ -352,7 +363,7 @@ def create_app(model_dir: str | Path, settings: ServiceSettings | None = None) -
         except TimeoutError:
             raise deadline.expired() from None
         try:
-            return JSONResponse(await run_in_threadpool(_score_upload, body, content_type, filename, video, deadline))
+            return JSONResponse(await off_loop(clip_pool, _score_upload, body, content_type, filename, video, deadline))
         finally:
             app.state.clip_slots.release()
 
@@ -424,7 +435,7 @@ def create_app(model_dir: str | Path, settings: ServiceSettings | None = None) -
                 )
                 continue
             try:
-                frame = await run_in_threadpool(decoder.decode, data, f"message {received}")
+                frame = await off_loop(decode_pool, decoder.decode, data, f"message {received}")
             except UploadError as err:
                 state["refused"] += 1
                 await websocket.send_json({"frame": None, "error": str(err)})
