@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from models.args import float_in, non_negative_int, positive_float, positive_int
 from models.cli import run
 from models.errors import PipelineError
 
@@ -28,7 +29,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--model_dir", required=True, help="folder train.py wrote (model.keras, config.json, calibration)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0: any free port, printed)")
+    p.add_argument(
+        "--port", type=non_negative_int, default=8000, help="port (default: 8000; 0: any free port, printed)"
+    )
     p.add_argument(
         "--api_key",
         default=os.environ.get("PREDNET_API_KEY") or None,
@@ -36,31 +39,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--calibration", default=None, help="calibration.json to use instead of the model folder's")
     g = p.add_argument_group("limits (each refusal is a 4xx naming the limit)")
-    g.add_argument("--max_upload_mb", type=float, default=100.0, help="largest upload or stream frame (default: 100)")
-    g.add_argument("--max_frames", type=int, default=3000, help="frames per scored clip at most (default: 3000)")
-    g.add_argument("--max_streams", type=int, default=16, help="streams open at once at most (default: 16)")
+    g.add_argument(
+        "--max_upload_mb", type=positive_float, default=100.0, help="largest upload or stream frame (default: 100)"
+    )
+    g.add_argument(
+        "--max_frames", type=positive_int, default=3000, help="frames per scored clip at most (default: 3000)"
+    )
+    g.add_argument("--max_streams", type=positive_int, default=16, help="streams open at once at most (default: 16)")
     g.add_argument(
         "--request_timeout_s",
-        type=float,
+        type=positive_float,
         default=60.0,
         help="time to receive and score a clip, or between two frames of a stream (default: 60)",
     )
     g = p.add_argument_group("model calls")
-    g.add_argument("--max_batch", type=int, default=32, help="stream frames per shared model call at most")
-    g.add_argument("--max_wait_ms", type=float, default=5.0, help="how long a frame waits for others to share a call")
+    g.add_argument("--max_batch", type=positive_int, default=32, help="stream frames per shared model call at most")
+    g.add_argument(
+        "--max_wait_ms", type=float_in(0), default=5.0, help="how long a frame waits for others to share a call"
+    )
     p.add_argument("--log_level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return p.parse_args(argv)
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Values argparse cannot check, each refused with a one-line message."""
-    if not 0 <= args.port <= 65535:
+    """What the argument types cannot check, refused with a one-line message."""
+    if args.port > 65535:
         raise PipelineError(f"--port must be 0 to 65535. Received: {args.port}")
-    for name in ("max_upload_mb", "max_frames", "max_streams", "request_timeout_s", "max_batch"):
-        if not getattr(args, name) > 0:
-            raise PipelineError(f"--{name} must be positive. Received: {getattr(args, name)}")
-    if args.max_wait_ms < 0:
-        raise PipelineError(f"--max_wait_ms must be 0 or more. Received: {args.max_wait_ms}")
 
 
 def main(argv=None) -> int:

@@ -164,10 +164,15 @@ def read_video_bytes(
     frames = None
     try:
         path.write_bytes(data)
-        video = Video("upload", "test", path)
-        images = frame_io.frame_images(video)
+        video, meta = Video("upload", "test", path), {}
+        images = frame_io.frame_images(video, meta)
         frames = resized_frames(_limit_pixels(images, limits), "upload", channels, size)
         X = _collect(frames, limits, deadline)
+        lost = frame_io.frames_lost(len(X), frame_io.reported_frame_count(path, meta))
+        if lost:  # batch_scoring.py --input refuses it too
+            raise UploadError(
+                f"The uploaded video is truncated: {len(X)} frames decoded but its container reports {len(X) + lost}."
+            )
         return X, video_fps(video)
     except UploadError:
         raise

@@ -417,7 +417,6 @@ def test_startup_errors_are_one_line(trained, tmp_path):
         (["--model_dir", no_cal, "--port", "0"], "No calibration"),
         (["--model_dir", trained, "--port", str(taken.getsockname()[1])], "Cannot listen on 127.0.0.1"),
         (["--model_dir", trained, "--port", "70000"], "--port must be 0 to 65535"),
-        (["--model_dir", trained, "--max_streams", "0"], "--max_streams must be positive"),
     ]
     try:
         for args, message in cases:
@@ -426,6 +425,12 @@ def test_startup_errors_are_one_line(trained, tmp_path):
             assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     finally:
         taken.close()
+    for args, message in (
+        (["--max_streams", "0"], "argument --max_streams: must be 1 or more"),
+        (["--request_timeout_s", "-1"], "argument --request_timeout_s: must be greater than 0"),
+    ):
+        done = run_script("serve.py", "--model_dir", trained, *args)  # argparse's message, as the other scripts
+        assert done.returncode == 2 and message in done.stderr, (args, done.stderr[-500:])
 
 
 @pytest.mark.filterwarnings("ignore:In the future `np.object`:FutureWarning")  # Keras's tf2onnx patch
