@@ -13,6 +13,7 @@ the frames lost.
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -86,6 +87,31 @@ def _open(path: Path) -> Image.Image:
         image.load()
     except (UnidentifiedImageError, OSError, ValueError) as err:
         raise PipelineError(f"Cannot read frame {path}: {err}") from None
+    return image
+
+
+def decode_image(data: bytes, name: str, max_pixels: int | None = None) -> Image.Image:
+    """An encoded frame (PNG, JPEG, TIFF, BMP bytes) decoded in memory, as `_open` reads a frame file.
+
+    Args:
+        data: the encoded image.
+        name: what to call it in error messages.
+        max_pixels: refuse images with more pixels than this, before decoding them.
+
+    Raises:
+        PipelineError: bytes that are not an image, a truncated image, or one over `max_pixels`.
+    """
+    try:
+        image = Image.open(io.BytesIO(data))
+        if max_pixels is not None and image.size[0] * image.size[1] > max_pixels:
+            raise PipelineError(
+                f"Frame {name} is {image.size[0]}x{image.size[1]} pixels, over the limit of {max_pixels} pixels."
+            )
+        image.load()
+    except UnidentifiedImageError:
+        raise PipelineError(f"Cannot read frame {name}: not an image of a known format.") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise PipelineError(f"Cannot read frame {name}: {err}") from None
     return image
 
 
@@ -189,20 +215,7 @@ def decode_video(
     """`read_video`, also returning the number of frames lost: how many fewer a video file decoded to than
     its container reports (0 for frame folders and complete files; see `frames_lost`)."""
     meta: dict = {}
-    if video.frames is not None:
-        images = ((path, _open(path)) for path in video.frames)
-    else:
-        images = ((video.path, Image.fromarray(f)) for f in _iter_video_file(video.path, meta))
-    out, first_size, first_path = [], None, None
-    for path, image in images:
-        if first_size is None:
-            first_size, first_path = image.size, path
-        elif image.size != first_size:
-            raise PipelineError(
-                f"Frames of different sizes in video {video.name}: {first_path} is {first_size[0]}x{first_size[1]}, "
-                f"{path} is {image.size[0]}x{image.size[1]} (width x height)."
-            )
-        out.append(_to_array(image, size, channels, Image.Resampling.BILINEAR, path))
+    out = list(frame_arrays(frame_images(video, meta), video.name, channels, size))
     if not out:
         raise PipelineError(f"Video {video.name} ({video.path}) has no frames.")
     lost = 0 if video.frames is not None else frames_lost(len(out), reported_frame_count(video.path, meta))
@@ -212,6 +225,33 @@ def decode_video(
             f"{len(out) + lost}; re-encode it, or keep the {len(out)} frames with --allow_truncated (data preparation)."
         )
     return np.stack(out), lost
+
+
+def frame_images(video: Video, meta: dict | None = None):
+    """(path, image) of each frame of a video, decoded one at a time: its frame files, or its video file
+    (whose reader's metadata fills `meta`, for `reported_frame_count`)."""
+    if video.frames is not None:
+        return ((path, _open(path)) for path in video.frames)
+    return ((video.path, Image.fromarray(f)) for f in _iter_video_file(video.path, meta))
+
+
+def frame_arrays(images, name: str, channels: int, size: tuple[int, int] | None = None):
+    """uint8 (height, width, channels) arrays of (path, image) pairs, one at a time, resized to `size`
+    (height, width) if given.
+
+    Raises:
+        PipelineError: frames of different sizes within the video, or values `to_8bit` refuses.
+    """
+    first_size, first_path = None, None
+    for path, image in images:
+        if first_size is None:
+            first_size, first_path = image.size, path
+        elif image.size != first_size:
+            raise PipelineError(
+                f"Frames of different sizes in video {name}: {first_path} is {first_size[0]}x{first_size[1]}, "
+                f"{path} is {image.size[0]}x{image.size[1]} (width x height)."
+            )
+        yield _to_array(image, size or (image.size[1], image.size[0]), channels, Image.Resampling.BILINEAR, path)
 
 
 def read_masks(video: Video, size: tuple[int, int]) -> np.ndarray:

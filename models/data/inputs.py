@@ -100,6 +100,13 @@ def read_input(video: Video, channels: int) -> np.ndarray:
     return frame_io.read_video(video, (first.size[1], first.size[0]), channels)
 
 
+def resized_frames(images, name: str, channels: int, size: tuple[int, int]):
+    """(path, image) pairs as uint8 (height, width, channels) frames of the model's `size`, one at a time:
+    the frames `read_input` and `resize` give, without holding a video at its native size."""
+    for frame in frame_io.frame_arrays(images, name, channels):
+        yield resize(frame[None], size)[0]
+
+
 def input_labels(videos: list[Video], lengths: dict[str, int], labels_csv: str | Path) -> np.ndarray:
     """0/1 per frame of the videos, in order, from a `video,start_frame,end_frame` CSV (a video without rows
     is all normal).

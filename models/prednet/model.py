@@ -137,20 +137,46 @@ def predictor(
     return model
 
 
-def window_scorer(trained: keras.Model | PredNet, window: int, per_window: int = 1) -> keras.Model:
+class UnrolledPredNet(keras.layers.Layer):
+    """A built PredNet layer run over a fixed number of steps as a Python loop of its `step`, so that the
+    graph holds no while loop: the same outputs, for exporters that cannot convert the loop (tf2onnx).
+    Takes (frames, fed) like PredNet; returns its 'all' outputs."""
+
+    def __init__(self, prednet: PredNet, steps: int, **kwargs):
+        super().__init__(**kwargs)
+        self.prednet, self.steps = prednet, int(steps)
+
+    def call(self, frames, fed):
+        state = self.prednet._initial_state(ops.shape(frames)[0])
+        outputs = []
+        for t in range(self.steps):
+            state, out = self.prednet.step(state, (frames[:, t], fed[:, t]))
+            outputs.append(out)
+        return {k: ops.stack([o[k] for o in outputs], axis=1) for k in outputs[0]}
+
+
+def window_scorer(
+    trained: keras.Model | PredNet, window: int, per_window: int = 1, unroll: bool = False
+) -> keras.Model:
     """A model that scores `per_window` steps of each `window`-frame sequence, for windowed scoring.
 
     Takes [frames, fed, pick]: frames (batch, window, h, w, c) uint8 (scaled to [0, 1] on the device, a
     quarter of the float32 transfer), fed (batch, window) > 0 where the model's own prediction replaces the
     frame, and pick (batch, per_window, window), one-hot at each step to return (all zero: none). Returns
     those steps' predictions (batch, per_window, h, w, c) and layer errors (batch, per_window, layers)
-    alone, instead of every step's.
+    alone, instead of every step's. With `unroll`, the steps run as an unrolled loop (`UnrolledPredNet`),
+    for export to ONNX.
     """
     layer, new = _fresh_copy(trained, "all")
     frames = keras.Input((window, *layer.frame_shape), dtype="uint8", name="frames")
     fed = keras.Input((window,), name="fed")
     pick = keras.Input((per_window, window), name="pick")
-    out = new([ops.cast(frames, "float32") / 255.0, fed])
+    x = ops.cast(frames, "float32") / 255.0
+    if unroll:
+        new.build((None, window, *layer.frame_shape))
+        out = UnrolledPredNet(new, window, name="prednet_unrolled")(x, fed)
+    else:
+        out = new([x, fed])
     outputs = {
         "prediction": ops.einsum("bsk,bkhwc->bshwc", pick, ops.cast(out["prediction"], "float32")),
         "error": ops.einsum("bsk,bkl->bsl", pick, ops.cast(out["error"], "float32")),

@@ -1,0 +1,358 @@
+"""Video sent over the network, turned into the frames batch scoring reads: a video file's bytes, an archive
+of frame files, or one encoded frame of a stream.
+
+Uploads are bytes, never paths. A video file is written to a private temporary folder that this module
+creates and deletes (ffmpeg reads files), and decoded with the reader of `batch_scoring.py --input`
+(`models.data.inputs` and `models.data.frames`), so the frames are the same arrays. Archive members are read
+in memory and never extracted: names that would leave a folder (absolute, `..`), links and special files
+are refused all the same. Every limit is checked while reading, and each refusal is an `UploadError` that
+names its limit.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import shutil
+import tarfile
+import tempfile
+import time
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+from models.data import frames as frame_io
+from models.data.index import FRAME_SUFFIXES, VIDEO_SUFFIXES, Video
+from models.data.inputs import DEFAULT_FPS, resized_frames, video_fps
+from models.errors import PipelineError
+
+VIDEO_TYPES = {
+    "video/mp4": ".mp4",
+    "video/x-msvideo": ".avi",
+    "video/avi": ".avi",
+    "video/msvideo": ".avi",
+    "video/quicktime": ".mov",
+    "video/x-matroska": ".mkv",
+}
+ZIP_TYPES = ("application/zip", "application/x-zip-compressed")
+TAR_TYPES = ("application/x-tar", "application/gzip", "application/x-gzip", "application/x-gtar")
+SNIFF_TYPES = ("application/octet-stream", "")
+ACCEPTED = (*VIDEO_TYPES, *ZIP_TYPES, *TAR_TYPES, "application/octet-stream")
+
+
+class UploadError(PipelineError):
+    """A request the service refuses: `status` is its HTTP status, `limit` the setting it ran into."""
+
+    def __init__(self, message: str, status: int = 422, limit: str | None = None):
+        super().__init__(message)
+        self.status, self.limit = status, limit
+
+
+@dataclass
+class Limits:
+    """What one request may ask of the service (`serve.py` sets them)."""
+
+    max_upload_mb: float = 100.0
+    max_frames: int = 3000
+    max_streams: int = 16
+    request_timeout_s: float = 60.0
+    max_pixels: int = 4096 * 4096  # per frame, checked before an image is decoded
+
+    @property
+    def max_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+
+class Deadline:
+    """The time left to one request; `check` raises a 408 once it has passed. Doubles as the `progress`
+    bar of `score_frames`, so a model run stops between two calls when the request is out of time."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.end = seconds, time.monotonic() + seconds
+
+    def left(self) -> float:
+        return self.end - time.monotonic()
+
+    def expired(self) -> UploadError:
+        return UploadError(
+            f"The request took longer than request_timeout_s = {self.seconds:g} s.", 408, "request_timeout_s"
+        )
+
+    def check(self) -> None:
+        if time.monotonic() > self.end:
+            raise self.expired()
+
+    def update(self, n: int = 1) -> None:
+        self.check()
+
+
+def media_type(content_type: str | None) -> str:
+    """'Video/MP4; codecs=...' -> 'video/mp4'."""
+    return (content_type or "").split(";")[0].strip().lower()
+
+
+def upload_kind(content_type: str | None, filename: str | None, data: bytes) -> tuple[str, str]:
+    """What the bytes hold: ('video', suffix), ('zip', '') or ('tar', ''), from the file name's suffix, then
+    the content type, then (for application/octet-stream) the first bytes.
+
+    Raises:
+        UploadError: 415 for a content type that is none of these.
+    """
+    name = (filename or "").lower()
+    for suffix in VIDEO_SUFFIXES:
+        if name.endswith(suffix):
+            return "video", suffix
+    if name.endswith(".zip"):
+        return "zip", ""
+    if name.endswith((".tar", ".tar.gz", ".tgz")):
+        return "tar", ""
+    kind = media_type(content_type)
+    if kind in VIDEO_TYPES:
+        return "video", VIDEO_TYPES[kind]
+    if kind in ZIP_TYPES:
+        return "zip", ""
+    if kind in TAR_TYPES:
+        return "tar", ""
+    if kind in SNIFF_TYPES:
+        if data[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
+            return "zip", ""
+        if data[:2] == b"\x1f\x8b" or data[257:262] == b"ustar":
+            return "tar", ""
+        return "video", ".mp4"  # ffmpeg finds the container from its content, whatever the suffix
+    raise UploadError(
+        f"Unsupported content type {kind!r}: send a video file ({', '.join(VIDEO_TYPES)}), a zip or tar archive "
+        "of frames, or multipart/form-data with the file in the field `file`.",
+        415,
+    )
+
+
+def safe_name(name: str | None, default: str = "upload") -> str:
+    """A video name for the response, never used as a path: letters, digits, '_', '-', '.' only."""
+    clean = re.sub(r"[^A-Za-z0-9_.-]", "_", name or "").strip("._")[:100]
+    return clean or default
+
+
+def _too_many_frames(limits: Limits) -> UploadError:
+    return UploadError(f"The video has more than max_frames = {limits.max_frames} frames.", 413, "max_frames")
+
+
+def _collect(frames: Iterator[np.ndarray], limits: Limits, deadline: Deadline) -> np.ndarray:
+    out = []
+    for frame in frames:
+        deadline.check()
+        if len(out) >= limits.max_frames:
+            raise _too_many_frames(limits)
+        out.append(frame)
+    if not out:
+        raise UploadError("The upload holds no frames.")
+    return np.stack(out)
+
+
+def read_video_bytes(
+    data: bytes, suffix: str, channels: int, size: tuple[int, int], limits: Limits, deadline: Deadline
+) -> tuple[np.ndarray, float]:
+    """Frames (n, h, w, c) of a video file's bytes at the model's `size`, and its frames per second.
+
+    Raises:
+        UploadError: not a video, a truncated one, too many frames or pixels, or out of time.
+    """
+    folder = Path(tempfile.mkdtemp(prefix="prednet-upload-"))  # mode 0700: this process alone
+    path = folder / f"upload{suffix}"
+    frames = None
+    try:
+        path.write_bytes(data)
+        video, meta = Video("upload", "test", path), {}
+        images = frame_io.frame_images(video, meta)
+        frames = resized_frames(_limit_pixels(images, limits), "upload", channels, size)
+        X = _collect(frames, limits, deadline)
+        lost = frame_io.frames_lost(len(X), frame_io.reported_frame_count(path, meta))
+        if lost:  # batch_scoring.py --input refuses it too
+            raise UploadError(
+                f"The uploaded video is truncated: {len(X)} frames decoded but its container reports {len(X) + lost}."
+            )
+        return X, video_fps(video)
+    except UploadError:
+        raise
+    except PipelineError as err:
+        raise UploadError(str(err).replace(str(path), "the uploaded video")) from None
+    finally:
+        if frames is not None:
+            frames.close()  # closes the ffmpeg reader before its file goes
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _limit_pixels(images, limits: Limits):
+    for path, image in images:
+        if image.size[0] * image.size[1] > limits.max_pixels:
+            raise UploadError(
+                f"Frames of {image.size[0]}x{image.size[1]} pixels are over the limit of {limits.max_pixels} "
+                "pixels per frame.",
+                413,
+                "max_pixels",
+            )
+        yield path, image
+
+
+def _unsafe(name: str) -> bool:
+    """A member name that would leave the folder it is extracted to (we never extract; we refuse them)."""
+    posix = name.replace("\\", "/")
+    return posix.startswith("/") or bool(re.match(r"^[A-Za-z]:", posix)) or ".." in PurePosixPath(posix).parts
+
+
+def _is_frame(name: str) -> bool:
+    parts = PurePosixPath(name.replace("\\", "/")).parts
+    hidden = any(p.startswith(".") or p == "__MACOSX" for p in parts)
+    masks = any(p.endswith("_gt") for p in parts[:-1])
+    return bool(parts) and not hidden and not masks and PurePosixPath(parts[-1]).suffix.lower() in FRAME_SUFFIXES
+
+
+def archive_members(data: bytes, kind: str, limits: Limits, deadline: Deadline) -> list[tuple[str, bytes]]:
+    """The frame files of a zip or tar archive, read in memory: (name, bytes), sorted by name as a folder
+    of frames is.
+
+    Raises:
+        UploadError: a broken archive, a member that is a link or whose path leaves the archive, frames in
+            several folders, more frames than max_frames, more bytes than max_upload_mb uncompressed.
+    """
+    try:
+        members = _zip_members(data, limits, deadline) if kind == "zip" else _tar_members(data, limits, deadline)
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError, ValueError) as err:
+        raise UploadError(f"Cannot read the {kind} archive: {err}") from None
+    if not members:
+        raise UploadError(f"The {kind} archive holds no frame files ({', '.join(FRAME_SUFFIXES)}).")
+    folders = {str(PurePosixPath(n.replace("\\", "/")).parent) for n, _ in members}
+    if len(folders) > 1:
+        raise UploadError(
+            f"The archive holds frames in {len(folders)} folders ({', '.join(sorted(folders)[:5])}): send one "
+            "video (one folder of frames) per request."
+        )
+    return sorted(members)
+
+
+class _Budget:
+    def __init__(self, limits: Limits, deadline: Deadline):
+        self.limits, self.deadline, self.bytes, self.frames = limits, deadline, 0, 0
+
+    def take(self, name: str, size: int) -> None:
+        self.deadline.check()
+        if _unsafe(name):
+            raise UploadError(f"Archive member {name!r} has a path that leaves the archive; refused.")
+        self.frames += 1
+        if self.frames > self.limits.max_frames:
+            raise _too_many_frames(self.limits)
+        self.bytes += size
+        if self.bytes > self.limits.max_bytes:
+            raise UploadError(
+                f"The archive's frames are over max_upload_mb = {self.limits.max_upload_mb:g} MB uncompressed.",
+                413,
+                "max_upload_mb",
+            )
+
+
+def _zip_members(data: bytes, limits: Limits, deadline: Deadline) -> list[tuple[str, bytes]]:
+    budget, out = _Budget(limits, deadline), []
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        for info in archive.infolist():
+            if _unsafe(info.filename):
+                raise UploadError(f"Archive member {info.filename!r} has a path that leaves the archive; refused.")
+            if info.is_dir():
+                continue
+            if (info.external_attr >> 16) & 0o170000 == 0o120000:
+                raise UploadError(f"Archive member {info.filename!r} is a symbolic link; refused.")
+            if not _is_frame(info.filename):
+                continue
+            budget.take(info.filename, info.file_size)
+            out.append((info.filename, archive.read(info)))  # zipfile stops at file_size and checks the CRC
+    return out
+
+
+def _tar_members(data: bytes, limits: Limits, deadline: Deadline) -> list[tuple[str, bytes]]:
+    budget, out = _Budget(limits, deadline), []
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as archive:
+        for member in archive:  # one header at a time: stops at the first limit, however long the archive
+            deadline.check()
+            if _unsafe(member.name):
+                raise UploadError(f"Archive member {member.name!r} has a path that leaves the archive; refused.")
+            if member.isdir():
+                continue
+            if not member.isfile():
+                raise UploadError(f"Archive member {member.name!r} is a link or a special file; refused.")
+            if not _is_frame(member.name):
+                continue
+            budget.take(member.name, member.size)
+            out.append((member.name, archive.extractfile(member).read()))
+    return out
+
+
+def read_archive_bytes(
+    data: bytes, kind: str, channels: int, size: tuple[int, int], limits: Limits, deadline: Deadline
+) -> tuple[np.ndarray, str | None]:
+    """Frames (n, h, w, c) of an archive of frame files at the model's `size`, decoded in memory as
+    batch scoring reads a folder of frames, and the name of the folder that held them (None: the top)."""
+    members = archive_members(data, kind, limits, deadline)
+    images = ((name, frame_io.decode_image(content, name, limits.max_pixels)) for name, content in members)
+    try:
+        X = _collect(resized_frames(images, "upload", channels, size), limits, deadline)
+    except UploadError:
+        raise
+    except PipelineError as err:
+        raise UploadError(str(err)) from None
+    folder = PurePosixPath(members[0][0].replace("\\", "/")).parent.name
+    return X, folder or None
+
+
+def read_upload(
+    data: bytes,
+    content_type: str | None,
+    filename: str | None,
+    channels: int,
+    size: tuple[int, int],
+    limits: Limits,
+    deadline: Deadline,
+) -> tuple[np.ndarray, float, str | None]:
+    """Frames of any upload at the model's size, frames per second, and the name it gives its video.
+
+    Raises:
+        UploadError: with the status to answer and the limit, if any.
+    """
+    if not data:
+        raise UploadError("The request body is empty: send a video file or an archive of frames.")
+    kind, suffix = upload_kind(content_type, filename, data)
+    if kind == "video":
+        X, fps = read_video_bytes(data, suffix, channels, size, limits, deadline)
+        return X, fps, None
+    X, folder = read_archive_bytes(data, kind, channels, size, limits, deadline)
+    return X, DEFAULT_FPS, folder
+
+
+class FrameDecoder:
+    """The frames of one stream: each message's image decoded and resized as a folder of frames would be,
+    all of one size (the first frame's)."""
+
+    def __init__(self, channels: int, size: tuple[int, int], max_pixels: int):
+        self.channels, self.size, self.max_pixels = channels, size, max_pixels
+        self.native: tuple[int, int] | None = None
+
+    def decode(self, data: bytes, name: str) -> np.ndarray:
+        """uint8 (h, w, c) at the model's size.
+
+        Raises:
+            UploadError: bytes that are not an image, too many pixels, or another size than the first frame.
+        """
+        if not data:
+            raise UploadError(f"{name} is empty: send each frame as an encoded image (PNG or JPEG).")
+        try:
+            image = frame_io.decode_image(data, name, self.max_pixels)
+        except PipelineError as err:
+            raise UploadError(str(err)) from None
+        if self.native is not None and image.size != self.native:
+            raise UploadError(
+                f"{name} is {image.size[0]}x{image.size[1]} pixels but the stream's frames are "
+                f"{self.native[0]}x{self.native[1]} (width x height); frame dropped."
+            )
+        frame = next(resized_frames([(name, image)], "stream", self.channels, self.size))
+        self.native = image.size
+        return frame
