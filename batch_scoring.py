@@ -17,7 +17,7 @@ from models.cli import run
 from models.data.store import dataset_dir, load_labels, load_split, read_metadata, video_slices
 from models.errors import PipelineError
 from models.inference import DEFAULT_HORIZON
-from models.io import atomic_dir
+from models.io import atomic_dir, check_output
 
 HEADLINE = ["model_regularity", "copy_regularity", "model_mse", "copy_mse"]
 
@@ -97,6 +97,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     data_dir = dataset_dir(args.preprocessed_data, args.dataset)
+    inputs = [data_dir, args.model_dir]
+    check_output(args.scored_data, "batch_scoring", args.overwrite, inputs)
     meta = read_metadata(data_dir)
     X, sources = load_split(data_dir, "test")
     if len(X) == 0:
@@ -113,7 +115,7 @@ def main(argv=None) -> int:
             f"Model in {args.model_dir} takes frames {tuple(trained.frame_shape)} (h, w, c) but the test frames of "
             f"{data_dir} are {X.shape[1:]}; prepare the data with the model's size and channels."
         )
-    with atomic_dir(args.scored_data, args.overwrite) as out:
+    with atomic_dir(args.scored_data, args.overwrite, stage="batch_scoring", inputs=inputs) as out:
         window = config.get("arguments", {}).get("nt", 0) if args.window is None else args.window
         horizon, per_window = args.horizon, args.per_window or default_per_window(window, args.horizon)
         predictions, layer_errors, fps = predict_videos(model, X, sources, args.batch_size, window, horizon, per_window)

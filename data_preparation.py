@@ -16,7 +16,7 @@ from models.cli import run
 from models.data.index import resolve_root
 from models.data.prepare import PrepareConfig, prepare
 from models.data.synthetic import SyntheticSpec, make_synthetic
-from models.io import atomic_dir
+from models.io import atomic_dir, check_output
 from models.shapes import check_frame_size, parse_size
 
 
@@ -34,7 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compression", default="gzip", choices=["gzip", "lzf", "none"], help="HDF5 compression")
     p.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an output folder this stage wrote before")
     g = p.add_argument_group("synthetic dataset")
     g.add_argument(
         "--make_synthetic", action="store_true", help="first write the synthetic UCSD-like dataset to --raw_data"
@@ -51,13 +51,20 @@ def main(argv=None) -> int:
     out_dir = Path(args.preprocessed_data) / args.dataset
     size = parse_size(args.size)
     check_frame_size(*size, args.n_layers)
+    # Both outputs are checked before any work: a real dataset is never replaced by the synthetic one, and
+    # neither output may be, hold or lie inside the other or the dataset read.
+    if args.make_synthetic:
+        target = Path(args.raw_data) / "UCSD_Anomaly_Dataset.v1p2" / args.dataset
+        check_output(target, "synthetic", args.overwrite)
+        check_output(out_dir, "data_preparation", args.overwrite, inputs=[target])
+    else:
+        check_output(out_dir, "data_preparation", args.overwrite, inputs=[resolve_root(args.raw_data, args.dataset)])
     if args.make_synthetic:
         h, w = parse_size(args.synthetic_size)
         spec = SyntheticSpec(
             h, w, args.synthetic_train_videos, args.synthetic_test_videos, args.synthetic_frames, args.seed
         )
-        target = Path(args.raw_data) / "UCSD_Anomaly_Dataset.v1p2" / args.dataset
-        with atomic_dir(target, args.overwrite) as tmp:
+        with atomic_dir(target, args.overwrite, stage="synthetic") as tmp:
             # Written beside the target, then renamed into place.
             staging = make_synthetic(tmp / "staging", args.dataset, spec)
             for item in staging.iterdir():

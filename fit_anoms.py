@@ -19,7 +19,7 @@ import pandas as pd
 
 from models.cli import run
 from models.errors import PipelineError
-from models.io import atomic_dir, atomic_file
+from models.io import atomic_dir, atomic_output_file, check_output, check_output_file
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -46,7 +46,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n_splits", type=int, default=5, help="grouped folds (at most the number of videos)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--apply", default=None, help="score --scored_data with the classifier saved in this folder")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --model_path (with --apply: anomaly_scores.csv) if an earlier run of this stage wrote it",
+    )
     args = p.parse_args(argv)
     args.scored_data = args.scored_data or f"outputs/scored/{args.dataset}"
     args.model_path = args.model_path or f"outputs/anoms/{args.dataset}"
@@ -61,6 +65,10 @@ def apply(args) -> int:
     path = Path(args.apply) / "classifier.joblib"
     if not path.is_file():
         raise PipelineError(f"No saved classifier at {path}; run fit_anoms.py without --apply first.")
+    scored = Path(args.scored_data)
+    target = (scored if scored.is_dir() else scored.parent) / "anomaly_scores.csv"
+    inputs = [path, scored / "df.pkl.gz" if scored.is_dir() else scored]
+    check_output_file(target, "fit_anoms --apply", args.overwrite, inputs)
     bundle = joblib.load(path)
     data = prepare_frames(
         load_scored(args.scored_data),
@@ -73,9 +81,7 @@ def apply(args) -> int:
     proba = bundle["pipeline"].predict_proba(data[bundle["features"]].to_numpy(float))[:, 1]
     out["anomaly_probability"] = smooth_probabilities(proba, data["video"], bundle["smooth"])
     out["anomalous"] = (out["anomaly_probability"] >= bundle["threshold"]).astype(int)
-    target = Path(args.scored_data)
-    target = (target if target.is_dir() else target.parent) / "anomaly_scores.csv"
-    with atomic_file(target) as tmp:
+    with atomic_output_file(target, args.overwrite, stage="fit_anoms --apply", inputs=inputs) as tmp:
         out.to_csv(tmp, index=False)
     print(f"scored {len(out)} frames, {int(out['anomalous'].sum())} called anomalous -> {target}")
     return 0
@@ -85,6 +91,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.apply:
         return apply(args)
+    check_output(args.model_path, "fit_anoms", args.overwrite, inputs=[args.scored_data])
     import joblib
 
     from models.anoms import default_features, evaluate_by_video, importances, load_scored, make_models, prepare_frames
@@ -99,7 +106,7 @@ def main(argv=None) -> int:
     if args.smooth < 1:
         raise PipelineError(f"--smooth must be 1 (none) or more frames. Received: {args.smooth}")
     data = prepare_frames(df, features, args.smooth, per_video=args.normalize == "video")
-    with atomic_dir(args.model_path, args.overwrite) as out:
+    with atomic_dir(args.model_path, args.overwrite, stage="fit_anoms", inputs=[args.scored_data]) as out:
         report, _ = evaluate_by_video(data, features, args.seed, args.n_splits, args.threshold, args.smooth)
         forest = make_models(args.seed)["random_forest"].fit(data[features].to_numpy(float), data["y"].astype(int))
         table = importances(forest, data, features, args.seed)
