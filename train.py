@@ -5,7 +5,8 @@
     python train.py --config config/cpu.json ...        # small CPU profile: seconds, for the demo and tests
 
 On the GPU machine without TensorFlow: KERAS_BACKEND=jax python train.py ... (see docs/model_development.md).
-Writes <model_dir>/model.keras, config.json, history.csv, history.png and checkpoints/.
+Writes <model_dir>/model.keras, config.json, history.csv, history.png and checkpoints/, all at once at the end:
+the run trains in .<model_dir name>.partial/ beside it, which --resume continues after a kill (docs/safety.md).
 """
 
 from __future__ import annotations
@@ -63,13 +64,21 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--freeze_layers", type=int_list, default=(), help="PredNet layers whose weights stay fixed, e.g. 0,1"
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last epoch")
-    p.add_argument("--overwrite", action="store_true", help="replace a model already in --model_dir")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run (or a finished one, to more epochs) from its last epoch",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="start over, replacing a model or interrupted run train.py wrote"
+    )
     p.add_argument("--verbose", type=int, default=1, choices=[0, 1, 2])
     args = parse_with_config(p, argv)
     for name in ("stack_sizes", "filter_sizes", "strides"):
         setattr(args, name, int_list(getattr(args, name)))
     args.layer_loss_weights = float_list(args.layer_loss_weights)
+    if args.nb_epoch is not None and args.nb_epoch < 1:
+        p.error(f"--nb_epoch must be 1 or more; got {args.nb_epoch}")
     args.model_dir = args.model_dir or f"outputs/models/{args.dataset}"
     return args
 
