@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
+import ctypes
 import os
+import signal
+import sys
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -100,6 +104,43 @@ def _read_one(args):
     return read_video(video, size, channels)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def _worker_init(parent: int) -> None:
+    """Ties a decoding worker to the run that started it.
+
+    Killed, the run cannot tell its workers to stop, and they would wait for work forever (each holds the
+    others' end of the task queue open). So a worker dies with its parent: on Linux the kernel sends it
+    SIGKILL (PR_SET_PDEATHSIG), elsewhere a thread checks every second. Ctrl-C is left to the parent, which
+    stops the pool and prints one line.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    watched = False
+    if sys.platform.startswith("linux"):
+        try:
+            watched = ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL) == 0  # 1: PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            watched = False
+    if not _alive(parent):  # the parent died before the worker was tied to it
+        os._exit(1)
+    if not watched:
+
+        def watch():
+            while _alive(parent):
+                time.sleep(1.0)
+            os._exit(1)
+
+        threading.Thread(target=watch, daemon=True).start()
+
+
 def read_videos(videos: list[Video], size: tuple[int, int], channels: int, workers: int | None = None, progress=None):
     """Reads many videos in parallel processes, yielding (video, frames) in the given order.
 
@@ -107,14 +148,20 @@ def read_videos(videos: list[Video], size: tuple[int, int], channels: int, worke
         videos: the videos to read.
         size: (height, width) to resize to.
         channels: 1 or 3.
-        workers: processes to use; all cores by default.
+        workers: processes to use; all cores by default. They end with the run, however it ends.
         progress: an optional tqdm bar, advanced by each video's frame count.
     """
     workers = min(workers or os.cpu_count() or 1, len(videos))
     jobs = [(v, size, channels) for v in videos]
-    with ProcessPoolExecutor(max_workers=workers) if workers > 1 else contextlib.nullcontext() as pool:
+    pool = None
+    if workers > 1:
+        pool = ProcessPoolExecutor(max_workers=workers, initializer=_worker_init, initargs=(os.getpid(),))
+    try:
         results = pool.map(_read_one, jobs) if pool is not None else map(_read_one, jobs)
         for video, frames in zip(videos, results, strict=True):
             if progress is not None:
                 progress.update(len(frames))
             yield video, frames
+    finally:
+        if pool is not None:  # on an error or Ctrl-C, the videos not yet started are dropped
+            pool.shutdown(wait=True, cancel_futures=True)
