@@ -14,7 +14,7 @@ from pathlib import Path
 
 from models.cli import run
 from models.data.index import resolve_root
-from models.data.prepare import PrepareConfig, prepare
+from models.data.prepare import PrepareConfig, prepare, read_folders
 from models.data.synthetic import SyntheticSpec, make_synthetic
 from models.io import atomic_dir, check_output
 from models.shapes import check_frame_size, parse_size
@@ -56,9 +56,10 @@ def main(argv=None) -> int:
     if args.make_synthetic:
         target = Path(args.raw_data) / "UCSD_Anomaly_Dataset.v1p2" / args.dataset
         check_output(target, "synthetic", args.overwrite)
-        check_output(out_dir, "data_preparation", args.overwrite, inputs=[target])
+        check_output(out_dir, "data_preparation", args.overwrite, inputs=read_folders(target))
     else:
-        check_output(out_dir, "data_preparation", args.overwrite, inputs=[resolve_root(args.raw_data, args.dataset)])
+        root = resolve_root(args.raw_data, args.dataset)
+        check_output(out_dir, "data_preparation", args.overwrite, inputs=read_folders(root))
     if args.make_synthetic:
         h, w = parse_size(args.synthetic_size)
         spec = SyntheticSpec(

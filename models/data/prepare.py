@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,12 @@ def split_videos(names: list[str], val_fraction: float, seed: int) -> tuple[list
     return [n for n in names if n not in val], val
 
 
+def read_folders(root: str | Path) -> list[Path]:
+    """What preparing the dataset at `root` reads, which its output must not be, hold or lie inside: the split
+    folders (videos, masks and label files). Beside them, `root` may hold the output."""
+    return [Path(root) / "Train", Path(root) / "Test"]
+
+
 def _channels(videos: list[Video], setting: str) -> int:
     if setting in ("1", "3"):
         return int(setting)
@@ -54,7 +61,7 @@ def prepare(root: str | Path, out_dir: str | Path, config: PrepareConfig, overwr
 
     Args:
         root: the dataset folder (see `models.data.index`).
-        out_dir: the store to write; it must not be, hold or lie inside `root`.
+        out_dir: the store to write; it must not be, hold or lie inside what is read (`read_folders`).
         config: the settings.
         overwrite: replace an `out_dir` that an earlier data preparation wrote (never anything else).
         argv: the command line, recorded in the metadata.
@@ -79,9 +86,13 @@ def prepare(root: str | Path, out_dir: str | Path, config: PrepareConfig, overwr
     arrays = {s: ([], []) for s in ("train", "val", "test")}
     labels, masks = [], []
     test_has_labels = all(v.ranges is not None for v in videos if v.split == "test")
-    with atomic_dir(out_dir, overwrite, stage="data_preparation", inputs=[root]) as tmp:
-        with tqdm(total=None, unit="frame", desc="frames", leave=False, disable=None) as bar:
-            for video, X in frame_io.read_videos(videos, config.size, channels, config.workers, bar):
+    with atomic_dir(out_dir, overwrite, stage="data_preparation", inputs=read_folders(root)) as tmp:
+        with (
+            tqdm(total=None, unit="frame", desc="frames", leave=False, disable=None) as bar,
+            # closed on leaving: an error or Ctrl-C in this loop stops the decoding processes at once
+            contextlib.closing(frame_io.read_videos(videos, config.size, channels, config.workers, bar)) as decoded,
+        ):
+            for video, X in decoded:
                 split = split_of[video.name]
                 arrays[split][0].append(X)
                 arrays[split][1].append(np.full(len(X), video.name))
