@@ -153,15 +153,21 @@ def read_videos(videos: list[Video], size: tuple[int, int], channels: int, worke
     """
     workers = min(workers or os.cpu_count() or 1, len(videos))
     jobs = [(v, size, channels) for v in videos]
-    pool = None
-    if workers > 1:
-        pool = ProcessPoolExecutor(max_workers=workers, initializer=_worker_init, initargs=(os.getpid(),))
+    pool, finished = None, False
     try:
+        if workers > 1:
+            pool = ProcessPoolExecutor(max_workers=workers, initializer=_worker_init, initargs=(os.getpid(),))
         results = pool.map(_read_one, jobs) if pool is not None else map(_read_one, jobs)
         for video, frames in zip(videos, results, strict=True):
             if progress is not None:
                 progress.update(len(frames))
             yield video, frames
+        finished = True
     finally:
-        if pool is not None:  # on an error or Ctrl-C, the videos not yet started are dropped
+        if pool is not None:
+            if not finished:
+                # An error, Ctrl-C, or the reader stopped: the work is lost anyway. Killed here, the workers also
+                # end when the pool was interrupted while starting them, which shutdown() alone would not do.
+                for process in list((getattr(pool, "_processes", None) or {}).values()):
+                    process.kill()
             pool.shutdown(wait=True, cancel_futures=True)
