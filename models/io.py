@@ -44,9 +44,14 @@ def _umask() -> int:
 
 
 def sibling(dest: str | Path, suffix: str) -> Path:
-    """A hidden path beside `dest` that belongs to it: `.<name><suffix>` (locks, temporary and staging folders)."""
-    dest = Path(dest).resolve()
-    return dest.parent / f".{dest.name}{suffix}"
+    """A hidden path beside `dest` that belongs to it: `.<name><suffix>` (locks, temporary and staging folders).
+
+    Beside `dest` itself, not beside what a link at `dest` points to, so that renames stay in one folder.
+    """
+    dest = Path(dest)
+    if dest.name in ("", ".", ".."):
+        dest = dest.resolve()
+    return dest.parent.resolve() / f".{dest.name}{suffix}"
 
 
 # --- markers ---------------------------------------------------------------------------------------------
@@ -320,8 +325,8 @@ def clean_leftovers(dest: Path) -> None:
 
 def new_dir_beside(dest: str | Path, stage: str) -> Path:
     """A new temporary folder `.<name>.tmp-*` beside `dest`, marked as `stage`'s (incomplete) output."""
-    dest = Path(dest).resolve()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    base = sibling(dest, ".tmp-")
+    tmp = Path(tempfile.mkdtemp(prefix=base.name, dir=base.parent))
     tmp.chmod(0o777 & ~_umask())
     write_marker(tmp, stage, complete=False)
     return tmp

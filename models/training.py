@@ -270,7 +270,8 @@ def staging_dir(model_dir: str | Path) -> Path:
 
 
 def _open_run(s: TrainSettings, model_dir: Path, inputs: list) -> tuple[Path | None, Path | None]:
-    """Decides, before any work, where the run trains and what it resumes; writes nothing.
+    """Decides, before any work, where the run trains and what it resumes. Writes nothing; deletes only a
+    replaced model folder that a kill left under the staging name.
 
     Returns:
         (the interrupted run's folder to continue in, or None for a new one; the checkpoints to resume from,
@@ -544,6 +545,7 @@ def _train_locked(
             "epochs_run": len(throughput.rates),
             "epochs_total": len(checkpoints.rows),
             "best_epoch": checkpoints.state["best_epoch"],
+            "stopped_early": checkpoints.stopped,
             "stopped_by_time_budget": bool(budget and budget.stopped),
             "train_seconds": round(seconds, 1),
             "train_frames_per_s": round(float(np.median(steady)), 1) if steady else None,
