@@ -57,6 +57,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def scored_file(scored_data: str | Path) -> Path:
+    """The DataFrame that --scored_data names: a folder's df.pkl.gz, or the file itself."""
+    path = Path(scored_data)
+    return path / "df.pkl.gz" if path.is_dir() else path
+
+
 def apply(args) -> int:
     import joblib
 
@@ -67,7 +73,7 @@ def apply(args) -> int:
         raise PipelineError(f"No saved classifier at {path}; run fit_anoms.py without --apply first.")
     scored = Path(args.scored_data)
     target = (scored if scored.is_dir() else scored.parent) / "anomaly_scores.csv"
-    inputs = [path, scored / "df.pkl.gz" if scored.is_dir() else scored]
+    inputs = [path, scored_file(scored)]
     check_output_file(target, "fit_anoms --apply", args.overwrite, inputs)
     bundle = joblib.load(path)
     data = prepare_frames(
@@ -91,7 +97,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.apply:
         return apply(args)
-    check_output(args.model_path, "fit_anoms", args.overwrite, inputs=[args.scored_data])
+    inputs = [scored_file(args.scored_data)]  # the output may sit beside it, in the scored folder
+    check_output(args.model_path, "fit_anoms", args.overwrite, inputs)
     import joblib
 
     from models.anoms import default_features, evaluate_by_video, importances, load_scored, make_models, prepare_frames
@@ -106,7 +113,7 @@ def main(argv=None) -> int:
     if args.smooth < 1:
         raise PipelineError(f"--smooth must be 1 (none) or more frames. Received: {args.smooth}")
     data = prepare_frames(df, features, args.smooth, per_video=args.normalize == "video")
-    with atomic_dir(args.model_path, args.overwrite, stage="fit_anoms", inputs=[args.scored_data]) as out:
+    with atomic_dir(args.model_path, args.overwrite, stage="fit_anoms", inputs=inputs) as out:
         report, _ = evaluate_by_video(data, features, args.seed, args.n_splits, args.threshold, args.smooth)
         forest = make_models(args.seed)["random_forest"].fit(data[features].to_numpy(float), data["y"].astype(int))
         table = importances(forest, data, features, args.seed)

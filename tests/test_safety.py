@@ -174,7 +174,7 @@ def _rows_scoring_and_anoms(ws: Path, prepared: Path):
     yield (
         "anoms: --model_path is --scored_data",
         ["fit_anoms.py", "--scored_data", scored, "--model_path", scored, "--overwrite"],
-        "is the input",
+        "holds the input",
     )
     (scored / "anomaly_scores.csv").write_text("video,frame\nmine,1\n")
     anoms = ws / "anoms"
