@@ -31,6 +31,8 @@ from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
+from filelock import FileLock, Timeout
+
 from models.errors import PipelineError
 
 MARKER = ".prednet-output.json"
@@ -234,8 +236,6 @@ def output_lock(dest: str | Path) -> Iterator[Path]:
     Raises:
         PipelineError: another run holds the lock.
     """
-    from filelock import FileLock, Timeout
-
     path = sibling(dest, ".lock")
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(path, timeout=0)
