@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import multiprocessing
 import os
 import signal
 import sys
@@ -104,14 +105,19 @@ def _read_one(args):
     return read_video(video, size, channels)
 
 
-def _alive(pid: int) -> bool:
+def _orphaned(parent: int) -> bool:
+    """Whether the run that started this worker has died. A forked worker's parent is the run itself, which
+    may be dead but not yet reaped (so still signalable): a new parent id says it. Otherwise (forkserver) the
+    run's id is checked."""
+    if multiprocessing.get_start_method() == "fork" and os.getppid() != parent:
+        return True
     try:
-        os.kill(pid, 0)
+        os.kill(parent, 0)
     except ProcessLookupError:
-        return False
+        return True
     except PermissionError:
         pass
-    return True
+    return False
 
 
 def _worker_init(parent: int) -> None:
@@ -129,12 +135,12 @@ def _worker_init(parent: int) -> None:
             watched = ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL) == 0  # 1: PR_SET_PDEATHSIG
         except (OSError, AttributeError):
             watched = False
-    if not _alive(parent):  # the parent died before the worker was tied to it
+    if _orphaned(parent):  # the parent died before the worker was tied to it
         os._exit(1)
     if not watched:
 
         def watch():
-            while _alive(parent):
+            while not _orphaned(parent):
                 time.sleep(1.0)
             os._exit(1)
 
@@ -154,6 +160,7 @@ def read_videos(videos: list[Video], size: tuple[int, int], channels: int, worke
     workers = min(workers or os.cpu_count() or 1, len(videos))
     jobs = [(v, size, channels) for v in videos]
     pool, finished = None, False
+    others = set(multiprocessing.active_children())
     try:
         if workers > 1:
             pool = ProcessPoolExecutor(max_workers=workers, initializer=_worker_init, initargs=(os.getpid(),))
@@ -165,9 +172,13 @@ def read_videos(videos: list[Video], size: tuple[int, int], channels: int, worke
         finished = True
     finally:
         if pool is not None:
-            if not finished:
-                # An error, Ctrl-C, or the reader stopped: the work is lost anyway. Killed here, the workers also
-                # end when the pool was interrupted while starting them, which shutdown() alone would not do.
-                for process in list((getattr(pool, "_processes", None) or {}).values()):
+            manager = getattr(pool, "_executor_manager_thread", None)
+            starting = manager is None or not manager.is_alive()
+            if not finished and starting:
+                # Interrupted (Ctrl-C) while the pool was starting its workers: no thread of the pool would ever
+                # tell them to stop. (Once it runs, workers are never killed: one killed while sending its frames
+                # would leave the pool waiting for the rest of them.)
+                for process in set(multiprocessing.active_children()) - others:
                     process.kill()
-            pool.shutdown(wait=True, cancel_futures=True)
+            # On an error or Ctrl-C the videos not yet started are dropped; the workers finish their current one.
+            pool.shutdown(wait=not starting, cancel_futures=True)
