@@ -437,28 +437,28 @@ def _run_killed(cmd, target: Path, delay: float, log: Path, while_locked=None) -
 
 
 def _inject(cmd_for, target: Path, stage: str, span: float, tmp_path: Path, seed: int, while_locked=None) -> int:
-    """KILLS runs of `cmd_for()`, each killed at a seeded random moment of its work (`span` seconds at first,
-    then most of what a complete run took): after each, `target` is as it was or complete, and no process of
-    the run is left."""
+    """Runs `cmd_for()` until KILLS of its runs were killed at seeded random moments of their work (`span`
+    seconds at first; after a run that ended first, most of what it took). After each run, `target` is as it
+    was or complete, and no process of the run is left."""
     rng = np.random.default_rng(seed)
-    kills = 0
-    for i in range(KILLS):
+    kills = runs = 0
+    while kills < KILLS and runs < KILLS + 4:
         before = tree(target)
         delay = float(rng.uniform(0.05, 1.0)) * span
-        killed, held = _run_killed(
-            cmd_for(), target, delay, tmp_path / f"kill{i}.log", while_locked if i == 0 else None
-        )
+        log = tmp_path / f"run{runs}.log"
+        killed, held = _run_killed(cmd_for(), target, delay, log, while_locked if runs == 0 else None)
+        runs += 1
         kills += killed
         if not killed:
             span = 0.9 * held
-        assert tree(target) == before or is_complete(target, stage), f"kill {i} after {delay:.2f} s"
+        assert tree(target) == before or is_complete(target, stage), f"run {runs} killed after {delay:.2f} s"
         for _ in range(100):
             if not _live_processes_mentioning(str(tmp_path)):
                 break
             time.sleep(0.05)
-        assert not _live_processes_mentioning(str(tmp_path)), f"processes left after kill {i}"
-    assert kills >= 1
-    print(f"{stage}: {kills} kills survived")
+        assert not _live_processes_mentioning(str(tmp_path)), f"processes left after run {runs}"
+    assert kills == KILLS, f"{kills} of {runs} runs killed"
+    print(f"{stage}: {kills} kills survived in {runs} runs")
     return kills
 
 
@@ -491,7 +491,7 @@ def model_after_kills(prepared, tmp_path_factory) -> Path:
         with pytest.raises(PipelineError, match="holds the lock"), output_lock(model_dir):
             pass
 
-    _inject(cmd, model_dir, "train", 12.0, tmp_path, seed=2, while_locked=second_run)
+    _inject(cmd, model_dir, "train", 8.0, tmp_path, seed=2, while_locked=second_run)
     if staging.exists() or not model_dir.exists():
         done = run_script(*cmd())
         assert done.returncode == 0, done.stderr[-3000:]
@@ -503,7 +503,7 @@ def test_kills_train_then_resume(model_after_kills):
 
     model_dir = model_after_kills
     assert is_complete(model_dir, "train") and not staging_dir(model_dir).exists()
-    assert sorted(p.name for p in model_dir.parent.iterdir() if not p.name.endswith(".log")) == ["m"]
+    assert sorted(p.name for p in model_dir.parent.iterdir() if p.suffix != ".log") == ["m"]
     assert pd.read_csv(model_dir / "history.csv")["epoch"].tolist() == [0, 1]  # resumed runs add no row twice
     config = json.loads((model_dir / "config.json").read_text())
     assert config["results"]["epochs_total"] == 2
@@ -513,7 +513,7 @@ def test_kills_batch_scoring(prepared, model_after_kills, tmp_path):
     target = tmp_path / "scored"
     cmd = ["batch_scoring.py", "--preprocessed_data", prepared.parent, "--dataset", prepared.name]
     cmd += ["--model_dir", model_after_kills, "--scored_data", target, "--overwrite", "--smooth", "3", "--n_plot", "2"]
-    _inject(lambda: cmd, target, "batch_scoring", 4.0, tmp_path, seed=3)
+    _inject(lambda: cmd, target, "batch_scoring", 1.5, tmp_path, seed=3)
     done = run_script(*cmd)
     assert done.returncode == 0, done.stderr[-3000:]
     assert is_complete(target, "batch_scoring") and (target / "df.pkl.gz").is_file()
@@ -523,7 +523,7 @@ def test_kills_fit_anoms(tmp_path):
     scored = scored_table(tmp_path / "scored")
     target = tmp_path / "anoms"
     cmd = ["fit_anoms.py", "--scored_data", scored, "--model_path", target, "--overwrite", "--n_splits", "2"]
-    _inject(lambda: cmd, target, "fit_anoms", 3.0, tmp_path, seed=4)
+    _inject(lambda: cmd, target, "fit_anoms", 1.5, tmp_path, seed=4)
     done = run_script(*cmd)
     assert done.returncode == 0, done.stderr[-3000:]
     assert is_complete(target, "fit_anoms")
