@@ -25,7 +25,7 @@ from models.args import float_in, folder, int_at_least, positive_float, positive
 from models.calibration import DEFAULT_SMOOTH
 from models.cli import run
 from models.inference import DEFAULT_HORIZON
-from models.io import atomic_dir
+from models.io import atomic_dir, check_output
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -158,10 +158,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from models.scoring_run import load_scoring_inputs, run_scoring
+    from models.scoring_run import load_scoring_inputs, run_scoring, scoring_inputs_read
 
+    protected = scoring_inputs_read(args)
+    check_output(args.scored_data, "batch_scoring", args.overwrite, protected)
     inputs = load_scoring_inputs(args)
-    with atomic_dir(args.scored_data, args.overwrite) as out:
+    with atomic_dir(args.scored_data, args.overwrite, stage="batch_scoring", inputs=protected) as out:
         summary = run_scoring(args, inputs, out)
     print(f"-> {args.scored_data}")
     return 0 if summary else 1

@@ -15,10 +15,10 @@ from pathlib import Path
 from models.args import folder, fraction, frame_size, int_at_least, non_negative_int, positive_int
 from models.cli import run
 from models.data.index import resolve_root
-from models.data.prepare import PrepareConfig, prepare
+from models.data.prepare import PrepareConfig, prepare, read_folders
 from models.data.synthetic import MIN_FRAMES, MIN_SIDE, SyntheticSpec, make_synthetic
 from models.errors import PipelineError
-from models.io import atomic_dir
+from models.io import atomic_dir, check_output
 from models.shapes import check_frame_size
 
 
@@ -48,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="keep a video file that decodes to fewer frames than its container reports (with a warning giving "
         "the frames lost) instead of refusing it",
     )
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an output folder this stage wrote before")
     g = p.add_argument_group("synthetic dataset")
     g.add_argument(
         "--make_synthetic", action="store_true", help="first write the synthetic UCSD-like dataset to --raw_data"
@@ -76,13 +76,21 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     out_dir = Path(args.preprocessed_data) / args.dataset
     size = args.size
+    # Both outputs are checked before any work: a real dataset is never replaced by the synthetic one, and
+    # neither output may be, hold or lie inside the other or the dataset read.
+    if args.make_synthetic:
+        target = Path(args.raw_data) / "UCSD_Anomaly_Dataset.v1p2" / args.dataset
+        check_output(target, "synthetic", args.overwrite)
+        check_output(out_dir, "data_preparation", args.overwrite, inputs=read_folders(target))
+    else:
+        root = resolve_root(args.raw_data, args.dataset)
+        check_output(out_dir, "data_preparation", args.overwrite, inputs=read_folders(root))
     if args.make_synthetic:
         h, w = args.synthetic_size
         spec = SyntheticSpec(
             h, w, args.synthetic_train_videos, args.synthetic_test_videos, args.synthetic_frames, args.seed
         )
-        target = Path(args.raw_data) / "UCSD_Anomaly_Dataset.v1p2" / args.dataset
-        with atomic_dir(target, args.overwrite) as tmp:
+        with atomic_dir(target, args.overwrite, stage="synthetic") as tmp:
             # Written beside the target, then renamed into place.
             staging = make_synthetic(tmp / "staging", args.dataset, spec)
             for item in staging.iterdir():

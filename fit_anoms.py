@@ -21,7 +21,7 @@ import pandas as pd
 from models.args import folder, int_at_least, non_negative_int, probability
 from models.cli import run
 from models.errors import PipelineError
-from models.io import atomic_dir, atomic_file
+from models.io import atomic_dir, atomic_output_file, check_output, check_output_file
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -57,11 +57,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--apply", type=folder, default=None, help="score --scored_data with the classifier saved in this folder"
     )
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --model_path (with --apply: anomaly_scores.csv) if an earlier run of this stage wrote it",
+    )
     args = p.parse_args(argv)
     args.scored_data = args.scored_data or f"outputs/scored/{args.dataset}"
     args.model_path = args.model_path or f"outputs/anoms/{args.dataset}"
     return args
+
+
+def scored_file(scored_data: str | Path) -> Path:
+    """The DataFrame that --scored_data names: a folder's df.pkl.gz, or the file itself."""
+    path = Path(scored_data)
+    return path / "df.pkl.gz" if path.is_dir() else path
 
 
 def apply(args) -> int:
@@ -72,6 +82,10 @@ def apply(args) -> int:
     path = Path(args.apply) / "classifier.joblib"
     if not path.is_file():
         raise PipelineError(f"No saved classifier at {path}; run fit_anoms.py without --apply first.")
+    scored = Path(args.scored_data)
+    target = (scored if scored.is_dir() else scored.parent) / "anomaly_scores.csv"
+    inputs = [path, scored_file(scored)]
+    check_output_file(target, "fit_anoms --apply", args.overwrite, inputs)
     try:
         bundle = joblib.load(path)
     except Exception as err:  # a truncated or foreign file fails in pickle, zlib or numpy
@@ -91,9 +105,7 @@ def apply(args) -> int:
     proba = bundle["pipeline"].predict_proba(data[bundle["features"]].to_numpy(float))[:, 1]
     out["anomaly_probability"] = smooth_probabilities(proba, data["video"], bundle["smooth"])
     out["anomalous"] = (out["anomaly_probability"] >= bundle["threshold"]).astype(int)
-    target = Path(args.scored_data)
-    target = (target if target.is_dir() else target.parent) / "anomaly_scores.csv"
-    with atomic_file(target) as tmp:
+    with atomic_output_file(target, args.overwrite, stage="fit_anoms --apply", inputs=inputs) as tmp:
         out.to_csv(tmp, index=False)
     print(f"scored {len(out)} frames, {int(out['anomalous'].sum())} called anomalous -> {target}")
     return 0
@@ -103,6 +115,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.apply:
         return apply(args)
+    inputs = [scored_file(args.scored_data)]  # the output may sit beside it, in the scored folder
+    check_output(args.model_path, "fit_anoms", args.overwrite, inputs)
     import joblib
 
     from models.anoms import (
@@ -129,7 +143,7 @@ def main(argv=None) -> int:
     asked = min(args.n_splits, data["video"].nunique())
     if n_folds < asked:
         print(f"note: {n_folds} folds by video instead of {asked}: with more, a training fold would lack a class")
-    with atomic_dir(args.model_path, args.overwrite) as out:
+    with atomic_dir(args.model_path, args.overwrite, stage="fit_anoms", inputs=inputs) as out:
         report, _ = evaluate_by_video(data, features, args.seed, args.n_splits, args.threshold, args.smooth)
         forest = make_models(args.seed)["random_forest"].fit(data[features].to_numpy(float), data["y"].astype(int))
         table = importances(forest, data, features, args.seed)

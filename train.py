@@ -6,7 +6,8 @@
 
 On the GPU machine without TensorFlow: KERAS_BACKEND=jax python train.py ... (see docs/model_development.md).
 On several GPUs: KERAS_BACKEND=jax python train.py ... --distribute (data-parallel; see docs/tuning.md).
-Writes <model_dir>/model.keras, config.json, history.csv, history.png and checkpoints/.
+Writes <model_dir>/model.keras, config.json, history.csv, history.png and checkpoints/, all at once at the end:
+the run trains in .<model_dir name>.partial/ beside it, which --resume continues after a kill (docs/safety.md).
 """
 
 from __future__ import annotations
@@ -84,8 +85,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="PredNet layers whose weights stay fixed, e.g. 0,1",
     )
     p.add_argument("--seed", type=non_negative_int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last epoch")
-    p.add_argument("--overwrite", action="store_true", help="replace a model already in --model_dir")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run (or a finished one, to more epochs) from its last epoch",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="start over, replacing a model or interrupted run train.py wrote"
+    )
     p.add_argument("--verbose", type=int, default=1, choices=[0, 1, 2])
     p.add_argument(
         "--distribute",

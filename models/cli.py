@@ -13,12 +13,16 @@ PACKAGES = ("keras", "tensorflow-cpu", "tensorflow", "jax", "numpy", "hickle", "
 
 
 def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
-    """Runs a script's `main`, turning a `PipelineError` into a one-line message and exit code 2."""
+    """Runs a script's `main`: a `PipelineError` becomes a one-line message and exit code 2, Ctrl-C the line
+    "interrupted" and exit code 130 (outputs are left as they were: see models/io.py)."""
     try:
         code = main(argv)
     except PipelineError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
     sys.exit(code or 0)
 
 

@@ -1,16 +1,42 @@
-"""Atomic outputs: nothing half-written is ever left where a user looks for results."""
+"""Outputs and their rules: nothing half-written is left, and nothing the pipeline did not write is replaced.
+
+The rule, kept by every stage through this module:
+
+- Every output folder carries a marker, `.prednet-output.json`, that names the stage that wrote it and lists
+  the files it wrote. A folder is built in a temporary folder beside its target and renamed into place
+  (swapped atomically with the old one where the system allows), so a kill leaves the target either as it
+  was or complete.
+- `--overwrite` replaces only a folder whose marker names the same stage and that holds no file the marker
+  does not list (or that carries its own marker, as `fit_anoms.py --apply`'s `anomaly_scores.csv` does). A
+  folder without a marker is the user's, and is never replaced.
+- A target may never be, hold, or lie inside an input of the run (paths compared resolved).
+- One run at a time per target: an exclusive lock, `.<name>.lock` beside the target; a second run refuses
+  at once.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import glob
+import hashlib
 import json
 import os
+import re
 import shutil
+import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 
+from filelock import FileLock, Timeout
+
 from models.errors import PipelineError
+
+MARKER = ".prednet-output.json"
+MARKER_VERSION = 1
 
 
 def _umask() -> int:
@@ -19,36 +45,326 @@ def _umask() -> int:
     return mask
 
 
+def sibling(dest: str | Path, suffix: str) -> Path:
+    """A hidden path beside `dest` that belongs to it: `.<name><suffix>` (locks, temporary and staging folders).
+
+    Beside `dest` itself, not beside what a link at `dest` points to, so that renames stay in one folder.
+    """
+    dest = Path(dest)
+    if dest.name in ("", ".", ".."):
+        dest = dest.resolve()
+    return dest.parent.resolve() / f".{dest.name}{suffix}"
+
+
+# --- markers ---------------------------------------------------------------------------------------------
+
+
+def read_marker(folder: str | Path) -> dict | None:
+    """The marker of an output folder, or None when it has none (or an unreadable one): then it is not ours."""
+    try:
+        marker = json.loads((Path(folder) / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) and isinstance(marker.get("stage"), str) else None
+
+
+def _files(folder: Path) -> list[str]:
+    """Every file under `folder` (links included, folders not), as sorted relative POSIX paths, less the marker."""
+    out = []
+    for path in folder.rglob("*"):
+        if path.is_symlink() or not path.is_dir():
+            rel = path.relative_to(folder).as_posix()
+            if rel != MARKER:
+                out.append(rel)
+    return sorted(out)
+
+
+def write_marker(folder: str | Path, stage: str, complete: bool = True) -> None:
+    """Marks `folder` as the output of `stage`; a complete folder's marker also lists the files in it."""
+    folder = Path(folder)
+    marker = {
+        "stage": stage,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "version": MARKER_VERSION,
+        "complete": complete,
+    }
+    if complete:
+        marker["files"] = _files(folder)
+    write_json(folder / MARKER, marker)
+
+
+def _file_marker(path: Path) -> Path:
+    return path.with_name(f".{path.name}{MARKER}")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _file_is_ours(path: Path, stage: str | None = None) -> bool:
+    """Whether `path` carries a file marker (of `stage`, if given) whose hash matches its content."""
+    try:
+        marker = json.loads(_file_marker(path).read_text())
+        return (stage is None or marker["stage"] == stage) and marker["sha256"] == _sha256(path)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+# What a killed run of this module can leave in a folder: a lock file, an `atomic_file` temporary file.
+_LEFTOVER = re.compile(r"\..+\.(lock|tmp-[a-z0-9_]{8}(\.[A-Za-z0-9]+)*)")
+
+
+def _foreign_files(folder: Path, marker: dict) -> list[str]:
+    """Files in a marked folder that the pipeline did not write: neither listed in its marker, nor self-marked,
+    nor a lock or temporary file of this module's making."""
+    listed = set(marker.get("files") or ())
+    foreign = []
+    for rel in _files(folder):
+        path = folder / rel
+        if rel in listed or _LEFTOVER.fullmatch(path.name):
+            continue
+        if path.name.startswith(".") and path.name.endswith(MARKER):
+            owner = path.with_name(path.name[1 : -len(MARKER)])
+            if owner.is_file() and _file_is_ours(owner):
+                continue
+        elif _file_is_ours(path):
+            continue
+        foreign.append(rel)
+    return foreign
+
+
+# --- checks ----------------------------------------------------------------------------------------------
+
+
+def check_inputs(dest: str | Path, inputs: Iterable[str | Path | None] = ()) -> None:
+    """Refuses a target that is, holds or lies inside one of the run's inputs (resolved paths compared).
+
+    Raises:
+        PipelineError: naming the target and the input.
+    """
+    target = Path(dest).resolve()
+    for given in inputs:
+        if given is None or str(given) == "":
+            continue
+        source = Path(given).resolve()
+        if target == source:
+            why = f"is the input {given} of this run"
+        elif source in target.parents:
+            why = f"lies inside the input {given} of this run"
+        elif target in source.parents:
+            why = f"holds the input {given} of this run"
+        else:
+            continue
+        raise PipelineError(f"Refusing to write {dest}: it {why}; choose another output.")
+
+
+def check_output(
+    dest: str | Path, stage: str, overwrite: bool = False, inputs: Iterable[str | Path | None] = ()
+) -> None:
+    """Checks, before any work, that `stage` may write the folder `dest` (see the module docstring).
+
+    Args:
+        dest: the output folder.
+        stage: the stage writing it, e.g. "data_preparation".
+        overwrite: whether an existing folder written by the same stage may be replaced.
+        inputs: the run's inputs (folders or files), which `dest` must not be, hold, or lie inside.
+
+    Raises:
+        PipelineError: a one-line message naming the folder and why it is refused.
+    """
+    dest = Path(dest)
+    check_inputs(dest, inputs)
+    if not (dest.exists() or dest.is_symlink()):
+        return
+    if not dest.is_dir():
+        raise PipelineError(f"Output {dest} exists and is not a folder; choose another output.")
+    if not overwrite:
+        raise PipelineError(f"Output folder {dest} already exists; pass --overwrite to replace it.")
+    marker = read_marker(dest)
+    if marker is None:
+        raise PipelineError(
+            f"Refusing to replace {dest}: it was not written by this pipeline (no {MARKER} in it); "
+            "move it away or choose another output."
+        )
+    if marker["stage"] != stage:
+        raise PipelineError(f"Refusing to replace {dest}: it holds the output of {marker['stage']}, not of {stage}.")
+    foreign = _foreign_files(dest, marker)
+    if foreign:
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        raise PipelineError(
+            f"Refusing to replace {dest}: {dest / foreign[0]}{more} was not written by this pipeline; "
+            "move it away first."
+        )
+
+
+def check_output_file(
+    dest: str | Path, stage: str, overwrite: bool = False, inputs: Iterable[str | Path | None] = ()
+) -> None:
+    """Like `check_output`, for a single file that carries its own marker, `.<name>.prednet-output.json`.
+
+    A file is replaced only with `overwrite`, and only if its marker names `stage` and its content is still
+    what the pipeline wrote (same SHA-256).
+    """
+    dest = Path(dest)
+    check_inputs(dest, inputs)
+    if not (dest.exists() or dest.is_symlink()):
+        return
+    if not dest.is_file():
+        raise PipelineError(f"Output {dest} exists and is not a file; choose another output.")
+    if not overwrite:
+        raise PipelineError(f"Output file {dest} already exists; pass --overwrite to replace it.")
+    if not _file_is_ours(dest, stage):
+        raise PipelineError(
+            f"Refusing to replace {dest}: it was not written by {stage} (or was changed since); move it away first."
+        )
+
+
+# --- locks -----------------------------------------------------------------------------------------------
+
+
 @contextlib.contextmanager
-def atomic_dir(dest: str | Path, overwrite: bool = False) -> Iterator[Path]:
+def output_lock(dest: str | Path) -> Iterator[Path]:
+    """Holds the exclusive lock of the output `dest`, `.<name>.lock` beside it, or refuses at once.
+
+    The lock is the kernel's (flock, through `filelock`), so a killed run releases it. The lock file is
+    removed on release while still held, so that nothing is left behind after a clean run.
+
+    Raises:
+        PipelineError: another run holds the lock.
+    """
+    path = sibling(dest, ".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(path, timeout=0)
+    try:
+        lock.acquire(blocking=False)
+    except Timeout:
+        raise PipelineError(
+            f"Another run is writing {dest} (it holds the lock {path}); wait for it to end or choose another output."
+        ) from None
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
+        lock.release()
+
+
+# --- atomic folders --------------------------------------------------------------------------------------
+
+
+def remove_output(path: str | Path) -> None:
+    """Deletes a folder the pipeline wrote, its marker last, so that a kill midway leaves it recognisable."""
+    path = Path(path)
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+        return
+    if not path.exists():
+        return
+    for child in path.iterdir():
+        if child.name == MARKER:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+    (path / MARKER).unlink(missing_ok=True)
+    path.rmdir()
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swaps two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def replace_dir(src: str | Path, dest: str | Path) -> None:
+    """Puts the finished folder `src` at `dest`, replacing what is there in one step, then deletes the old one.
+
+    Where the swap is not available the old folder is first renamed aside, which leaves a moment without
+    `dest`; the old folder then waits under a `.tmp-` name beside it.
+    """
+    src, dest = Path(src), Path(dest)
+    if not (dest.exists() or dest.is_symlink()):
+        src.rename(dest)
+        return
+    if _exchange(src, dest):
+        remove_output(src)
+        return
+    old = src.with_name(src.name + ".old")
+    dest.rename(old)
+    src.rename(dest)
+    remove_output(old)
+
+
+def clean_leftovers(dest: Path) -> None:
+    """Removes the temporary folders of killed runs beside `dest` (only those this module made)."""
+    pattern = glob.escape(str(sibling(dest, ".tmp-"))) + "*"
+    for leftover in map(Path, glob.glob(pattern)):
+        if leftover.is_dir() and not leftover.is_symlink():
+            if read_marker(leftover) is not None:
+                remove_output(leftover)
+            else:
+                with contextlib.suppress(OSError):
+                    leftover.rmdir()  # empty: killed before its marker was written
+
+
+def new_dir_beside(dest: str | Path, stage: str) -> Path:
+    """A new temporary folder `.<name>.tmp-*` beside `dest`, marked as `stage`'s (incomplete) output."""
+    base = sibling(dest, ".tmp-")
+    tmp = Path(tempfile.mkdtemp(prefix=base.name, dir=base.parent))
+    tmp.chmod(0o777 & ~_umask())
+    write_marker(tmp, stage, complete=False)
+    return tmp
+
+
+@contextlib.contextmanager
+def atomic_dir(
+    dest: str | Path, overwrite: bool = False, *, stage: str, inputs: Iterable[str | Path | None] = ()
+) -> Iterator[Path]:
     """Yields a temporary folder beside `dest` that becomes `dest` only if the block succeeds.
+
+    Holds the lock of `dest` throughout and checks it first (`check_output`): nothing a user made is
+    replaced, and a second run into the same folder refuses at once. The folder is marked as `stage`'s
+    output, listing the files the block wrote.
 
     Args:
         dest: the folder to create.
-        overwrite: replace an existing `dest`. Without it an existing folder is an error, raised before
-            any work is done, so that nothing a user made is lost by accident.
+        overwrite: replace an existing `dest` that an earlier run of `stage` wrote.
+        stage: the stage writing it, e.g. "batch_scoring".
+        inputs: the run's inputs, which `dest` must not be, hold, or lie inside.
 
     Raises:
-        PipelineError: `dest` exists and `overwrite` is false.
+        PipelineError: `dest` is refused (see `check_output`) or locked by another run.
     """
     dest = Path(dest)
-    if dest.exists() and not overwrite:
-        raise PipelineError(f"Output folder {dest} already exists; pass --overwrite to replace it.")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    tmp.chmod(0o777 & ~_umask())
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-        dest.rename(old)
-    tmp.rename(dest)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    inputs = list(inputs)
+    check_inputs(dest, inputs)
+    with output_lock(dest):
+        check_output(dest, stage, overwrite, inputs)
+        clean_leftovers(dest)
+        tmp = new_dir_beside(dest, stage)
+        try:
+            yield tmp
+            write_marker(tmp, stage)
+        except BaseException:
+            remove_output(tmp)
+            raise
+        replace_dir(tmp, dest)
 
 
 @contextlib.contextmanager
@@ -66,6 +382,35 @@ def atomic_file(dest: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
         raise
     tmp.replace(dest)
+
+
+@contextlib.contextmanager
+def atomic_output_file(
+    dest: str | Path, overwrite: bool = False, *, stage: str, inputs: Iterable[str | Path | None] = ()
+) -> Iterator[Path]:
+    """`atomic_file` for a stage's output file, under the same rules as `atomic_dir` (`check_output_file`).
+
+    The file gets its own marker beside it, `.<name>.prednet-output.json`, with the stage and the SHA-256 of
+    its content, so that a later `--overwrite` replaces it only while it is still what the pipeline wrote.
+    """
+    dest = Path(dest)
+    inputs = list(inputs)
+    check_inputs(dest, inputs)
+    with output_lock(dest):
+        check_output_file(dest, stage, overwrite, inputs)
+        with atomic_file(dest) as tmp:
+            yield tmp
+            # The marker first: a kill before the rename leaves an old file whose hash no longer matches, which
+            # is refused rather than replaced.
+            write_json(
+                _file_marker(dest),
+                {
+                    "stage": stage,
+                    "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "version": MARKER_VERSION,
+                    "sha256": _sha256(tmp),
+                },
+            )
 
 
 def write_json(path: str | Path, obj) -> None:

@@ -108,6 +108,18 @@ def _normal_frames(dataset_dir):
     return np.concatenate([X_train, X_val]), np.concatenate([src_train, src_val]), tail
 
 
+def scoring_inputs_read(args) -> list[Path]:
+    """Every path a scoring run reads, which its output folder must neither be, hold nor lie inside."""
+    paths = [Path(args.model_dir)]
+    if args.input:
+        paths += [Path(p) for p in args.input]
+    else:
+        paths.append(Path(args.preprocessed_data) / args.dataset)
+    paths += [Path(p) for p in (args.calibrate_on or [])]
+    paths += [Path(p) for p in (args.labels, args.calibration) if p]
+    return paths
+
+
 def load_scoring_inputs(args) -> ScoringInputs:
     from models.inference import load_predictor
     from models.live import scoring_settings

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
+import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,10 +18,26 @@ import numpy as np
 from models.calibration import FILENAME as CALIBRATION_FILE
 from models.data.store import dataset_dir, load_split, read_metadata, video_slices
 from models.errors import PipelineError
-from models.io import atomic_file, write_json
+from models.io import (
+    MARKER,
+    atomic_file,
+    check_inputs,
+    check_output,
+    clean_leftovers,
+    new_dir_beside,
+    output_lock,
+    read_marker,
+    remove_output,
+    replace_dir,
+    sibling,
+    write_json,
+    write_marker,
+)
 from models.prednet import build_training_model, find_prednet, load_model, predictor, prednet_kwargs
 from models.prednet.layers import OUTPUT_MODES, UNIT_TYPES
 from models.shapes import check_frame_size
+
+STAGE = "train"  # the stage name in the marker of the model folder (models.io)
 
 
 def window_starts(sources: np.ndarray, nt: int, strides=(1,), step: int = 1) -> np.ndarray:
@@ -147,17 +167,153 @@ class _TimeBudget(keras.callbacks.Callback):
             self.stopped = True
 
 
-class _SaveLast(keras.callbacks.Callback):
-    """Saves the whole model, optimizer included, after every epoch, for --resume."""
+class _Checkpoints(keras.callbacks.Callback):
+    """The run's state, committed as one after every epoch, and early stopping on that state.
 
-    def __init__(self, folder: Path):
+    `checkpoints/` holds `last.keras` (the model and its optimizer), `best.keras` (the best epoch so far),
+    `history.csv` and `last.json` (the epoch, the best monitored value, its epoch, and the patience counter).
+    Each epoch writes a new folder and swaps it in (`models.io.replace_dir`), so the four always agree and a
+    kill leaves the previous epoch's set. A resumed run starts from that state: a worse epoch never becomes
+    best, and patience counts on.
+    """
+
+    def __init__(self, run_dir: Path, monitor: str, patience: int, state: dict, rows: list[dict]):
         super().__init__()
-        self.folder = folder
+        self.run_dir, self.monitor, self.patience = run_dir, monitor, patience
+        self.state, self.rows = dict(state), list(rows)
+        self.stopped = False
 
     def on_epoch_end(self, epoch, logs=None):
-        with atomic_file(self.folder / "last.keras") as tmp:
-            self.model.save(tmp)
-        write_json(self.folder / "last.json", {"epoch": epoch})
+        logs = logs or {}
+        self.rows.append({"epoch": epoch} | {k: float(v) for k, v in sorted(logs.items())})
+        value = logs.get(self.monitor)
+        best = self.state["best"]
+        improved = value is not None and math.isfinite(value) and (best is None or value < best)
+        self.state["wait"] += 1
+        if improved:
+            self.state.update(best=float(value), best_epoch=epoch, wait=0)
+        elif self.state["wait"] >= self.patience and epoch > 0:
+            self.model.stop_training = self.stopped = True
+        self.state["epoch"] = epoch
+        self._commit(improved)
+
+    def _commit(self, improved: bool) -> None:
+        ckpt = self.run_dir / "checkpoints"
+        tmp = Path(tempfile.mkdtemp(prefix=".checkpoints.tmp-", dir=self.run_dir))
+        self.model.save(tmp / "last.keras")
+        if improved:
+            self.model.save(tmp / "best.keras")
+        elif (ckpt / "best.keras").is_file():
+            _link_or_copy(ckpt / "best.keras", tmp / "best.keras")
+        _write_history(self.rows, tmp / "history.csv")
+        write_json(tmp / "last.json", self.state)
+        replace_dir(tmp, ckpt)
+
+
+def _link_or_copy(src: Path, dest: Path) -> None:
+    try:
+        os.link(src, dest)
+    except OSError:
+        shutil.copy2(src, dest)
+
+
+def _write_history(rows: list[dict], path: Path) -> None:
+    """One row per epoch, the columns of Keras's CSVLogger: epoch, then the logs in name order."""
+    columns = ["epoch"] + sorted({k for row in rows for k in row} - {"epoch"})
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, columns, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _read_history(path: Path, last_epoch: int) -> list[dict]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        rows = [{k: float(v) if v != "" else math.nan for k, v in row.items()} for row in csv.DictReader(f)]
+    return [row | {"epoch": int(row["epoch"])} for row in rows if row["epoch"] <= last_epoch]
+
+
+def _read_state(ckpt: Path, frame_shape: tuple[int, int, int], nt: int) -> dict:
+    """The committed state of an interrupted run, checked against the data and settings it resumes with."""
+    path = ckpt / "last.json"
+    try:
+        state = json.loads(path.read_text())
+        state = {
+            "epoch": int(state["epoch"]),
+            "best": None if state["best"] is None else float(state["best"]),
+            "best_epoch": None if state["best_epoch"] is None else int(state["best_epoch"]),
+            "wait": int(state["wait"]),
+            "monitor": str(state["monitor"]),
+            "frame_shape": [int(v) for v in state["frame_shape"]],
+            "nt": int(state["nt"]),
+        }
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise PipelineError(
+            f"Cannot resume from {path}: it is missing or corrupt ({type(err).__name__}: {err}); start over with "
+            "--overwrite."
+        ) from None
+    if tuple(state["frame_shape"]) != tuple(frame_shape):
+        raise PipelineError(
+            f"Cannot resume from {path}: that run trained on frames {tuple(state['frame_shape'])} (h, w, c), the "
+            f"data has {tuple(frame_shape)}; resume on the same data, or start over with --overwrite."
+        )
+    if state["nt"] != nt:
+        raise PipelineError(
+            f"Cannot resume from {path}: that run trained on {state['nt']}-frame windows, not --nt {nt}."
+        )
+    return state
+
+
+def _clean_run_dir(run_dir: Path) -> None:
+    """Deletes what a killed epoch commit or final write left in a staging folder: `.*.tmp-*` entries."""
+    for leftover in run_dir.glob(".*.tmp-*"):
+        remove_output(leftover)
+
+
+def staging_dir(model_dir: str | Path) -> Path:
+    """Where a run into `model_dir` trains until it is complete: `.<name>.partial` beside it."""
+    return sibling(model_dir, ".partial")
+
+
+def _open_run(s: TrainSettings, model_dir: Path, inputs: list) -> tuple[Path | None, Path | None]:
+    """Decides, before any work, where the run trains and what it resumes. Writes nothing; deletes only a
+    replaced model folder that a kill left under the staging name.
+
+    Returns:
+        (the interrupted run's folder to continue in, or None for a new one; the checkpoints to resume from,
+        or None to start from scratch).
+    """
+    staging = staging_dir(model_dir)
+    if staging.exists():
+        marker = read_marker(staging)
+        if marker is None or marker["stage"] != STAGE:
+            raise PipelineError(
+                f"Refusing to use {staging}: it was not written by train.py (no train {MARKER}); move it away."
+            )
+        if marker.get("complete"):  # a replaced model folder that a kill kept from being deleted
+            remove_output(staging)
+    exists = model_dir.exists() or model_dir.is_symlink()
+    if s.resume:
+        if exists:
+            check_output(model_dir, STAGE, True, inputs)
+        if staging.exists():
+            ckpt = staging / "checkpoints"
+            return staging, ckpt if (ckpt / "last.json").is_file() else None
+        if exists and (model_dir / "checkpoints" / "last.json").is_file():
+            return None, model_dir / "checkpoints"
+        raise PipelineError(
+            f"Nothing to resume in {model_dir}: no checkpoints/last.json there and no interrupted run in {staging}."
+        )
+    if staging.exists() and not s.overwrite:
+        raise PipelineError(
+            f"{staging} holds an interrupted run into {model_dir}; pass --resume to continue it, or --overwrite to "
+            "start over."
+        )
+    if exists and not s.overwrite:
+        raise PipelineError(f"{model_dir} already holds a trained model; pass --overwrite, or --resume to continue.")
+    check_output(model_dir, STAGE, s.overwrite, inputs)
+    return None, None
 
 
 @dataclass
@@ -245,8 +401,25 @@ def fit_normal_calibration(model, s: TrainSettings, X_train, src_train, X_val, s
 
 
 def train(s: TrainSettings, extra_callbacks: list[keras.callbacks.Callback] | None = None) -> dict:
-    """Trains PredNet and writes model.keras, calibration.json, config.json, history.csv and history.png to
-    `s.model_dir`.
+    """Trains PredNet and writes model.keras, calibration.json, config.json, history.csv, history.png and
+    checkpoints/ to `s.model_dir`, as one: killed at any moment, `s.model_dir` holds the previous complete
+    model (or nothing), and the interrupted run can be continued with `resume`.
+
+    The run trains in a staging folder beside the model folder, `.<name>.partial` (`staging_dir`), marked as
+    train.py's. After every epoch its `checkpoints/` is replaced as a whole (`_Checkpoints`). At the end the
+    final files are written into it and it is swapped with the model folder in one step
+    (`models.io.replace_dir`); the old folder is then deleted. So model.keras and config.json never exist
+    one without the other, and an old model.keras never sits beside a new history.csv.
+
+    - A new run refuses an existing model folder without `overwrite`, and an interrupted run's staging
+      folder without `resume` or `overwrite` (so its checkpoints are never silently replaced).
+    - `resume` continues the staging folder's run, or else the run of a complete model folder (its
+      checkpoints are copied into a new staging folder, and the folder stays as it was until the end): the
+      model and optimizer from `last.keras`, the epoch count (the learning-rate schedule follows the epoch
+      index), and the best monitored value and patience counter from `last.json`, so a worse epoch never
+      becomes best.
+    - `overwrite` starts over, replacing only what train.py wrote (`models.io.check_output`).
+    - The lock of the model folder (`models.io.output_lock`) makes a second run into it refuse at once.
 
     Args:
         s: the settings.
@@ -254,10 +427,12 @@ def train(s: TrainSettings, extra_callbacks: list[keras.callbacks.Callback] | No
 
     Returns:
         The content of config.json.
+
+    Raises:
+        PipelineError: bad settings or data, a refused model folder, a corrupt or mismatched run to resume.
     """
     data_dir = dataset_dir(s.preprocessed_data, s.dataset)
     meta = read_metadata(data_dir)
-    frame_shape = (meta["height"], meta["width"], meta["channels"])
     n_layers = len(s.stack_sizes) + 1
     check_frame_size(meta["height"], meta["width"], n_layers)
     _check_output_mode(s.output_mode, n_layers)
@@ -266,12 +441,28 @@ def train(s: TrainSettings, extra_callbacks: list[keras.callbacks.Callback] | No
     if s.nt < 2:
         raise PipelineError(f"--nt must be at least 2 (the first step predicts nothing). Received: {s.nt}")
 
+    if s.nb_epoch < 1:
+        raise PipelineError(f"--nb_epoch must be 1 or more. Received: {s.nb_epoch}")
+
     model_dir = Path(s.model_dir)
-    ckpt = model_dir / "checkpoints"
-    if (model_dir / "model.keras").exists() and not (s.overwrite or s.resume):
-        raise PipelineError(f"{model_dir} already holds a trained model; pass --overwrite, or --resume to continue.")
-    if s.resume and not (ckpt / "last.keras").is_file():
-        raise PipelineError(f"Nothing to resume in {model_dir}: no checkpoints/last.keras.")
+    inputs = [data_dir, s.fine_tuning]
+    check_inputs(model_dir, inputs)
+    with output_lock(model_dir):
+        run_dir, resume_from = _open_run(s, model_dir, inputs)
+        return _train_locked(s, data_dir, meta, model_dir, run_dir, resume_from, extra_callbacks)
+
+
+def _train_locked(
+    s: TrainSettings,
+    data_dir: Path,
+    meta: dict,
+    model_dir: Path,
+    run_dir: Path | None,
+    resume_from: Path | None,
+    extra_callbacks=None,
+) -> dict:
+    """The body of `train`, run under the lock of `model_dir` once `_open_run` has decided what to do."""
+    frame_shape = (meta["height"], meta["width"], meta["channels"])
 
     if s.distribute:  # before any model is built: weights are laid out on the devices when created
         from models.distribute import setup_data_parallel
@@ -300,11 +491,20 @@ def train(s: TrainSettings, extra_callbacks: list[keras.callbacks.Callback] | No
         val_data = WindowDataset(
             X_val, src_val, s.nt, s.batch_size, shuffle=False, step=s.nt, samples_per_epoch=s.val_samples, seed=s.seed
         )
+    monitor = "val_loss" if val_data is not None else "loss"
 
-    initial_epoch = 0
-    if s.resume:
-        model = load_model(ckpt / "last.keras", compile=True)
-        initial_epoch = json.loads((ckpt / "last.json").read_text())["epoch"] + 1
+    initial_epoch, rows = 0, []
+    state = {"epoch": -1, "best": None, "best_epoch": None, "wait": 0, "monitor": monitor}
+    state |= {"frame_shape": list(frame_shape), "nt": s.nt}
+    if resume_from is not None:
+        state = _read_state(resume_from, frame_shape, s.nt)
+        if state["monitor"] != monitor:
+            raise PipelineError(
+                f"Cannot resume from {resume_from}: that run monitored {state['monitor']}, this data gives {monitor}."
+            )
+        model = load_model(resume_from / "last.keras", compile=True)
+        initial_epoch = state["epoch"] + 1
+        rows = _read_history(resume_from / "history.csv", state["epoch"])
     else:
         kwargs = prednet_kwargs(frame_shape[2], s.stack_sizes, s.filter_sizes, s.R0_channels)
         if s.fine_tuning:
@@ -329,16 +529,25 @@ def train(s: TrainSettings, extra_callbacks: list[keras.callbacks.Callback] | No
     if s.freeze_layers:  # trainable flags take effect at compile time
         model.compile(optimizer=model.optimizer, loss="mae")
 
-    ckpt.mkdir(parents=True, exist_ok=True)
+    # Every check has passed: only now is anything written, and only beside model_dir until the end.
+    clean_leftovers(model_dir)
+    if run_dir is None:
+        run_dir = staging_dir(model_dir)
+        if run_dir.exists():  # --overwrite of an interrupted run (_open_run checked that train.py wrote it)
+            remove_output(run_dir)
+        tmp = new_dir_beside(model_dir, STAGE)
+        if resume_from is not None:  # a complete model folder: its run continues in a new staging folder
+            shutil.copytree(resume_from, tmp / "checkpoints")
+        tmp.rename(run_dir)
+    else:
+        _clean_run_dir(run_dir)
+
     throughput = _Throughput(len(train_data) * s.batch_size * s.nt)
-    monitor = "val_loss" if val_data is not None else "loss"
+    checkpoints = _Checkpoints(run_dir, monitor, s.patience, state, rows)
     callbacks = [
         keras.callbacks.LearningRateScheduler(lambda epoch: s.learning_rate * s.lr_decay**epoch),
         throughput,
-        keras.callbacks.ModelCheckpoint(ckpt / "best.keras", monitor=monitor, save_best_only=True),
-        keras.callbacks.EarlyStopping(monitor=monitor, patience=s.patience, restore_best_weights=True),
-        keras.callbacks.CSVLogger(model_dir / "history.csv", append=s.resume),
-        _SaveLast(ckpt),
+        checkpoints,
     ]
     budget = _TimeBudget(s.max_minutes) if s.max_minutes else None
     if budget:
@@ -353,6 +562,7 @@ def train(s: TrainSettings, extra_callbacks: list[keras.callbacks.Callback] | No
         verbose=s.verbose,
     )
     seconds = time.perf_counter() - start
+    ckpt = run_dir / "checkpoints"
     if (ckpt / "best.keras").is_file():
         find_prednet(model).set_weights(find_prednet(load_model(ckpt / "best.keras")).get_weights())
 
@@ -361,10 +571,12 @@ def train(s: TrainSettings, extra_callbacks: list[keras.callbacks.Callback] | No
     )
     mse_model, mse_copy = next_frame_mse(model, eval_data)
     calibration = fit_normal_calibration(model, s, X_train, src_train, X_val, src_val)
-    with atomic_file(model_dir / "model.keras") as tmp:
+    with atomic_file(run_dir / "model.keras") as tmp:
         model.save(tmp)
-    calibration.save(model_dir / CALIBRATION_FILE)
-    _plot_history(model_dir / "history.csv", model_dir / "history.png")
+    calibration.save(run_dir / CALIBRATION_FILE)
+    with atomic_file(run_dir / "history.csv") as tmp:
+        _write_history(checkpoints.rows, tmp)
+    _plot_history(run_dir / "history.csv", run_dir / "history.png")
     steady = throughput.rates[1:] or throughput.rates
     config = {
         "arguments": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(s).items()},
@@ -373,6 +585,9 @@ def train(s: TrainSettings, extra_callbacks: list[keras.callbacks.Callback] | No
         "data": {k: meta[k] for k in ("source", "height", "width", "channels", "frames", "videos")},
         "results": {
             "epochs_run": len(throughput.rates),
+            "epochs_total": len(checkpoints.rows),
+            "best_epoch": checkpoints.state["best_epoch"],
+            "stopped_early": checkpoints.stopped,
             "stopped_by_time_budget": bool(budget and budget.stopped),
             "train_seconds": round(seconds, 1),
             "train_frames_per_s": round(float(np.median(steady)), 1) if steady else None,
@@ -382,7 +597,9 @@ def train(s: TrainSettings, extra_callbacks: list[keras.callbacks.Callback] | No
             "backend": keras.backend.backend(),
         },
     }
-    write_json(model_dir / "config.json", config)
+    write_json(run_dir / "config.json", config)
+    write_marker(run_dir, STAGE)  # complete: from here on the run folder is a finished model folder
+    replace_dir(run_dir, model_dir)
     return config
 
 

@@ -70,6 +70,55 @@ def test_resume_continues(trained, prepared, tmp_path):
     assert history["epoch"].tolist() == [0, 1, 2]
 
 
+def test_resume_restores_the_optimizer_and_the_learning_rate_schedule(prepared, tmp_path):
+    model_dir = tmp_path / "m"
+    train(tiny_settings(prepared, model_dir, nb_epoch=1, lr_decay=0.5))
+    last = load_model(model_dir / "checkpoints" / "last.keras", compile=True)
+    assert int(last.optimizer.iterations) == 4  # 8 windows per epoch, 2 per batch
+    moments = [v for v in last.optimizer.variables if "momentum" in v.path or "velocit" in v.path]
+    assert moments and all(np.abs(np.asarray(v)).sum() > 0 for v in moments)
+    last.save(tmp_path / "again.keras")
+    again = load_model(tmp_path / "again.keras", compile=True)
+    for a, b in zip(last.optimizer.variables, again.optimizer.variables, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    train(tiny_settings(prepared, model_dir, nb_epoch=2, lr_decay=0.5, resume=True))
+    resumed = load_model(model_dir / "checkpoints" / "last.keras", compile=True)
+    assert int(resumed.optimizer.iterations) == 8  # went on from 4: the optimizer state was restored
+    history = pd.read_csv(model_dir / "history.csv")
+    assert history["epoch"].tolist() == [0, 1]
+    np.testing.assert_allclose(history["learning_rate"], [0.01, 0.005])  # the schedule went on, too
+
+
+def test_resume_keeps_the_best_val_loss_so_far(trained, prepared, tmp_path):
+    """A resumed run compares its epochs with the best of the run so far: a worse one never becomes best."""
+    model_dir = tmp_path / "m"
+    shutil.copytree(trained, model_dir)
+    ckpt = model_dir / "checkpoints"
+    state = json.loads((ckpt / "last.json").read_text())
+    assert state["epoch"] == 1 and state["best_epoch"] in (0, 1) and state["best"] > 0
+    state["best"] = 1e-9  # an earlier best that no epoch of the resumed run can beat
+    (ckpt / "last.json").write_text(json.dumps(state))
+    best_before = (ckpt / "best.keras").read_bytes()
+    config = train(tiny_settings(prepared, model_dir, nb_epoch=3, resume=True))
+    after = json.loads((ckpt / "last.json").read_text())
+    assert (after["epoch"], after["best"], after["best_epoch"]) == (2, 1e-9, state["best_epoch"])
+    assert after["wait"] == state["wait"] + 1 and config["results"]["best_epoch"] == state["best_epoch"]
+    assert (ckpt / "best.keras").read_bytes() == best_before
+    final = find_prednet(load_model(model_dir / "model.keras")).get_weights()
+    for a, b in zip(final, find_prednet(load_model(ckpt / "best.keras")).get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_overwrite_replaces_the_whole_folder(trained, prepared, tmp_path):
+    model_dir = tmp_path / "m"
+    shutil.copytree(trained, model_dir)
+    config = train(tiny_settings(prepared, model_dir, nb_epoch=1, overwrite=True))
+    assert config["results"]["epochs_total"] == 1 and len(pd.read_csv(model_dir / "history.csv")) == 1
+    assert json.loads((model_dir / "checkpoints" / "last.json").read_text())["epoch"] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no staging folder, lock or old folder left
+
+
 def test_fine_tuning_keeps_frozen_layers(trained, prepared, tmp_path):
     base = find_prednet(load_model(trained / "model.keras"))
     train(tiny_settings(prepared, tmp_path / "ft", fine_tuning=str(trained), freeze_layers=(0,), nb_epoch=1))

@@ -12,10 +12,15 @@ the frames lost.
 
 from __future__ import annotations
 
-import contextlib
+import ctypes
 import io
 import math
+import multiprocessing
 import os
+import signal
+import sys
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -264,6 +269,48 @@ def _read_one(args):
     return decode_video(*args)
 
 
+def _orphaned(parent: int) -> bool:
+    """Whether the run that started this worker has died. A forked worker's parent is the run itself, which
+    may be dead but not yet reaped (so still signalable): a new parent id says it. Otherwise (forkserver) the
+    run's id is checked."""
+    if multiprocessing.get_start_method() == "fork" and os.getppid() != parent:
+        return True
+    try:
+        os.kill(parent, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass
+    return False
+
+
+def _worker_init(parent: int) -> None:
+    """Ties a decoding worker to the run that started it.
+
+    Killed, the run cannot tell its workers to stop, and they would wait for work forever (each holds the
+    others' end of the task queue open). So a worker dies with its parent: on Linux the kernel sends it
+    SIGKILL (PR_SET_PDEATHSIG), elsewhere a thread checks every second. Ctrl-C is left to the parent, which
+    stops the pool and prints one line.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    watched = False
+    if sys.platform.startswith("linux"):
+        try:
+            watched = ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL) == 0  # 1: PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            watched = False
+    if _orphaned(parent):  # the parent died before the worker was tied to it
+        os._exit(1)
+    if not watched:
+
+        def watch():
+            while not _orphaned(parent):
+                time.sleep(1.0)
+            os._exit(1)
+
+        threading.Thread(target=watch, daemon=True).start()
+
+
 def read_videos(
     videos: list[Video],
     size: tuple[int, int],
@@ -279,15 +326,32 @@ def read_videos(
         videos: the videos to read.
         size: (height, width) to resize to.
         channels: 1 or 3.
-        workers: processes to use; all cores by default.
+        workers: processes to use; all cores by default. They end with the run, however it ends.
         progress: an optional tqdm bar, advanced by each video's frame count.
         allow_truncated: keep truncated video files (see `read_video`) instead of refusing them.
     """
     workers = min(workers or os.cpu_count() or 1, len(videos))
     jobs = [(v, size, channels, allow_truncated) for v in videos]
-    with ProcessPoolExecutor(max_workers=workers) if workers > 1 else contextlib.nullcontext() as pool:
+    pool, finished = None, False
+    others = set(multiprocessing.active_children())
+    try:
+        if workers > 1:
+            pool = ProcessPoolExecutor(max_workers=workers, initializer=_worker_init, initargs=(os.getpid(),))
         results = pool.map(_read_one, jobs) if pool is not None else map(_read_one, jobs)
         for video, (frames, lost) in zip(videos, results, strict=True):
             if progress is not None:
                 progress.update(len(frames))
             yield video, frames, lost
+        finished = True
+    finally:
+        if pool is not None:
+            manager = getattr(pool, "_executor_manager_thread", None)
+            starting = manager is None or not manager.is_alive()
+            if not finished and starting:
+                # Interrupted (Ctrl-C) while the pool was starting its workers: no thread of the pool would ever
+                # tell them to stop. (Once it runs, workers are never killed: one killed while sending its frames
+                # would leave the pool waiting for the rest of them.)
+                for process in set(multiprocessing.active_children()) - others:
+                    process.kill()
+            # On an error or Ctrl-C the videos not yet started are dropped; the workers finish their current one.
+            pool.shutdown(wait=not starting, cancel_futures=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from dataclasses import dataclass
@@ -43,6 +44,12 @@ def split_videos(names: list[str], val_fraction: float, seed: int) -> tuple[list
     return [n for n in names if n not in val], val
 
 
+def read_folders(root: str | Path) -> list[Path]:
+    """What preparing the dataset at `root` reads, which its output must not be, hold or lie inside: the split
+    folders (videos, masks and label files). Beside them, `root` may hold the output."""
+    return [Path(root) / "Train", Path(root) / "Test"]
+
+
 def _channels(videos: list[Video], setting: str) -> int:
     if setting in ("1", "3"):
         return int(setting)
@@ -54,16 +61,26 @@ def _channels(videos: list[Video], setting: str) -> int:
 def prepare(root: str | Path, out_dir: str | Path, config: PrepareConfig, overwrite: bool = False, argv=None) -> dict:
     """Reads every video under `root`, resizes, splits by video and writes the store to `out_dir`.
 
+    Args:
+        root: the dataset folder (see `models.data.index`).
+        out_dir: the store to write; it must not be, hold or lie inside what is read (`read_folders`).
+        config: the settings.
+        overwrite: replace an `out_dir` that an earlier data preparation wrote (never anything else).
+        argv: the command line, recorded in the metadata.
+
     Returns:
         The metadata written to `out_dir/metadata.json`.
 
     Raises:
-        PipelineError: on any bad input; `out_dir` is then left as it was.
+        PipelineError: on any bad input, or an `out_dir` that may not be written (`models.io.check_output`);
+            `out_dir` is then left as it was.
     """
     check_frame_size(*config.size, config.n_layers)
     videos = build_index(root)
     channels = _channels(videos, config.channels)
-    train_names, val_names = split_videos([v.name for v in videos if v.split == "train"], config.val_fraction, config.seed)
+    train_names, val_names = split_videos(
+        [v.name for v in videos if v.split == "train"], config.val_fraction, config.seed
+    )
     split_of = {n: "train" for n in train_names} | {n: "val" for n in val_names}
     split_of |= {v.name: "test" for v in videos if v.split == "test"}
 
@@ -71,10 +88,15 @@ def prepare(root: str | Path, out_dir: str | Path, config: PrepareConfig, overwr
     arrays = {s: ([], []) for s in ("train", "val", "test")}
     labels, masks, truncated = [], [], {}
     test_has_labels = all(v.ranges is not None for v in videos if v.split == "test")
-    with atomic_dir(out_dir, overwrite) as tmp:
-        with tqdm(total=None, unit="frame", desc="frames", leave=False, disable=None) as bar:
-            frames = frame_io.read_videos(videos, config.size, channels, config.workers, bar, config.allow_truncated)
-            for video, X, lost in frames:
+    with atomic_dir(out_dir, overwrite, stage="data_preparation", inputs=read_folders(root)) as tmp:
+        with (
+            tqdm(total=None, unit="frame", desc="frames", leave=False, disable=None) as bar,
+            # closed on leaving: an error or Ctrl-C in this loop stops the decoding processes at once
+            contextlib.closing(
+                frame_io.read_videos(videos, config.size, channels, config.workers, bar, config.allow_truncated)
+            ) as decoded,
+        ):
+            for video, X, lost in decoded:
                 if lost:
                     truncated[video.name] = {"frames_kept": len(X), "frames_lost": lost}
                     print(

@@ -1,0 +1,538 @@
+"""Nothing a user made is lost: the output-folder rules, the locks, Ctrl-C, and SIGKILL at random moments.
+
+Every refusal is checked three ways: exit code 2 (or a PipelineError), a one-line message naming the
+folder or file and why, and the user's files byte for byte as they were.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import ROOT, run_script, tiny_settings
+
+from models.data.prepare import PrepareConfig, prepare
+from models.data.synthetic import SyntheticSpec, make_synthetic
+from models.errors import PipelineError
+from models.io import MARKER, atomic_dir, output_lock, read_marker, sibling, write_marker
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc, sends POSIX signals")
+
+TINY_PREP = ["--size", "16x24", "--n_layers", "3"]
+TINY_TRAIN = ["--config", "cpu", "--stack_sizes", "4,8", "--R0_channels", "3", "--nt", "4", "--batch_size", "2"]
+TINY_TRAIN += ["--samples_per_epoch", "8", "--val_samples", "4", "--verbose", "0"]
+
+
+def tree(path: Path) -> dict[str, str] | None:
+    """Every entry under `path` (hidden ones included) with the SHA-256 of each file: None when absent."""
+    if not path.exists():
+        return None
+    if path.is_file():
+        return {".": hashlib.sha256(path.read_bytes()).hexdigest()}
+    out = {}
+    for p in sorted(path.rglob("*")):
+        rel = p.relative_to(path).as_posix()
+        out[rel] = "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def is_complete(folder: Path, stage: str) -> bool:
+    """A finished output: marked by `stage`, and holding exactly the files its marker lists."""
+    marker = read_marker(folder)
+    if not marker or marker["stage"] != stage or not marker.get("complete"):
+        return False
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    return files == sorted(marker["files"] + [MARKER])
+
+
+def scored_table(folder: Path) -> Path:
+    """A small df.pkl.gz as batch_scoring.py writes it, for fit_anoms.py (no model needed)."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for v in range(4):
+        y = np.r_[np.zeros(15), np.ones(15)].astype(int)
+        rows.append(
+            pd.DataFrame(
+                {
+                    "video": f"Test{v + 1:03d}",
+                    "frame": np.arange(1, 31),
+                    "y": y,
+                    "predictable": True,
+                    "model_mse": y + rng.random(30),
+                    "model_regularity": rng.random(30),
+                }
+            )
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    df = pd.concat(rows, ignore_index=True)
+    df.attrs = {"smooth": 1}
+    df.to_pickle(folder / "df.pkl.gz")
+    return folder
+
+
+def ucsd_copy(synthetic_root: Path, dest: Path) -> Path:
+    """The user's own dataset: a copy of the synthetic one without the pipeline's marker, plus a note."""
+    shutil.copytree(synthetic_root, dest)
+    (dest / MARKER).unlink(missing_ok=True)
+    (dest / "my_notes.txt").write_text("mine\n")
+    return dest
+
+
+def model_folder(folder: Path) -> Path:
+    """A model folder as train.py leaves it, for the refusals, which never get as far as loading the model."""
+    (folder / "checkpoints").mkdir(parents=True)
+    for name in ("model.keras", "history.csv", "history.png", "config.json", "checkpoints/last.keras"):
+        (folder / name).write_text("stand-in\n")
+    state = {"epoch": 1, "best": 0.1, "best_epoch": 1, "wait": 0, "monitor": "val_loss"}
+    (folder / "checkpoints" / "last.json").write_text(json.dumps(state | {"frame_shape": [16, 24, 1], "nt": 4}))
+    write_marker(folder, "train")
+    return folder
+
+
+# --- the table of refusals -------------------------------------------------------------------------------
+
+
+def _prep(raw, pre, dataset, *extra, workers=1):
+    return [
+        "data_preparation.py",
+        *("--raw_data", raw, "--preprocessed_data", pre, "--dataset", dataset),
+        *(*TINY_PREP, "--workers", workers, *extra),
+    ]
+
+
+def _rows_data_preparation(ws: Path, synthetic_root: Path, prepared: Path):
+    ucsd = ucsd_copy(synthetic_root, ws / "data" / "Ped")
+    yield "prep: output is its own input", _prep(ws / "data", ws / "data", "Ped", "--overwrite"), "holds the input"
+    yield (
+        "prep: --dataset '' targets the whole preprocessed root",
+        _prep(ucsd, ws / "data", "", "--overwrite"),
+        "holds the input",
+    )
+    other = ws / "pre_root"
+    shutil.copytree(prepared, other / "Other")
+    yield (
+        "prep: --dataset '' over a root of other datasets",
+        _prep(ucsd, other, "", "--overwrite"),
+        "not written by this pipeline",
+    )
+    real = ucsd_copy(synthetic_root, ws / "raw" / "UCSD_Anomaly_Dataset.v1p2" / "UCSDped2")
+    (real.parent / "beside.txt").write_text("mine too\n")
+    yield (
+        "prep: --make_synthetic --overwrite over a real dataset",
+        ["data_preparation.py", "--make_synthetic", "--overwrite", "--raw_data", ws / "raw", "--size", "32x48"],
+        f"Refusing to replace {real}: it was not written by this pipeline",
+    )
+    yield "prep: output inside the dataset", _prep(ws / "data", ucsd / "Train", "Ped", "--overwrite"), "lies inside"
+    mine = ws / "pre" / "Ped"
+    mine.mkdir(parents=True)
+    (mine / "results.xlsx").write_text("a user's folder\n")
+    yield "prep: user folder, no --overwrite", _prep(ws / "data", ws / "pre", "Ped"), "already exists"
+    yield "prep: user folder with --overwrite", _prep(ws / "data", ws / "pre", "Ped", "--overwrite"), "no .prednet"
+    shutil.copytree(prepared, ws / "pre2" / "Ped")
+    (ws / "pre2" / "Ped" / "notes.txt").write_text("added by a user\n")
+    yield "prep: user file in a pipeline folder", _prep(ws / "data", ws / "pre2", "Ped", "--overwrite"), "notes.txt"
+    shutil.copytree(prepared, ws / "pre3" / "Ped")
+    write_marker(ws / "pre3" / "Ped", "batch_scoring")
+    yield (
+        "prep: folder of another stage",
+        _prep(ws / "data", ws / "pre3", "Ped", "--overwrite"),
+        "holds the output of batch_scoring",
+    )
+    (ws / "pre4").mkdir()
+    (ws / "pre4" / "Ped").write_text("a file\n")
+    yield "prep: output is a file", _prep(ws / "data", ws / "pre4", "Ped", "--overwrite"), "is not a folder"
+
+
+def _rows_scoring_and_anoms(ws: Path, prepared: Path):
+    models = ws / "outputs" / "models"
+    model_folder(models / "Syn")
+    (ws / "outputs" / "anoms").mkdir()
+    (ws / "outputs" / "anoms" / "keep.txt").write_text("keep\n")
+    base = ["batch_scoring.py", "--preprocessed_data", prepared.parent, "--dataset", prepared.name, "--overwrite"]
+    yield (
+        "score: output holds the model",
+        [*base, "--model_dir", models / "Syn", "--scored_data", ws / "outputs"],
+        "holds the input",
+    )
+    yield "score: output is the data", [*base, "--model_dir", models / "Syn", "--scored_data", prepared], "is the input"
+    yield (
+        "score: output inside the model",
+        [*base, "--model_dir", models / "Syn", "--scored_data", models / "Syn" / "s"],
+        "lies inside the input",
+    )
+    scored = scored_table(ws / "scored")
+    yield (
+        "anoms: --model_path is --scored_data",
+        ["fit_anoms.py", "--scored_data", scored, "--model_path", scored, "--overwrite"],
+        "holds the input",
+    )
+    (scored / "anomaly_scores.csv").write_text("video,frame\nmine,1\n")
+    anoms = ws / "anoms"
+    anoms.mkdir()
+    (anoms / "classifier.joblib").write_bytes(b"x")  # never read: the refusal comes first
+    yield (
+        "anoms: --apply over a user's anomaly_scores.csv",
+        ["fit_anoms.py", "--apply", anoms, "--scored_data", scored],
+        "anomaly_scores.csv already exists",
+    )
+    yield (
+        "anoms: --apply --overwrite over a user's anomaly_scores.csv",
+        ["fit_anoms.py", "--apply", anoms, "--scored_data", scored, "--overwrite"],
+        "not written by fit_anoms --apply",
+    )
+    yield "train: --nb_epoch 0", ["train.py", "--nb_epoch", "0", "--model_dir", ws / "m0"], "--nb_epoch must be 1"
+
+
+def test_refusals_leave_everything_as_it_was(synthetic_root, prepared, tmp_path):
+    """Each bad command: exit code 2, one line naming the folder and why, and no byte changed anywhere."""
+    ws = tmp_path
+    rows = [*_rows_data_preparation(ws, synthetic_root, prepared), *_rows_scoring_and_anoms(ws, prepared)]
+    before = tree(ws)
+    failures = []
+    for name, cmd, message in rows:
+        done = run_script(*cmd)
+        lines = done.stderr.strip().splitlines()
+        ok = done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+        if "usage:" not in done.stderr:  # argparse's own errors print the usage first
+            ok = ok and len(lines) == 1
+        if not ok:
+            failures.append(f"{name}: exit {done.returncode}, {done.stderr.strip()[-500:]}")
+        if tree(ws) != before:
+            failures.append(f"{name}: changed the files")
+            before = tree(ws)
+    assert not failures, "\n".join(failures)
+    print(f"{len(rows)} refused commands")
+
+
+@pytest.fixture()
+def other_size(synthetic_root, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pre8") / "Synthetic"
+    prepare(synthetic_root, out, PrepareConfig(size=(8, 12), n_layers=3, val_fraction=0.34, workers=1))
+    return out
+
+
+def test_train_refusals_leave_everything_as_it_was(prepared, other_size, tmp_path):
+    """The same for train.py's library function (a subprocess would import TensorFlow for each row)."""
+    from models.training import staging_dir, train
+
+    ws = tmp_path
+    mine = ws / "mine"
+    mine.mkdir()
+    (mine / "model.keras").write_text("my own model\n")
+    interrupted = ws / "interrupted"
+    shutil.copytree(model_folder(ws / "a_model") / "checkpoints", staging_dir(interrupted) / "checkpoints")
+    write_marker(staging_dir(interrupted), "train", complete=False)
+    corrupt = model_folder(ws / "corrupt")
+    (corrupt / "checkpoints" / "last.json").write_text("{not json")
+    done = model_folder(ws / "done")
+    rows = [
+        ("model folder is the data", dict(model_dir=prepared, overwrite=True), "is the input"),
+        ("model folder holds the data", dict(model_dir=prepared.parent, overwrite=True), "holds the input"),
+        ("a user's folder", dict(model_dir=mine, overwrite=True), "not written by this pipeline"),
+        ("a user's folder, --resume", dict(model_dir=mine, resume=True), "not written by this pipeline"),
+        ("an interrupted run, plain rerun", dict(model_dir=interrupted), "pass --resume to continue it"),
+        ("a finished model, plain rerun", dict(model_dir=done), "already holds a trained model"),
+        ("nothing to resume", dict(model_dir=ws / "none", resume=True), "Nothing to resume"),
+        ("corrupt last.json", dict(model_dir=corrupt, resume=True), "last.json: it is missing or corrupt"),
+        ("--nb_epoch 0", dict(model_dir=ws / "zero", nb_epoch=0), "--nb_epoch must be 1"),
+    ]
+    with output_lock(ws / "locked"):
+        rows.append(("another run holds the lock", dict(model_dir=ws / "locked"), "holds the lock"))
+        before = tree(ws)
+        for name, overrides, message in rows:
+            with pytest.raises(PipelineError, match=message) as err:
+                train(tiny_settings(prepared, **overrides))
+            assert "\n" not in str(err.value), name
+            assert tree(ws) == before, name
+    before = tree(ws)  # less the lock file, removed on release
+    with pytest.raises(PipelineError, match=r"trained on frames \(16, 24, 1\).*the data has \(8, 12, 1\)"):
+        train(tiny_settings(other_size, done, resume=True))
+    assert tree(ws) == before
+    print(f"{len(rows) + 1} refused train() calls")
+
+
+def test_second_run_into_one_target_refuses_at_once(bigger_root, tmp_path):
+    """Two data_preparation.py runs at once: the second stops in about its start-up time, naming the lock."""
+    target = tmp_path / "pre" / bigger_root.name
+    cmd = _prep(bigger_root.parent, tmp_path / "pre", bigger_root.name)
+    first = subprocess.Popen([sys.executable, *map(str, cmd)], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    lock = sibling(target, ".lock")
+    while not lock.exists() and first.poll() is None:
+        time.sleep(0.005)
+    first.send_signal(signal.SIGSTOP)  # holds the lock as long as the second run needs
+    try:
+        assert first.poll() is None, first.stderr.read()
+        start = time.perf_counter()
+        second = run_script(*cmd)
+        seconds = time.perf_counter() - start
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert second.returncode == 2 and f"Another run is writing {target}" in second.stderr and str(lock) in second.stderr
+    assert first.wait(60) == 0 and is_complete(target, "data_preparation") and not lock.exists()
+    print(f"second run refused in {seconds:.1f} s")
+
+
+def test_atomic_dir_is_exclusive_and_leaves_nothing(tmp_path):
+    target = tmp_path / "out"
+    with atomic_dir(target, stage="demo") as tmp:
+        (tmp / "a.txt").write_text("a")
+        with pytest.raises(PipelineError, match="holds the lock"), atomic_dir(target, stage="demo"):
+            pass
+    assert is_complete(target, "demo") and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    with pytest.raises(RuntimeError), atomic_dir(target, True, stage="demo") as tmp:
+        (tmp / "b.txt").write_text("b")
+        raise RuntimeError("boom")
+    assert (target / "a.txt").is_file() and not (target / "b.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+# --- Ctrl-C and kills ------------------------------------------------------------------------------------
+
+
+def _live_processes_mentioning(text: str) -> list[int]:
+    """Processes (not zombies) whose command line contains `text`."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if text in cmdline and state != "Z":
+            pids.append(int(entry.name))
+    return pids
+
+
+def _children(pid: int) -> list[int]:
+    """The child processes of `pid` (from /proc/PID/task/*/children, else by scanning /proc)."""
+    tasks = list(Path(f"/proc/{pid}/task").glob("*/children"))
+    if tasks:
+        out = []
+        for task in tasks:
+            try:
+                out += [int(c) for c in task.read_text().split()]
+            except OSError:
+                continue
+        return out
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
+@pytest.fixture(scope="module")
+def bigger_root(tmp_path_factory) -> Path:
+    """Large enough sources that decoding takes a moment: 6 videos of 60 frames at 72x108."""
+    spec = SyntheticSpec(height=72, width=108, train_videos=4, test_videos=2, frames=60, seed=2)
+    return make_synthetic(tmp_path_factory.mktemp("bigraw"), "Big", spec)
+
+
+def test_sigkill_leaves_no_decoding_workers(bigger_root, tmp_path):
+    """SIGKILL while decoding: the decoding processes end with the run (tried again if a run ends first)."""
+    for attempt in range(3):
+        out = tmp_path / f"pre{attempt}"
+        cmd = [sys.executable, *map(str, _prep(bigger_root.parent, out, bigger_root.name, workers=2))]
+        log = tmp_path / f"err{attempt}.log"
+        with open(log, "w") as err:  # not a pipe: a surviving worker would hold it open
+            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
+        while len(_children(proc.pid)) < 2 and proc.poll() is None:
+            time.sleep(0.002)
+        workers = _children(proc.pid)
+        proc.kill()
+        if proc.wait() == 0:  # it ended before its workers were seen
+            continue
+        assert proc.returncode == -signal.SIGKILL and len(workers) >= 2, log.read_text()
+        for _ in range(100):
+            left = _live_processes_mentioning(str(out))
+            if not left:
+                break
+            time.sleep(0.05)
+        assert not left, f"orphans {left} of workers {workers}"
+        assert not (out / "Big").exists()
+        break
+    else:
+        pytest.fail("every run ended before its workers were seen")
+
+
+def test_ctrl_c_prints_one_line(bigger_root, tmp_path):
+    """Ctrl-C in a terminal interrupts the whole process group: one line, exit code 130, nothing left.
+
+    The run is paused once its decoding processes exist, so that the signal finds it decoding; a run that
+    still ended first (a loaded machine) is tried again.
+    """
+    out = tmp_path / "pre"
+    cmd = [sys.executable, *map(str, _prep(bigger_root.parent, out, bigger_root.name, workers=2))]
+    for _ in range(3):
+        proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        while len(_children(proc.pid)) < 2 and proc.poll() is None:
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGSTOP)
+        time.sleep(0.5)  # the workers start (and learn to ignore Ctrl-C) meanwhile
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.send_signal(signal.SIGCONT)
+        try:
+            _, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        if proc.returncode == 0:
+            shutil.rmtree(out)
+            continue
+        assert proc.returncode == 130 and err.strip() == "interrupted", err
+        assert list(out.iterdir()) == [], list(out.iterdir())
+        break
+    else:
+        pytest.fail("every run ended before Ctrl-C")
+
+
+# --- fault injection: SIGKILL at seeded random moments ---------------------------------------------------
+
+KILLS = 3  # per stage
+
+
+def _run_killed(cmd, target: Path, delay: float, log: Path, while_locked=None) -> tuple[bool, float]:
+    """Runs `cmd`, and SIGKILLs it `delay` seconds after it takes the lock of `target`, unless it ended first.
+
+    Returns:
+        Whether it was killed, and how long it held the lock.
+    """
+    lock = sibling(target, ".lock")
+    lock.unlink(missing_ok=True)  # a killed run's lock file: nothing holds it any more
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, *map(str, cmd)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
+        while not lock.exists() and proc.poll() is None:
+            time.sleep(0.005)
+        locked = time.monotonic()
+        if while_locked is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGSTOP)
+            try:
+                while_locked()
+            finally:
+                proc.send_signal(signal.SIGCONT)
+            locked = time.monotonic()
+        while proc.poll() is None and time.monotonic() < locked + delay:
+            time.sleep(0.005)
+        killed = proc.poll() is None
+        if killed:
+            proc.kill()
+        code = proc.wait()
+    assert killed or code == 0, log.read_text()[-3000:]
+    return killed, time.monotonic() - locked
+
+
+def _inject(cmd_for, target: Path, stage: str, span: float, tmp_path: Path, seed: int, while_locked=None) -> int:
+    """Runs `cmd_for()` until KILLS of its runs were killed at seeded random moments of their work (`span`
+    seconds at first; after a run that ended first, most of what it took). After each run, `target` is as it
+    was or complete, and no process of the run is left."""
+    rng = np.random.default_rng(seed)
+    kills = runs = 0
+    while kills < KILLS and runs < KILLS + 4:
+        before = tree(target)
+        delay = float(rng.uniform(0.05, 1.0)) * span
+        log = tmp_path / f"run{runs}.log"
+        killed, held = _run_killed(cmd_for(), target, delay, log, while_locked if runs == 0 else None)
+        runs += 1
+        kills += killed
+        if not killed:
+            span = 0.9 * held
+        assert tree(target) == before or is_complete(target, stage), f"run {runs} killed after {delay:.2f} s"
+        for _ in range(100):
+            if not _live_processes_mentioning(str(tmp_path)):
+                break
+            time.sleep(0.05)
+        assert not _live_processes_mentioning(str(tmp_path)), f"processes left after run {runs}"
+    assert kills == KILLS, f"{kills} of {runs} runs killed"
+    print(f"{stage}: {kills} kills survived in {runs} runs")
+    return kills
+
+
+def test_kills_data_preparation(bigger_root, tmp_path):
+    target = tmp_path / "pre" / "Big"
+    cmd = _prep(bigger_root.parent, tmp_path / "pre", "Big", "--overwrite", workers=2)
+    _inject(lambda: cmd, target, "data_preparation", 1.0, tmp_path, seed=1)
+    done = run_script(*cmd)
+    assert done.returncode == 0, done.stderr
+    assert is_complete(target, "data_preparation") and sorted(p.name for p in target.parent.iterdir()) == ["Big"]
+
+
+@pytest.fixture(scope="module")
+def model_after_kills(prepared, tmp_path_factory) -> Path:
+    """train.py killed KILLS times at random moments (each time resumed, or started over), then finished."""
+    from models.training import staging_dir
+
+    tmp_path = tmp_path_factory.mktemp("train_kills")
+    model_dir = tmp_path / "m"
+    staging = staging_dir(model_dir)
+    base = ["train.py", *TINY_TRAIN, "--nb_epoch", "2", "--model_dir", model_dir]
+    base += ["--preprocessed_data", prepared.parent, "--dataset", prepared.name]
+
+    def cmd():
+        if staging.exists():
+            return [*base, "--resume"]
+        return [*base, "--overwrite"] if model_dir.exists() else base
+
+    def second_run():  # what a second train.py into the same folder meets first, while this one runs
+        with pytest.raises(PipelineError, match="holds the lock"), output_lock(model_dir):
+            pass
+
+    _inject(cmd, model_dir, "train", 8.0, tmp_path, seed=2, while_locked=second_run)
+    if staging.exists() or not model_dir.exists():
+        done = run_script(*cmd())
+        assert done.returncode == 0, done.stderr[-3000:]
+    return model_dir
+
+
+def test_kills_train_then_resume(model_after_kills):
+    from models.training import staging_dir
+
+    model_dir = model_after_kills
+    assert is_complete(model_dir, "train") and not staging_dir(model_dir).exists()
+    assert sorted(p.name for p in model_dir.parent.iterdir() if p.suffix != ".log") == ["m"]
+    assert pd.read_csv(model_dir / "history.csv")["epoch"].tolist() == [0, 1]  # resumed runs add no row twice
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["results"]["epochs_total"] == 2
+
+
+def test_kills_batch_scoring(prepared, model_after_kills, tmp_path):
+    target = tmp_path / "scored"
+    cmd = ["batch_scoring.py", "--preprocessed_data", prepared.parent, "--dataset", prepared.name]
+    cmd += ["--model_dir", model_after_kills, "--scored_data", target, "--overwrite", "--smooth", "3", "--n_plot", "2"]
+    _inject(lambda: cmd, target, "batch_scoring", 1.5, tmp_path, seed=3)
+    done = run_script(*cmd)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert is_complete(target, "batch_scoring") and (target / "df.pkl.gz").is_file()
+
+
+def test_kills_fit_anoms(tmp_path):
+    scored = scored_table(tmp_path / "scored")
+    target = tmp_path / "anoms"
+    cmd = ["fit_anoms.py", "--scored_data", scored, "--model_path", target, "--overwrite", "--n_splits", "2"]
+    _inject(lambda: cmd, target, "fit_anoms", 1.5, tmp_path, seed=4)
+    done = run_script(*cmd)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert is_complete(target, "fit_anoms")
+    # --apply writes anomaly_scores.csv beside the scores once, and replaces it only with --overwrite
+    import fit_anoms
+
+    apply = ["--apply", str(target), "--scored_data", str(scored)]
+    assert fit_anoms.main(apply) == 0
+    with pytest.raises(PipelineError, match="anomaly_scores.csv already exists"):
+        fit_anoms.main(apply)
+    assert fit_anoms.main([*apply, "--overwrite"]) == 0
+    assert len(pd.read_csv(scored / "anomaly_scores.csv")) == 120
