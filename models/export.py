@@ -26,7 +26,7 @@ import numpy as np
 
 from models.calibration import FILENAME, Calibration
 from models.errors import PipelineError
-from models.io import atomic_dir, write_json
+from models.io import atomic_dir, check_output, write_json
 
 FORMATS = {"savedmodel": "tf_saved_model", "onnx": "onnx"}
 ARTEFACT = {"savedmodel": "saved_model", "onnx": "model.onnx"}
@@ -66,13 +66,14 @@ def export_scorer(
     """
     if fmt not in FORMATS:
         raise PipelineError(f"Unknown export format {fmt!r}; expected one of {sorted(FORMATS)}.")
+    check_output(out, "export", overwrite, [model_dir])
     scorer, calibration, config, per_window = scorer_for_export(model_dir, per_window, unroll=fmt == "onnx")
     h, w, c = (int(v) for v in scorer.inputs[0].shape[2:])
     window = calibration.window
     scorer.predict_on_batch(  # Keras exports to ONNX only a model that has run
         [np.zeros((1, window, h, w, c), np.uint8), np.zeros((1, window), np.float32), np.zeros((1, per_window, window))]
     )
-    with atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite, stage="export", inputs=[model_dir]) as tmp:
         artefact = tmp / ARTEFACT[fmt]
         try:
             scorer.export(str(artefact), format=FORMATS[fmt], verbose=False)

@@ -170,10 +170,15 @@ class TrialFailed(PipelineError):
     """A trial's settings could not be trained; the study goes on with the next trial."""
 
 
+def config_path(model_dir: str | Path) -> Path:
+    """Where a trial's settings are kept as a train.py config: `<output_dir>/trial_NNNN.json`, beside its folder."""
+    return Path(model_dir).with_suffix(".json")
+
+
 def trial_config(s: TrainSettings, number: int) -> dict:
     """A trial's settings as a config file for `train.py --config`, to train them again or --resume the trial."""
     values = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(s).items() if k not in NOT_SEARCHABLE}
-    comment = f"Settings of tuning trial {number}: python train.py --config {s.model_dir}/train_config.json ..."
+    comment = f"Settings of tuning trial {number}: python train.py --config {config_path(s.model_dir)} ..."
     return {"_comment": comment, **values}
 
 
@@ -208,8 +213,9 @@ class Tuner:
         trial.set_user_attr("settings", {k: list(v) if isinstance(v, tuple) else v for k, v in vars(s).items()})
         trial.set_user_attr("model_dir", s.model_dir)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-        # first, so that even the folder of a trial whose worker died can be resumed with it
-        write_json(Path(s.model_dir) / "train_config.json", trial_config(s, trial.number))
+        # first, so that even the folder of a trial whose worker died can be resumed with it; beside the model
+        # folder, not in it: train.py writes only into a folder it made (docs/safety.md)
+        write_json(config_path(s.model_dir), trial_config(s, trial.number))
         X_val, src_val = self._val
         keras.backend.clear_session()  # each trial starts from an empty graph: memory stays flat over a study
         try:

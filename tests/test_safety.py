@@ -190,7 +190,11 @@ def _rows_scoring_and_anoms(ws: Path, prepared: Path):
         ["fit_anoms.py", "--apply", anoms, "--scored_data", scored, "--overwrite"],
         "not written by fit_anoms --apply",
     )
-    yield "train: --nb_epoch 0", ["train.py", "--nb_epoch", "0", "--model_dir", ws / "m0"], "--nb_epoch must be 1"
+    yield (
+        "train: --nb_epoch 0",
+        ["train.py", "--nb_epoch", "0", "--model_dir", ws / "m0"],
+        "argument --nb_epoch: must be 1 or more",
+    )
 
 
 def test_refusals_leave_everything_as_it_was(synthetic_root, prepared, tmp_path):

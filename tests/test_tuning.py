@@ -119,7 +119,7 @@ def test_two_workers_share_one_study_without_repeating_a_trial(study_dir):
         assert config["arguments"]["learning_rate"] == t.params["learning_rate"]
         assert config["arguments"]["stack_sizes"] == list(decode(TINY_SPACE["stack_sizes"], t.params["stack_sizes"]))
         # its settings as a train.py config, to train them again or --resume the trial
-        again = vars(train_script.parse_args(["--config", str(folder / "train_config.json")]))
+        again = vars(train_script.parse_args(["--config", str(folder.with_suffix(".json"))]))
         ran = config["arguments"]
         same = [k for k in ran if k not in ("model_dir", "preprocessed_data", "dataset", "verbose")]
         assert {k: _tuple(again[k]) for k in same} == {k: _tuple(ran[k]) for k in same}
