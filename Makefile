@@ -1,4 +1,4 @@
-# make install: .venv with the pinned requirements (reinstalled only when requirements.txt changes)
+# make install: .venv with the pinned requirements (runtime and tests; reinstalled only when they change)
 # make demo:    the whole pipeline on the built-in synthetic dataset, on a CPU, in a few minutes, then one
 #               test video scored as a user's own (--input), with its overlay video
 # make test:    the test suite
@@ -12,11 +12,11 @@ DEMO := outputs/demo
 
 install: $(STAMP)
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.txt
-	cp requirements.txt $(STAMP)
+	$(PY) -m pip install -q -r requirements-dev.txt
+	cat requirements.txt requirements-dev.txt > $(STAMP)
 
 test: install
 	$(PY) -m pytest -q
