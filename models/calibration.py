@@ -12,7 +12,7 @@ The live score of a frame, for a source of predictions (the model, or copying th
    times, 2.3: ten times); removing delta[c] removes the period-`per_window` sawtooth of windowed scoring
    and the start-up spike of each video. (Dividing by each cell's normal spread as well, a z-score, was
    measured and is worse: cells where normal error hardly varies, such as empty background, then turn
-   small changes of light or camera noise in new video into large scores; docs/results.md.)
+   small changes of light or camera noise in new video into large scores; docs/experiments.md.)
 3. `local` = the largest heat of the frame (where the frame is least normal), and `live` its mean over the
    last `smooth` frames (trailing: no look-ahead).
 4. `score` = -log10 of the fraction of normal frames whose live value is at least as high, estimated on the

@@ -28,7 +28,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Iterable, Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from filelock import FileLock, Timeout
@@ -84,7 +84,7 @@ def write_marker(folder: str | Path, stage: str, complete: bool = True) -> None:
     folder = Path(folder)
     marker = {
         "stage": stage,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "version": MARKER_VERSION,
         "complete": complete,
     }
@@ -406,7 +406,7 @@ def atomic_output_file(
                 _file_marker(dest),
                 {
                     "stage": stage,
-                    "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "created": datetime.now(UTC).isoformat(timespec="seconds"),
                     "version": MARKER_VERSION,
                     "sha256": _sha256(tmp),
                 },
