@@ -153,15 +153,23 @@ class NormalTail:
     """The distribution of a live value on normal frames, as sorted values, turned into -log10 exceedance."""
 
     values: list
+    frames: int = 0  # normal frames fitted on (`values` keeps at most MAX_NORMAL_VALUES quantiles of them)
 
     @classmethod
     def fit(cls, values: np.ndarray) -> NormalTail:
         values = np.sort(np.asarray(values, np.float64)[np.isfinite(values)])
         if len(values) < 10:
             raise PipelineError(f"Calibration needs at least 10 scored normal frames. Received: {len(values)}")
+        frames = len(values)
         if len(values) > MAX_NORMAL_VALUES:
             values = np.quantile(values, np.linspace(0, 1, MAX_NORMAL_VALUES))
-        return cls(values.tolist())
+        return cls(values.tolist(), frames)
+
+    @property
+    def observed_fpr(self) -> float:
+        """The smallest false-positive rate the normal frames show directly (1 / (frames + 1)); a smaller one
+        is read off the exponential tail fitted beyond the data."""
+        return 1.0 / ((self.frames or len(self.values)) + 1)
 
     def score(self, live: np.ndarray) -> np.ndarray:
         """-log10 P(normal live value >= live): 2 means 1 normal frame in 100 scores as high."""

@@ -60,8 +60,9 @@ def sawtooth(values: np.ndarray, contexts: np.ndarray, mask: np.ndarray) -> floa
     v, c = np.asarray(values, float)[mask], np.asarray(contexts)[mask]
     keep = np.isfinite(v)
     v, c = v[keep], c[keep]
-    groups = [v[c == k] for k in np.unique(c)]
-    if len(groups) < 2 or min(len(g) for g in groups) < 2 or v.std() == 0:
+    # A context that occurs once (the first frames of a single video) has no spread of its own: left out.
+    groups = [g for g in (v[c == k] for k in np.unique(c)) if len(g) >= 2]
+    if len(groups) < 2 or np.concatenate(groups).std() == 0:
         return float("nan")
     return float(f_oneway(*groups).statistic)
 
@@ -103,7 +104,7 @@ def markdown(
             "## Sawtooth: F statistic of each score by frames of context in its window (about 1: none)",
             "",
         ]
-        lines += [f"- {k}: {v:.3f}" for k, v in saw.items()]
+        lines += [f"- {k}: {v:.3f}" if np.isfinite(v) else f"- {k}: too few normal frames" for k, v in saw.items()]
     if metrics is not None:
         lines += ["", "## Every metric: frame-level AUC and EER, model and copy-last-frame baseline", ""]
         lines.append(side_by_side(metrics).round(4).to_markdown())

@@ -57,7 +57,7 @@ def _calibration(args, model, config, settings, dataset_dir):
     frame_shape = tuple(config["frame_shape"])
     if args.calibrate_on:
         _, X, sources, _, _ = _read_videos(args.calibrate_on, frame_shape[:2], frame_shape[2], False)
-        print(f"calibrating on {len(X)} frames of {len(set(sources))} normal videos")
+        print(f"calibrating on {len(X)} frames of {_count(len(set(sources)), 'normal video')}")
         return calibrate(
             model,
             X,
@@ -134,7 +134,7 @@ def load_scoring_inputs(args) -> ScoringInputs:
         videos, X, sources, native, rates = _read_videos(args.input, (h, w), c, keep)
         lengths = {v.name: int((sources == v.name).sum()) for v in videos}
         y = input_labels(videos, lengths, args.labels) if args.labels else None
-        fps, title = float(np.median(rates)), f"{len(videos)} input videos"
+        fps, title = float(np.median(rates)), _count(len(videos), "input video")
     else:
         dataset_dir = store.dataset_dir(args.preprocessed_data, args.dataset)
         meta = store.read_metadata(dataset_dir)
@@ -153,6 +153,12 @@ def load_scoring_inputs(args) -> ScoringInputs:
     calibration = _calibration(args, model, config, settings, dataset_dir)
     if args.fpr:
         calibration.fpr = args.fpr
+    tail = calibration.tails["model"]
+    if calibration.fpr < tail.observed_fpr:
+        print(
+            f"note: --fpr {calibration.fpr:g} is below 1 in {tail.frames or len(tail.values)} normal calibration "
+            "frames: its threshold is extrapolated from the fitted tail; calibrate on more normal video to measure it"
+        )
     return ScoringInputs(X, sources, y, masks, fps, title, model, config, calibration, native, meta)
 
 
@@ -173,10 +179,10 @@ def run_scoring(args, inputs: ScoringInputs, out: Path) -> dict:
             inputs.model, X, sources, cal, inputs.y, args.batch_size, args.patch, rule, bar
         )
     print(
-        f"scored {len(X)} frames of {len(set(sources))} videos at {rate:.0f} frames/s (compilation included), "
-        f"each from the frames before it ({cal.per_window} per {cal.window}-frame window)"
+        f"scored {len(X)} frames of {_count(len(set(sources)), 'video')} at {rate:.0f} frames/s "
+        f"(compilation included), each from the frames before it ({cal.per_window} per {cal.window}-frame window)"
         if cal.window
-        else f"scored {len(X)} frames of {len(set(sources))} videos at {rate:.0f} frames/s (whole videos)"
+        else f"scored {len(X)} frames of {_count(len(set(sources)), 'video')} at {rate:.0f} frames/s (whole videos)"
     )
     df = add_smoothed(df, args.smooth)
     settings = {
@@ -207,7 +213,10 @@ def run_scoring(args, inputs: ScoringInputs, out: Path) -> dict:
         **settings,
         "training": inputs.config.get("arguments"),
     }
-    print(f"{len(events)} alarms at score >= {cal.threshold:.2f} (false-positive rate {cal.fpr:g} on normal frames)")
+    print(
+        f"{_count(len(events), 'alarm')} at score >= {cal.threshold:.2f} "
+        f"(false-positive rate {cal.fpr:g} on normal frames)"
+    )
     protocols = event_rows = results = None
     pixel = {}
     if inputs.masks is not None and len(inputs.masks) == len(df):
@@ -273,4 +282,9 @@ def _write_overlays(args, inputs: ScoringInputs, df, heats, out: Path) -> None:
             fps=inputs.fps,
             title=name,
         )
-    print(f"overlays of {len(slices)} videos -> {args.scored_data}/overlays/")
+    print(f"overlays of {_count(len(slices), 'video')} -> {args.scored_data}/overlays/")
+
+
+def _count(n: int, noun: str) -> str:
+    """ "1 video", "2 videos"."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

@@ -177,7 +177,8 @@ def read_video_bytes(
     except UploadError:
         raise
     except PipelineError as err:
-        raise UploadError(str(err).replace(str(path), "the uploaded video")) from None
+        message = str(err).replace(f"video file {path}", "the uploaded video")
+        raise UploadError(message.replace(str(path), "the uploaded video")) from None
     finally:
         if frames is not None:
             frames.close()  # closes the ffmpeg reader before its file goes

@@ -47,6 +47,7 @@ def test_normal_tail_scores_are_exceedance_in_log10():
     assert score[2] == pytest.approx(np.log10(20), abs=0.02)  # 1 in 20, in the fitted exponential tail
     assert score[3] == pytest.approx(4, abs=0.1)  # 1 in 10,000: beyond the 2000 normal values, extrapolated
     assert np.isnan(score[4])  # a frame without a score gets none
+    assert tail.frames == 2000 and tail.observed_fpr == pytest.approx(1 / 2001)  # 1e-4 is beyond the data
     values = np.linspace(-1, 12, 300)
     assert (np.diff(tail.score(values)) >= 0).all()  # monotone
     assert threshold_for(0.01) == pytest.approx(2.0)
@@ -115,6 +116,13 @@ def test_sawtooth_measures_dependence_on_context():
     noise = rng.normal(size=400)
     assert sawtooth(noise + np.where(contexts == 2, 1.0, 0.0), contexts, mask) > 50  # a period-2 sawtooth
     assert sawtooth(noise, contexts, mask) < 5  # noise alone: F about 1
+    # A single video's first window holds contexts seen once (0, 1 here): they are left out, not a NaN.
+    once = np.concatenate([[0, 1], contexts])
+    shifted = np.concatenate([[0.0, 0.0], noise + np.where(contexts == 2, 1.0, 0.0)])
+    assert sawtooth(shifted, once, np.ones(402, bool)) == pytest.approx(
+        sawtooth(noise + np.where(contexts == 2, 1.0, 0.0), contexts, mask)
+    )
+    assert np.isnan(sawtooth(noise[:3], np.array([1, 2, 3]), np.ones(3, bool)))  # no context seen twice
 
 
 def test_training_writes_a_calibration(trained):

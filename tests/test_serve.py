@@ -323,6 +323,9 @@ def test_bad_requests_get_4xx_and_the_service_stays_healthy(server, media):
         assert r.status_code == status, (what, r.status_code, r.text[:300])
         assert r.headers["content-type"] == "application/json" and r.json()["error"], what
         assert r.json()["limit"] == limit, (what, r.json())
+        assert str(tmp) not in r.json()["error"], what  # no server path in a message
+        if what == "not a video":
+            assert r.json()["error"].startswith("Cannot open the uploaded video: "), r.json()
     assert httpx.get(f"{url}/v1/model").status_code == 401
     assert httpx.get(f"{url}/v1/model", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
     assert httpx.get(f"{url}/health").json()["status"] == "ok" and proc.poll() is None
