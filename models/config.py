@@ -27,17 +27,22 @@ def parse_with_config(parser: argparse.ArgumentParser, argv=None) -> argparse.Na
 
     A value from the file goes through its option's `type` and `choices` as a command-line value does, so
     `"batch_size": 0` in a config file stops with the same message (naming the file) and exit code 2.
+    The file is read before `--help` is answered, so the help shows its values as the defaults.
     """
-    pre, _ = parser.parse_known_args(argv)
+    config_action = next((a for a in parser._actions if a.dest == "config"), None)
     values: dict = {}
-    if getattr(pre, "config", None):
-        path = resolve_config(pre.config)
-        values = {k: v for k, v in read_json(path).items() if not k.startswith("_")}
-        known = {a.dest for a in parser._actions}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise PipelineError(f"Config {pre.config} has unknown settings: {unknown}.")
-        parser.set_defaults(**values)
+    if config_action is not None:
+        pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+        pre.add_argument(*config_action.option_strings, dest="config", default=config_action.default)
+        name = pre.parse_known_args(argv)[0].config
+        if name:
+            path = resolve_config(name)
+            values = {k: v for k, v in read_json(path).items() if not k.startswith("_")}
+            known = {a.dest for a in parser._actions}
+            unknown = sorted(set(values) - known)
+            if unknown:
+                raise PipelineError(f"Config {name} has unknown settings: {unknown}.")
+            parser.set_defaults(**values)
     args = parser.parse_args(argv)
     for action in parser._actions:
         value = getattr(args, action.dest, None)

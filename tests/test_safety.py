@@ -30,7 +30,7 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="re
 
 TINY_PREP = ["--size", "16x24", "--n_layers", "3"]
 TINY_TRAIN = ["--config", "cpu", "--stack_sizes", "4,8", "--R0_channels", "3", "--nt", "4", "--batch_size", "2"]
-TINY_TRAIN += ["--samples_per_epoch", "8", "--val_samples", "4", "--verbose", "0"]
+TINY_TRAIN += ["--samples_per_epoch", "8", "--val_samples", "4", "--quiet"]
 
 
 def tree(path: Path) -> dict[str, str] | None:

@@ -5,7 +5,7 @@ import keras
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import run_script, tiny_settings
+from conftest import ROOT, run_script, tiny_settings
 
 from models.errors import PipelineError
 from models.prednet import build_training_model, find_prednet, load_model, predictor
@@ -184,6 +184,10 @@ def test_cli_error_exit(prepared, tmp_path):
 def test_config_files_parse(name):
     import train as train_script
 
-    args = train_script.parse_args(["--config", name])
-    settings = TrainSettings(**{k: v for k, v in vars(args).items() if k != "config"})
-    assert settings.stack_sizes and settings.nb_epoch > 0 and settings.precision in ("float32", "mixed_bfloat16")
+    args = train_script.parse_args(["--config", name, "--dataset", "Ped2"])
+    file = json.loads((ROOT / "config" / f"{name}.json").read_text())
+    for key, value in file.items():  # every value of the file, checked by the same types as the flags
+        if not key.startswith("_"):
+            assert getattr(args, key) == (tuple(value) if isinstance(value, list) else value), key
+    assert args.model_dir == "outputs/models/Ped2" and args.horizon == 1  # not in the file: the flag's default
+    TrainSettings(**{k: v for k, v in vars(args).items() if k not in ("config", "quiet", "verbose")})
