@@ -84,7 +84,11 @@ class Parser(argparse.ArgumentParser):
 
 
 def parser(doc: str | None, **kwargs) -> Parser:
-    """A script's parser: its module docstring as the description, the house rules of `Parser`."""
+    """A script's parser: its module docstring as the description, the house rules of `Parser`, and the
+    calling script's file name as `prog` (also when its `main` runs inside another process, e.g. a test)."""
+    caller = sys._getframe(1).f_globals.get("__file__")
+    if caller:
+        kwargs.setdefault("prog", Path(caller).name)
     return Parser(description=doc, **kwargs)
 
 
