@@ -26,6 +26,7 @@ from models.alarms import DEFAULT_GAP, DEFAULT_MIN_FRAMES
 from models.args import float_in, folder, int_at_least, positive_float, positive_int
 from models.calibration import DEFAULT_SMOOTH
 from models.cli import choose_dataset, import_keras, parser, prepared_datasets, run
+from models.config import add_config_option, parse_with_config
 from models.inference import DEFAULT_HORIZON
 from models.io import atomic_dir, check_output
 
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = parser(__doc__)
+    add_config_option(p)
     p.add_argument(
         "--preprocessed_data", type=folder, default="data/preprocessed", help="without --input: the prepared data"
     )
@@ -160,7 +162,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--overwrite", action="store_true", help="replace --scored_data if an earlier batch_scoring.py run wrote it"
     )
-    args = p.parse_args(argv)
+    args = parse_with_config(p, argv)
     if args.labels and not args.input:
         p.error("argument --labels: goes with --input (a prepared dataset has its own labels)")
     if args.calibration and args.calibrate_on:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from models.args import folder, fraction, frame_size, int_at_least, non_negative_int, positive_int
 from models.cli import choose_dataset, parser, run
+from models.config import add_config_option, parse_with_config
 from models.data.index import raw_datasets, resolve_root
 from models.data.prepare import PrepareConfig, prepare, read_folders
 from models.data.synthetic import MIN_FRAMES, MIN_SIDE, SyntheticSpec, make_synthetic
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = parser(__doc__)
+    add_config_option(p)
     p.add_argument(
         "--raw_data", type=folder, default="data", help="folder holding the dataset (or UCSD_Anomaly_Dataset.v1p2/)"
     )
@@ -76,7 +78,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument(
         "--synthetic_frames", type=int_at_least(MIN_FRAMES, "frames"), default=120, help="frames per synthetic video"
     )
-    args = p.parse_args(argv)
+    args = parse_with_config(p, argv)
     try:
         check_frame_size(*args.size, args.n_layers)
     except PipelineError as err:

@@ -24,6 +24,7 @@ import pandas as pd
 
 from models.args import folder, int_at_least, non_negative_int, probability
 from models.cli import choose_dataset, parser, run
+from models.config import add_config_option, parse_with_config
 from models.errors import PipelineError
 from models.io import atomic_dir, atomic_output_file, check_output, check_output_file
 
@@ -35,6 +36,7 @@ SCORED_ROOT = Path("outputs/scored")
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = parser(__doc__)
+    add_config_option(p)
     p.add_argument(
         "--scored_data",
         default=None,
@@ -93,7 +95,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="replace --model_dir (with --apply: anomaly_scores.csv) if an earlier run of this stage wrote it",
     )
-    args = p.parse_args(argv)
+    args = parse_with_config(p, argv)
     if args.scored_data is None:
         found = sorted(d.name for d in SCORED_ROOT.glob("*") if (d / "df.pkl.gz").is_file())
         args.dataset = choose_dataset(p, args.dataset, SCORED_ROOT, found, "a folder with df.pkl.gz")

@@ -21,6 +21,7 @@ import os
 
 from models.args import float_in, non_negative_int, positive_float, positive_int
 from models.cli import import_keras, parser, run
+from models.config import add_config_option, parse_with_config
 from models.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = parser(__doc__)
+    add_config_option(p)
     p.add_argument("--model_dir", required=True, help="folder train.py wrote (model.keras, config.json, calibration)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument(
@@ -64,7 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         choices=["critical", "error", "warning", "info", "debug"],
         help="level of the server's request log (uvicorn's)",
     )
-    return p.parse_args(argv)
+    return parse_with_config(p, argv)
 
 
 def check_args(args: argparse.Namespace) -> None:

@@ -60,17 +60,19 @@ def _calibration(args, model, config, settings, dataset_dir):
     if args.calibrate_on:
         _, X, sources, _, _ = _read_videos(args.calibrate_on, frame_shape[:2], frame_shape[2], False)
         log.info("calibrating on %d frames of %d normal videos", len(X), len(set(sources)))
-        return calibrate(
-            model,
-            X,
-            sources,
-            None,
-            settings,
-            args.live_smooth,
-            args.fpr or 0.01,
-            args.batch_size,
-            {"videos": [str(p) for p in args.calibrate_on], "frames": len(X)},
-        )
+        with progress(total=len(X), unit="frame", desc="calibrating") as bar:
+            return calibrate(
+                model,
+                X,
+                sources,
+                None,
+                settings,
+                args.live_smooth,
+                args.fpr or 0.01,
+                args.batch_size,
+                {"videos": [str(p) for p in args.calibrate_on], "frames": len(X)},
+                bar,
+            )
     path = Path(args.calibration) if args.calibration else Path(args.model_dir) / FILENAME
     cal = Calibration.load(path) if (args.calibration or path.is_file()) else None
     same = cal is not None and all(getattr(cal, k) == v for k, v in settings.items())
@@ -89,17 +91,19 @@ def _calibration(args, model, config, settings, dataset_dir):
     X, sources, tail = _normal_frames(dataset_dir)
     why = "no calibration.json in the model folder" if cal is None else "other scoring settings than its calibration"
     log.info("calibrating on the %d normal train and val frames of %s (%s)", len(X), dataset_dir, why)
-    return calibrate(
-        model,
-        X,
-        sources,
-        tail,
-        settings,
-        cal.smooth if cal else args.live_smooth,
-        args.fpr or (cal.fpr if cal else 0.01),
-        args.batch_size,
-        {"dataset": str(dataset_dir), "frames": len(X)},
-    )
+    with progress(total=len(X), unit="frame", desc="calibrating") as bar:
+        return calibrate(
+            model,
+            X,
+            sources,
+            tail,
+            settings,
+            cal.smooth if cal else args.live_smooth,
+            args.fpr or (cal.fpr if cal else 0.01),
+            args.batch_size,
+            {"dataset": str(dataset_dir), "frames": len(X)},
+            bar,
+        )
 
 
 def _normal_frames(dataset_dir):
