@@ -208,7 +208,7 @@ def choose_dataset(p: argparse.ArgumentParser, given: str | None, root: str | Pa
         return found[0]
     if not found:
         where = f"{root} holds no dataset ({what})" if Path(root).is_dir() else f"{root} does not exist"
-        p.error(f"argument --dataset: none given and {where}; prepare one, or pass --dataset")
+        p.error(f"argument --dataset: none given and {where}; pass --dataset NAME")
     p.error(f"argument --dataset: {root} holds {len(found)} datasets ({', '.join(found)}); pass --dataset NAME")
 
 

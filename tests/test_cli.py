@@ -106,7 +106,7 @@ def test_choose_dataset_names_what_it_found(tmp_path, capsys):
         choose_dataset(p, None, tmp_path, [], "a folder with metadata.json")
     assert capsys.readouterr().err == (
         f"x.py: error: argument --dataset: none given and {tmp_path} holds no dataset (a folder with "
-        "metadata.json); prepare one, or pass --dataset\n"
+        "metadata.json); pass --dataset NAME\n"
     )
 
 
