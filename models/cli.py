@@ -201,7 +201,7 @@ def choose_dataset(p: argparse.ArgumentParser, given: str | None, root: str | Pa
 
     Exits with a one-line error (code 2) when --dataset is missing and `root` holds none or several.
     """
-    if given:
+    if given is not None:  # even "": what it means is for the script to judge
         return given
     if len(found) == 1:
         logging.getLogger(__name__).debug("--dataset %s: the only dataset in %s", found[0], root)

@@ -129,7 +129,8 @@ def _rows_data_preparation(ws: Path, synthetic_root: Path, prepared: Path):
     (real.parent / "beside.txt").write_text("mine too\n")
     yield (
         "prep: --make_synthetic --overwrite over a real dataset",
-        ["data_preparation.py", "--make_synthetic", "--overwrite", "--raw_data", ws / "raw", "--size", "32x48"],
+        ["data_preparation.py", "--make_synthetic", "--overwrite", "--raw_data", ws / "raw", "--dataset", "UCSDped2"]
+        + ["--size", "32x48"],
         f"Refusing to replace {real}: it was not written by this pipeline",
     )
     yield "prep: output inside the dataset", _prep(ws / "data", ucsd / "Train", "Ped", "--overwrite"), "lies inside"
