@@ -32,7 +32,7 @@ demo: install
 		--model_dir $(DEMO)/model --overwrite
 	$(PY) batch_scoring.py --preprocessed_data $(DEMO)/preprocessed --dataset Synthetic --model_dir $(DEMO)/model \
 		--scored_data $(DEMO)/scored --overwrite
-	$(PY) fit_anoms.py --scored_data $(DEMO)/scored --model_path $(DEMO)/anoms --overwrite
+	$(PY) fit_anoms.py --scored_data $(DEMO)/scored --model_dir $(DEMO)/anoms --overwrite
 	$(PY) batch_scoring.py --model_dir $(DEMO)/model --input $(DEMO)/raw/UCSD_Anomaly_Dataset.v1p2/Synthetic/Test/Test001 \
 		--scored_data $(DEMO)/clip --overwrite
 

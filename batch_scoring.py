@@ -1,4 +1,4 @@
-"""Stage 3: score every frame with the trained PredNet: metrics, the live anomaly score, alarms, evaluation.
+r"""Stage 3: score every frame with the trained PredNet: metrics, the live anomaly score, alarms, evaluation.
 
     # the test videos of a prepared dataset
     python batch_scoring.py --preprocessed_data data/preprocessed --dataset UCSDped2 \
@@ -11,44 +11,57 @@ Writes <scored_data>/df.pkl.gz (one row per frame: video, frame, the metrics, `s
 score, calibrated on normal video: 2 = reached by 1 normal frame in 100) and `alarm`), alarms.csv (one row
 per alarm), calibration.json (the calibration used), metrics.json, scores.png and, with --input (or
 --overlays), overlays/<video>.mp4 (the frame with the model's unusual error as a heat map, the score and the
-alarm). With labels also metrics.md and roc.png: frame AUC of the offline protocol (centred smoothing,
-per-video scaling, as papers report) and of the live one, each next to the copy-last-frame baseline, and
-the live alarm's events. See docs/anomaly_detection.md.
+alarm), and metrics.md (the run's settings, alarms and sawtooth check). With labels, metrics.md also gives
+the frame AUC of the offline protocol (centred smoothing, per-video scaling, as papers report) and of the
+live one, each next to the copy-last-frame baseline, and the live alarm's events, and roc.png is written.
+See docs/anomaly_detection.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 
 from models.alarms import DEFAULT_GAP, DEFAULT_MIN_FRAMES
 from models.args import float_in, folder, int_at_least, positive_float, positive_int
 from models.calibration import DEFAULT_SMOOTH
-from models.cli import run
+from models.cli import choose_dataset, import_keras, parser, prepared_datasets, run
+from models.config import add_config_option, parse_with_config
 from models.inference import DEFAULT_HORIZON
 from models.io import atomic_dir, check_output
 
+log = logging.getLogger(__name__)
+
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
-    )
+    p = parser(__doc__)
+    add_config_option(p)
     p.add_argument(
         "--preprocessed_data", type=folder, default="data/preprocessed", help="without --input: the prepared data"
     )
     p.add_argument(
-        "--dataset", default="UCSDped2", help="without --input: the dataset folder to score the test videos of"
+        "--dataset",
+        default=None,
+        help="without --input: the dataset folder in --preprocessed_data to score the test videos of (default: "
+        "the only one there; required if it holds several)",
     )
     p.add_argument(
         "--input", nargs="+", default=None, help="score these videos instead: files, frame folders, or folders of them"
     )
     p.add_argument("--labels", default=None, help="with --input: video,start_frame,end_frame CSV, for evaluation")
+    p.add_argument("--fps", type=positive_float, default=10.0, help="frames per second of folders of frames")
     p.add_argument(
-        "--fps", type=positive_float, default=10.0, help="frames per second of folders of frames (default: 10)"
+        "--model_dir",
+        type=folder,
+        default=None,
+        help="folder train.py wrote (default: outputs/models/<dataset>; required with --input)",
     )
     p.add_argument(
-        "--model_dir", type=folder, default=None, help="folder train.py wrote (default: outputs/models/<dataset>)"
+        "--scored_data",
+        type=folder,
+        default=None,
+        help="output folder (default: outputs/scored/<dataset>, with --input outputs/scored/clips)",
     )
-    p.add_argument("--scored_data", type=folder, default=None, help="output folder (default: outputs/scored/<dataset>)")
     g = p.add_argument_group("live score and alarms")
     g.add_argument(
         "--calibration",
@@ -146,18 +159,33 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="write frame | prediction | error GIFs for --plot_videos",
     )
     g.add_argument("--plot_videos", default=None, help="comma-separated videos for the GIFs (default: the first 2)")
-    p.add_argument("--overwrite", action="store_true")
-    args = p.parse_args(argv)
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace --scored_data if an earlier batch_scoring.py run wrote it"
+    )
+    args = parse_with_config(p, argv)
     if args.labels and not args.input:
-        p.error("--labels goes with --input (a prepared dataset has its own labels)")
-    name = args.dataset if not args.input else "clips"
+        p.error("argument --labels: goes with --input (a prepared dataset has its own labels)")
+    if args.calibration and args.calibrate_on:
+        p.error("argument --calibration: not allowed with --calibrate_on, which fits a new calibration")
+    if args.input:
+        if args.dataset:
+            p.error(
+                f"argument --dataset: not allowed with --input, which scores the videos given. Received: {args.dataset}"
+            )
+        if not args.model_dir:
+            p.error("argument --model_dir: required with --input (no dataset names the model folder)")
+        args.scored_data = args.scored_data or "outputs/scored/clips"
+        return args
+    found = prepared_datasets(args.preprocessed_data)
+    args.dataset = choose_dataset(p, args.dataset, args.preprocessed_data, found, "a folder with metadata.json")
     args.model_dir = args.model_dir or f"outputs/models/{args.dataset}"
-    args.scored_data = args.scored_data or f"outputs/scored/{name}"
+    args.scored_data = args.scored_data or f"outputs/scored/{args.dataset}"
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    import_keras()  # after argument errors, with the native libraries' start-up lines hidden
     from models.scoring_run import load_scoring_inputs, run_scoring, scoring_inputs_read
 
     protected = scoring_inputs_read(args)
@@ -165,7 +193,7 @@ def main(argv=None) -> int:
     inputs = load_scoring_inputs(args)
     with atomic_dir(args.scored_data, args.overwrite, stage="batch_scoring", inputs=protected) as out:
         summary = run_scoring(args, inputs, out)
-    print(f"-> {args.scored_data}")
+    log.info("-> %s", args.scored_data)
     return 0 if summary else 1
 
 

@@ -9,26 +9,36 @@ See docs/data_preparation.md for the expected folder tree, the custom-video layo
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
 from models.args import folder, fraction, frame_size, int_at_least, non_negative_int, positive_int
-from models.cli import run
-from models.data.index import resolve_root
+from models.cli import choose_dataset, parser, run
+from models.config import add_config_option, parse_with_config
+from models.data.index import raw_datasets, resolve_root
 from models.data.prepare import PrepareConfig, prepare, read_folders
 from models.data.synthetic import MIN_FRAMES, MIN_SIDE, SyntheticSpec, make_synthetic
 from models.errors import PipelineError
 from models.io import atomic_dir, check_output
 from models.shapes import check_frame_size
 
+log = logging.getLogger(__name__)
+
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
+    add_config_option(p)
     p.add_argument(
         "--raw_data", type=folder, default="data", help="folder holding the dataset (or UCSD_Anomaly_Dataset.v1p2/)"
     )
     p.add_argument("--preprocessed_data", type=folder, default="data/preprocessed", help="where to write <dataset>/")
-    p.add_argument("--dataset", default="UCSDped2", help="dataset folder name, e.g. UCSDped1, UCSDped2, Synthetic")
+    p.add_argument(
+        "--dataset",
+        default=None,
+        help="dataset folder name, e.g. UCSDped1, UCSDped2 (default: the only dataset in --raw_data, required "
+        "if it holds several; Synthetic with --make_synthetic)",
+    )
     p.add_argument(
         "--size", type=frame_size(), default="152x232", help="HEIGHTxWIDTH to resize to (must divide by 2^(n_layers-1))"
     )
@@ -39,7 +49,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--val_fraction", type=fraction, default=0.15, help="fraction of normal videos held out for validation"
     )
-    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument(
+        "--seed", type=non_negative_int, default=0, help="seed of the train/val split (and of the synthetic videos)"
+    )
     p.add_argument("--compression", default="gzip", choices=["gzip", "lzf", "none"], help="HDF5 compression")
     p.add_argument("--workers", type=positive_int, default=None, help="decoding processes (default: all cores)")
     p.add_argument(
@@ -59,16 +71,24 @@ def parse_args(argv=None) -> argparse.Namespace:
         default="120x180",
         help="HEIGHTxWIDTH of the synthetic source frames",
     )
-    g.add_argument("--synthetic_train_videos", type=positive_int, default=8)
-    g.add_argument("--synthetic_test_videos", type=positive_int, default=4)
+    g.add_argument("--synthetic_train_videos", type=positive_int, default=8, help="normal videos to make")
+    g.add_argument(
+        "--synthetic_test_videos", type=positive_int, default=4, help="test videos to make, each with an anomaly"
+    )
     g.add_argument(
         "--synthetic_frames", type=int_at_least(MIN_FRAMES, "frames"), default=120, help="frames per synthetic video"
     )
-    args = p.parse_args(argv)
+    args = parse_with_config(p, argv)
     try:
         check_frame_size(*args.size, args.n_layers)
     except PipelineError as err:
         p.error(f"argument --size: {err}")
+    if args.make_synthetic:
+        args.dataset = args.dataset or "Synthetic"
+    else:
+        found = raw_datasets(args.raw_data)
+        what = "a folder with Train/ or Test/, there or in UCSD_Anomaly_Dataset.v1p2/"
+        args.dataset = choose_dataset(p, args.dataset, args.raw_data, found, what)
     return args
 
 
@@ -98,7 +118,7 @@ def main(argv=None) -> int:
             for leftover in sorted((tmp / "staging").rglob("*"), reverse=True):
                 leftover.rmdir()
             (tmp / "staging").rmdir()
-        print(f"wrote synthetic dataset to {target}")
+        log.info("wrote synthetic dataset to %s", target)
     config = PrepareConfig(
         size=size,
         n_layers=args.n_layers,
@@ -112,7 +132,7 @@ def main(argv=None) -> int:
     root = resolve_root(args.raw_data, args.dataset)
     meta = prepare(root, out_dir, config, overwrite=args.overwrite, argv=sys.argv[1:] if argv is None else argv)
     frames = meta["frames"]
-    print(
+    log.info(
         f"{args.dataset}: {frames['train']} train / {frames['val']} val / {frames['test']} test frames "
         f"({len(meta['videos']['train'])}/{len(meta['videos']['val'])}/{len(meta['videos']['test'])} videos), "
         f"{meta['height']}x{meta['width']}x{meta['channels']}, {meta['frames_per_second']:.0f} frames/s -> {out_dir}"

@@ -1,4 +1,4 @@
-"""Export the per-frame scoring model for serving stacks that do not run Python or this code.
+r"""Export the per-frame scoring model for serving stacks that do not run Python or this code.
 
     python export_model.py --model_dir outputs/models/UCSDped2 --out outputs/export/UCSDped2 \
         [--format savedmodel|onnx] [--per_window N] [--overwrite]
@@ -12,36 +12,38 @@ how to load it and turn its predictions into the live score.
 from __future__ import annotations
 
 import argparse
+import logging
 
-from models.cli import run
+from models.args import folder, positive_int
+from models.cli import import_keras, parser, run
+
+log = logging.getLogger(__name__)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    p = parser(__doc__)
+    p.add_argument(
+        "--model_dir", type=folder, required=True, help="folder train.py wrote (model.keras, calibration.json)"
     )
-    p.add_argument("--model_dir", required=True, help="folder train.py wrote (model.keras, calibration.json)")
-    p.add_argument("--out", required=True, help="folder to write")
-    p.add_argument("--format", default="savedmodel", choices=["savedmodel", "onnx"], help="default: savedmodel")
+    p.add_argument("--out", type=folder, required=True, help="folder to write")
+    p.add_argument("--format", default="savedmodel", choices=["savedmodel", "onnx"], help="artefact to write")
     p.add_argument(
         "--per_window",
-        type=int,
+        type=positive_int,
         default=None,
         help="steps returned per window (default: the calibration's, as batch scoring; 1 for a stream)",
     )
-    p.add_argument("--overwrite", action="store_true")
-    args = p.parse_args(argv)
-    if args.per_window is not None and args.per_window < 1:
-        p.error(f"--per_window must be 1 or more; got {args.per_window}")
-    return args
+    p.add_argument("--overwrite", action="store_true", help="replace --out if an earlier export wrote it")
+    return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    import_keras()  # after argument errors, with the native libraries' start-up lines hidden
     from models.export import export_scorer
 
     path = export_scorer(args.model_dir, args.out, args.format, args.per_window, args.overwrite)
-    print(f"-> {path}")
+    log.info("-> %s", path)
     return 0
 
 

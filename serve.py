@@ -1,4 +1,4 @@
-"""Serve a trained model: score video clips and live camera streams over HTTP and WebSocket.
+r"""Serve a trained model: score video clips and live camera streams over HTTP and WebSocket.
 
     python serve.py --model_dir outputs/models/UCSDped2 [--host 127.0.0.1] [--port 8000] \
         [--api_key KEY (or PREDNET_API_KEY)] [--max_upload_mb 100] [--max_frames 3000] [--max_streams 16] \
@@ -16,17 +16,20 @@ See docs/serving.md.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 
 from models.args import float_in, non_negative_int, positive_float, positive_int
-from models.cli import run
+from models.cli import import_keras, parser, run
+from models.config import add_config_option, parse_with_config
 from models.errors import PipelineError
+
+log = logging.getLogger(__name__)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
-    )
+    p = parser(__doc__)
+    add_config_option(p)
     p.add_argument("--model_dir", required=True, help="folder train.py wrote (model.keras, config.json, calibration)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument(
@@ -57,8 +60,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument(
         "--max_wait_ms", type=float_in(0), default=5.0, help="how long a frame waits for others to share a call"
     )
-    p.add_argument("--log_level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    return p.parse_args(argv)
+    p.add_argument(
+        "--log_level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="level of the server's request log (uvicorn's)",
+    )
+    return parse_with_config(p, argv)
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -70,6 +78,7 @@ def check_args(args: argparse.Namespace) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     check_args(args)
+    import_keras()  # after argument errors, with the native libraries' start-up lines hidden
     from models.service import ServiceSettings, create_app, listen, serve
     from models.uploads import Limits
 
@@ -85,7 +94,7 @@ def main(argv=None) -> int:
     app = create_app(args.model_dir, settings)
     host, port = sock.getsockname()[:2]
     auth = "API key required on /v1/*" if args.api_key else "no API key"
-    print(f"serving {args.model_dir} on http://{host}:{port} ({auth}; docs at /docs)", flush=True)
+    log.info("serving %s on http://%s:%s (%s; docs at /docs)", args.model_dir, host, port, auth)
     serve(app, sock, limits, args.log_level)
     return 0
 

@@ -1,4 +1,4 @@
-"""Stage 2: train PredNet to predict the next frame of normal video.
+r"""Stage 2: train PredNet to predict the next frame of normal video.
 
     python train.py --config config/default.json --preprocessed_data data/preprocessed --dataset UCSDped2 \
         --model_dir outputs/models/UCSDped2
@@ -13,6 +13,7 @@ the run trains in .<model_dir name>.partial/ beside it, which --resume continues
 from __future__ import annotations
 
 import argparse
+import logging
 
 from models.args import (
     floats_at_least,
@@ -23,15 +24,27 @@ from models.args import (
     positive_float,
     positive_int,
 )
-from models.cli import run
+from models.cli import choose_dataset, import_keras, keras_verbose, parser, prepared_datasets, run
 from models.config import parse_with_config
+
+log = logging.getLogger(__name__)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="default", help="settings file in config/ (name or path); flags override it")
-    p.add_argument("--preprocessed_data", type=folder, default="data/preprocessed")
-    p.add_argument("--dataset", default="UCSDped2")
+    p = parser(__doc__)
+    p.add_argument(
+        "--config",
+        default="default",
+        help="settings file in config/ (name or path); the defaults shown below are its values, flags override them",
+    )
+    p.add_argument(
+        "--preprocessed_data", type=folder, default="data/preprocessed", help="folder data_preparation.py wrote into"
+    )
+    p.add_argument(
+        "--dataset",
+        default=None,
+        help="dataset folder in --preprocessed_data (default: the only one there; required if it holds several)",
+    )
     p.add_argument("--model_dir", type=folder, default=None, help="output folder (default: outputs/models/<dataset>)")
     p.add_argument(
         "--stack_sizes", type=ints_at_least(1), help="channels of the layers above the pixels, e.g. 48,96,192"
@@ -39,7 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--R0_channels",
         type=positive_int,
-        help="channels of the pixel layer's representation units (default: the frames' channels, as in the paper)",
+        help="channels of the pixel layer's representation units (a config without it: the frames' channels, "
+        "as in the paper)",
     )
     p.add_argument(
         "--filter_sizes",
@@ -58,33 +72,38 @@ def parse_args(argv=None) -> argparse.Namespace:
         "predictions, and the loss is the frame prediction error (1: next-frame prediction with "
         "--layer_loss_weights)",
     )
-    p.add_argument("--batch_size", type=int_at_least(1, "windows"))
-    p.add_argument("--nb_epoch", type=int_at_least(1, "epochs"))
+    p.add_argument("--batch_size", type=int_at_least(1, "windows"), help="training windows per step")
+    p.add_argument("--nb_epoch", type=int_at_least(1, "epochs"), help="epochs at most")
     p.add_argument("--samples_per_epoch", type=int_at_least(1, "windows"), help="training windows per epoch")
     p.add_argument("--val_samples", type=int_at_least(1, "windows"), help="validation windows per epoch")
-    p.add_argument("--learning_rate", type=positive_float)
+    p.add_argument("--learning_rate", type=positive_float, help="Adam's initial learning rate")
     p.add_argument("--lr_decay", type=positive_float, help="learning rate times this after each epoch (1: constant)")
     p.add_argument("--strides", type=ints_at_least(1), help="frame strides sampled as augmentation, e.g. 1,2,3,4")
     p.add_argument("--patience", type=non_negative_int, help="early stopping: epochs without a better val loss")
     p.add_argument(
         "--max_minutes",
         type=positive_float,
-        help="wall-clock budget: stop after the last epoch expected to end within it (best weights kept)",
+        help="wall-clock budget: stop after the last epoch expected to end within it (best weights kept; "
+        "default: none)",
     )
     p.add_argument(
         "--output_mode",
         help="output mode recorded in config.json for predicting models made from this one: all, "
         "prediction, error, or R0, E1, ... (checked here; batch_scoring.py always uses all)",
     )
-    p.add_argument("--precision", choices=["float32", "mixed_bfloat16", "mixed_float16"])
+    p.add_argument(
+        "--precision",
+        choices=["float32", "mixed_bfloat16", "mixed_float16"],
+        help="float32, or mixed precision for a GPU",
+    )
     p.add_argument("--fine_tuning", type=folder, default=None, help="start from the model in this earlier model folder")
     p.add_argument(
         "--freeze_layers",
         type=ints_at_least(0, allow_empty=True),
         default=(),
-        help="PredNet layers whose weights stay fixed, e.g. 0,1",
+        help="PredNet layers whose weights stay fixed, e.g. 0,1 (default: none)",
     )
-    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the weights and the window sampling")
     p.add_argument(
         "--resume",
         action="store_true",
@@ -93,7 +112,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--overwrite", action="store_true", help="start over, replacing a model or interrupted run train.py wrote"
     )
-    p.add_argument("--verbose", type=int, default=1, choices=[0, 1, 2])
     p.add_argument(
         "--distribute",
         action="store_true",
@@ -102,6 +120,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     args = parse_with_config(p, argv)  # checks the config file's values with the same types
     _check_together(p, args)
+    found = prepared_datasets(args.preprocessed_data)
+    args.dataset = choose_dataset(p, args.dataset, args.preprocessed_data, found, "a folder with metadata.json")
     args.model_dir = args.model_dir or f"outputs/models/{args.dataset}"
     return args
 
@@ -127,11 +147,12 @@ def _check_together(p: argparse.ArgumentParser, args: argparse.Namespace) -> Non
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from models.training import TrainSettings, summary_line, train  # imports Keras: after argument errors
+    import_keras()  # after argument errors, with the native libraries' start-up lines hidden
+    from models.training import TrainSettings, summary_line, train
 
-    settings = TrainSettings(**{k: v for k, v in vars(args).items() if k != "config"})
-    config = train(settings)
-    print(f"model -> {args.model_dir}/model.keras; {summary_line(config)}")
+    values = {k: v for k, v in vars(args).items() if k not in ("config", "quiet", "verbose")}
+    config = train(TrainSettings(**values, verbose=keras_verbose(args)))
+    log.info("model -> %s/model.keras; %s", args.model_dir, summary_line(config))
     return 0
 
 

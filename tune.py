@@ -1,4 +1,4 @@
-"""Search train.py's settings with Optuna: each trial trains a model folder, scored by its val next-frame ratio.
+r"""Search train.py's settings with Optuna: each trial trains a model folder, scored by its val next-frame ratio.
 
     python tune.py --config config/default.json --space config/tune.json --preprocessed_data data/preprocessed \
         --dataset UCSDped2 --n_trials 12 --study ped2 [--storage URL] [--output_dir outputs/tuning/ped2]
@@ -15,20 +15,29 @@ intermediate.png and importances.png.
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 from models.args import folder, int_at_least, non_negative_int, positive_float
-from models.cli import run
+from models.cli import choose_dataset, import_keras, keras_verbose, parser, prepared_datasets, run
 from models.config import resolve_config
 from models.errors import PipelineError
 
+log = logging.getLogger(__name__)
+
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--config", default="default", help="train.py settings the trials start from (name or path)")
     p.add_argument("--space", default="config/tune.json", help="search-space file (docs/tuning.md)")
-    p.add_argument("--preprocessed_data", type=folder, default="data/preprocessed")
-    p.add_argument("--dataset", default="UCSDped2")
+    p.add_argument(
+        "--preprocessed_data", type=folder, default="data/preprocessed", help="folder data_preparation.py wrote into"
+    )
+    p.add_argument(
+        "--dataset",
+        default=None,
+        help="dataset folder in --preprocessed_data (default: the only one there; required if it holds several)",
+    )
     p.add_argument(
         "--n_trials",
         type=int_at_least(1, "trials"),
@@ -62,11 +71,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="first run the --config file's own values (where they lie in the space), as the hand-set reference",
     )
     p.add_argument("--distribute", action="store_true", help="each trial data-parallel over all local GPUs (JAX)")
-    p.add_argument("--verbose", type=int, default=0, choices=[0, 1, 2], help="Keras progress output of the trials")
     args = p.parse_args(argv)
     if not Path(args.space).is_file():
         raise PipelineError(f"Search-space file {args.space} not found (see config/tune.json).")
     resolve_config(args.config)
+    found = prepared_datasets(args.preprocessed_data)
+    args.dataset = choose_dataset(p, args.dataset, args.preprocessed_data, found, "a folder with metadata.json")
     args.study = args.study or args.dataset
     args.output_dir = Path(args.output_dir or f"outputs/tuning/{args.study}")
     args.storage = args.storage or f"sqlite:///{args.output_dir.resolve()}/study.db"
@@ -75,7 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from models import tuning  # imports Keras and Optuna: after argument errors
+    import_keras()  # after argument errors, with the native libraries' start-up lines hidden
+    from models import tuning  # imports Optuna too
 
     if args.distribute:
         from models.distribute import check_backend
@@ -89,7 +100,7 @@ def main(argv=None) -> int:
         dataset=args.dataset,
         model_dir="",
         seed=args.seed,
-        verbose=args.verbose,
+        verbose=keras_verbose(args) if args.verbose else 0,  # Keras's progress of each trial with --verbose
         distribute=args.distribute,
         **overrides,
     )
@@ -99,9 +110,15 @@ def main(argv=None) -> int:
     if args.enqueue_config:
         tuning.enqueue_config(study, space, config_values)
     study.optimize(tuning.Tuner(space, base, args.output_dir), n_trials=args.n_trials, catch=(tuning.TrialFailed,))
-    print(f"study {args.study!r} in {args.storage}: {len(study.trials)} trials in all, {args.n_trials} by this worker")
+    log.info(
+        "study %r in %s: %d trials in all, %d by this worker",
+        args.study,
+        args.storage,
+        len(study.trials),
+        args.n_trials,
+    )
     for line in tuning.write_reports(study, space, config_values, args.config, args.output_dir):
-        print(line)
+        log.info(line)
     return 0
 
 

@@ -27,6 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from models.cli import parser  # noqa: E402
 from models.config import parse_with_config  # noqa: E402
 from models.inference import DEFAULT_HORIZON, default_per_window, predict_videos  # noqa: E402
 from models.training import WindowDataset  # noqa: E402
@@ -125,7 +126,7 @@ def bench(args, batch_size: int, precision: str) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--config", default="cpu")
     p.add_argument("--stack_sizes", default=None)
     p.add_argument("--R0_channels", type=int, default=None)

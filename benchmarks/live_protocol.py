@@ -17,7 +17,6 @@ No setting is fitted on test labels except the reported leave-one-video-out choi
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -29,11 +28,13 @@ from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from models.cli import parser  # noqa: E402
+
 WIDTHS = (1, 3, 5, 9, 15)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--preprocessed_data", required=True)
     p.add_argument("--dataset", required=True)
     p.add_argument("--model_dir", required=True)

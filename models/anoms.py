@@ -26,6 +26,7 @@ from sklearn.model_selection import StratifiedGroupKFold, cross_val_predict
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
+from models.cli import progress
 from models.errors import PipelineError
 from models.scoring import min_max_per_video, smooth
 
@@ -229,25 +230,63 @@ def evaluate_by_video(
     cv = video_folds(y, groups, n_splits)
     X = data[features].to_numpy(float)
     report, probas = {}, {}
-    for name, model in make_models(seed).items():
-        proba = cross_val_predict(model, X, y, groups=groups, cv=cv, method="predict_proba")[:, 1]
+    models = make_models(seed)
+    for name in progress(list(models), desc="classifiers", unit="classifier"):
+        proba = cross_val_predict(models[name], X, y, groups=groups, cv=cv, method="predict_proba")[:, 1]
         proba = smooth_probabilities(proba, groups, smooth_window)
         probas[name] = proba
         report[name] = classification_report(y, proba, threshold)
     return report, probas
 
 
-def importances(pipeline: Pipeline, data: pd.DataFrame, features: list[str], seed: int = 0) -> pd.DataFrame:
-    """Impurity and permutation (ROC AUC drop) importance of each feature in a fitted forest pipeline."""
+def copy_features(df: pd.DataFrame, features: list[str]) -> list[str]:
+    """The copy-last-frame baseline's columns that match `features` (`model_mse` -> `copy_mse`), where the
+    DataFrame has them: batch_scoring.py computes every error metric for the frame copied from the one
+    before as well, so a classifier on those columns shows what the model's predictions add."""
+    matched = [f"copy_{c[len('model_') :]}" for c in features if c.startswith("model_")]
+    return [c for c in matched if c in df]
+
+
+def best_model(report: dict[str, dict]) -> str:
+    """The classifier with the highest cross-validated ROC AUC (the first listed, on a tie)."""
+    return max(report, key=lambda name: report[name]["roc_auc"])
+
+
+def held_out_importances(
+    name: str,
+    data: pd.DataFrame,
+    features: list[str],
+    folds: list[tuple[np.ndarray, np.ndarray]],
+    seed: int = 0,
+    n_repeats: int = 5,
+) -> pd.DataFrame:
+    """Permutation importance of each feature on held-out videos: for each fold, classifier `name` is fitted
+    on the training videos, and each feature's values are shuffled among the frames of the held-out videos
+    (`n_repeats` times); the importance is the drop in ROC AUC there, averaged over the folds.
+
+    Frames the classifier was fitted on would reward what it memorised; held-out videos measure what
+    carries over to videos it never saw. A fold whose held-out videos hold one class only has no AUC and is
+    left out; `table.attrs["folds"]` counts those used.
+
+    Returns:
+        One row per feature, sorted by `permutation_auc_drop` (the mean over folds), with its standard
+        deviation over folds, `permutation_auc_drop_std`.
+    """
     from sklearn.inspection import permutation_importance
 
     X, y = data[features].to_numpy(float), data["y"].to_numpy().astype(int)
-    perm = permutation_importance(pipeline, X, y, scoring="roc_auc", n_repeats=5, random_state=seed, n_jobs=1)
+    drops = []
+    usable = [(train, test) for train, test in folds if len(np.unique(y[test])) == 2]
+    for train, test in progress(usable, desc="importances", unit="fold"):
+        model = make_models(seed)[name].fit(X[train], y[train])
+        perm = permutation_importance(
+            model, X[test], y[test], scoring="roc_auc", n_repeats=n_repeats, random_state=seed, n_jobs=1
+        )
+        drops.append(perm.importances_mean)
+    values = np.asarray(drops) if drops else np.full((1, len(features)), np.nan)
     table = pd.DataFrame(
-        {
-            "impurity": pipeline.named_steps["model"].feature_importances_,
-            "permutation_auc_drop": perm.importances_mean,
-        },
+        {"permutation_auc_drop": values.mean(axis=0), "permutation_auc_drop_std": values.std(axis=0)},
         index=pd.Index(features, name="feature"),
-    )
-    return table.sort_values("permutation_auc_drop", ascending=False)
+    ).sort_values("permutation_auc_drop", ascending=False)
+    table.attrs = {"folds": len(drops), "folds_in_all": len(folds), "n_repeats": n_repeats, "classifier": name}
+    return table

@@ -1,15 +1,223 @@
-"""What every script shares: the error-to-exit-code wrapper and the environment report."""
+"""What every script shares: its argument parser, its output (logging, progress bars, Keras's progress mode),
+the error-to-exit-code wrapper and the environment report.
+
+Every script builds its parser with `parser(__doc__)`, which gives it the house conventions::
+
+    p = parser(__doc__)                       # -q/--quiet, -v/--verbose; defaults shown in --help
+    p.add_argument("--seed", type=non_negative_int, default=0, help="random seed")
+    args = p.parse_args(argv)                 # a bad value: one line, `prog: error: ...`, exit code 2
+    log.info("scored %d frames", n)           # shown unless --quiet
+    for video in progress(videos, desc="reading", unit="video"): ...
+"""
 
 from __future__ import annotations
 
+import argparse
 import importlib.metadata
+import logging
+import os
 import platform
 import sys
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
 
 from models.errors import PipelineError
 
 PACKAGES = ("keras", "tensorflow-cpu", "tensorflow", "jax", "numpy", "hickle", "h5py", "scikit-learn", "pandas")
+
+# Libraries whose INFO and DEBUG lines say nothing to a user of the pipeline; shown with --verbose only
+# (matplotlib and PIL stay at warnings even then: their debug lines are font and plugin searches).
+_CHATTY = ("absl", "tensorflow", "jax", "h5py", "urllib3", "asyncio", "numexpr", "optuna", "multipart")
+_NEVER_DEBUG = ("matplotlib", "PIL")
+
+_quiet = False
+_verbose = False
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the docstring's layout (its examples) and ends each option's help with its default, unless the
+    help already says it; wide enough for the options' names and their help on one line each."""
+
+    def __init__(self, prog: str, **kwargs) -> None:
+        kwargs.setdefault("max_help_position", 32)
+        kwargs.setdefault("width", 110)
+        super().__init__(prog, **kwargs)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            "default" in text.lower()
+            or default is None
+            or default is False
+            or default == argparse.SUPPRESS
+            or (isinstance(default, (list, tuple)) and not default)
+            or not action.option_strings
+        ):
+            return text
+        shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})"
+
+
+class Parser(argparse.ArgumentParser):
+    """An `ArgumentParser` with the house rules: no prefix matching of option names (`--model x` is not
+    `--model_dir x`), defaults in --help, a one-line error (`prog: error: ...`, exit code 2, no usage
+    block), the -q/--quiet and -v/--verbose pair, and the output set up (`configure_output`) as soon as the
+    arguments are parsed, before any heavy import."""
+
+    def __init__(self, *args, output_options: bool = True, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+        if output_options:
+            add_output_options(self)
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+    def parse_args(self, args=None, namespace=None):
+        parsed = super().parse_args(args, namespace)
+        if hasattr(parsed, "quiet"):
+            configure_output(parsed)
+        return parsed
+
+
+def parser(doc: str | None, **kwargs) -> Parser:
+    """A script's parser: its module docstring as the description, the house rules of `Parser`, and the
+    calling script's file name as `prog` (also when its `main` runs inside another process, e.g. a test)."""
+    caller = sys._getframe(1).f_globals.get("__file__")
+    if caller:
+        kwargs.setdefault("prog", Path(caller).name)
+    return Parser(description=doc, **kwargs)
+
+
+def add_output_options(p: argparse.ArgumentParser) -> None:
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only; no progress bars")
+    group.add_argument(
+        "-v", "--verbose", action="store_true", help="debug messages too, and TensorFlow's and absl's own logs"
+    )
+
+
+class _StreamHandler(logging.Handler):
+    """Messages to stdout, warnings and errors to stderr; the streams looked up at each message, so that a
+    redirected `sys.stdout` (pytest, a notebook) gets them."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            stream = sys.stderr if record.levelno >= logging.WARNING else sys.stdout
+            stream.write(self.format(record) + "\n")
+            stream.flush()
+        except Exception:  # a closed stream must not turn a message into a crash
+            self.handleError(record)
+
+
+class _Formatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if record.levelno >= logging.WARNING:
+            return f"{record.levelname.lower()}: {message}"
+        if record.levelno <= logging.DEBUG:
+            return f"debug {record.name}: {message}"
+        return message
+
+
+def configure_output(args: argparse.Namespace) -> None:
+    """Sets up what a script shows, from its --quiet / --verbose flags: the level of Python's logging (INFO;
+    WARNING with --quiet; DEBUG with --verbose), TensorFlow's C++ logs and absl's (errors only unless
+    --verbose; an explicit TF_CPP_MIN_LOG_LEVEL in the environment wins), and whether progress bars show
+    (never with --quiet; otherwise only on a terminal, as tqdm decides)."""
+    global _quiet, _verbose
+    verbose, quiet = bool(getattr(args, "verbose", False)), bool(getattr(args, "quiet", False))
+    _quiet, _verbose = quiet, verbose
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if verbose else "2")
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, _StreamHandler)]:
+        root.removeHandler(handler)
+    handler = _StreamHandler()
+    handler.setFormatter(_Formatter())
+    root.addHandler(handler)
+    root.setLevel(level)
+    for name in _CHATTY:
+        logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.ERROR)
+    for name in _NEVER_DEBUG:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def import_keras() -> None:
+    """Imports Keras and its backend, hiding what the native libraries write to the process's stderr while
+    they load (TensorFlow 2.21's "oneDNN custom operations are on" and "All log messages before
+    absl::InitializeLog()" lines, which TF_CPP_MIN_LOG_LEVEL does not reach) unless --verbose. Should the
+    import fail, the hidden lines are written out before the error."""
+    if _verbose or "keras" in sys.modules:
+        import keras  # noqa: F401
+
+        return
+    sys.stderr.flush()
+    with tempfile.TemporaryFile() as hidden:
+        saved = os.dup(2)
+        os.dup2(hidden.fileno(), 2)
+        try:
+            import keras  # noqa: F401
+        except BaseException:
+            os.dup2(saved, 2)
+            hidden.seek(0)
+            sys.stderr.write(hidden.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def is_quiet() -> bool:
+    return _quiet
+
+
+def progress(iterable: Iterable | None = None, **kwargs):
+    """A tqdm bar (on stderr, gone when done), off under --quiet and when stderr is not a terminal."""
+    from tqdm import tqdm
+
+    kwargs.setdefault("leave", False)
+    kwargs.setdefault("disable", True if _quiet else None)
+    return tqdm(iterable, **kwargs)
+
+
+def keras_verbose(args: argparse.Namespace) -> int:
+    """Keras's `verbose` for fit and predict: 0 with --quiet, the progress bar (1) on a terminal, one line
+    per epoch (2) when stdout is a file or a pipe (a bar would fill the log with escape codes)."""
+    if getattr(args, "quiet", False):
+        return 0
+    return 1 if sys.stdout.isatty() else 2
+
+
+def choose_dataset(p: argparse.ArgumentParser, given: str | None, root: str | Path, found: list[str], what: str) -> str:
+    """The dataset a script works on: `given` (--dataset) if any, else the only one under `root`.
+
+    Args:
+        found: the datasets under `root` (folder names).
+        what: how a dataset is recognised there, for the message (e.g. "a folder with metadata.json").
+
+    Exits with a one-line error (code 2) when --dataset is missing and `root` holds none or several.
+    """
+    if given is not None:  # even "": what it means is for the script to judge
+        return given
+    if len(found) == 1:
+        logging.getLogger(__name__).debug("--dataset %s: the only dataset in %s", found[0], root)
+        return found[0]
+    if not found:
+        where = f"{root} holds no dataset ({what})" if Path(root).is_dir() else f"{root} does not exist"
+        p.error(f"argument --dataset: none given and {where}; pass --dataset NAME")
+    p.error(f"argument --dataset: {root} holds {len(found)} datasets ({', '.join(found)}); pass --dataset NAME")
+
+
+def prepared_datasets(root: str | Path) -> list[str]:
+    """Datasets prepared under `root` (--preprocessed_data): its folders holding metadata.json."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if (p / "metadata.json").is_file())
 
 
 def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from models.errors import PipelineError
@@ -22,39 +23,68 @@ def resolve_config(name_or_path: str) -> Path:
     raise PipelineError(f"Config {name_or_path!r} not found (neither a file nor config/{name_or_path}.json).")
 
 
+def add_config_option(parser: argparse.ArgumentParser) -> None:
+    """--config for a script whose settings are many: a JSON file of its options' values, read by
+    `parse_with_config`."""
+    parser.add_argument(
+        "--config",
+        default=None,
+        help='JSON file of this script\'s settings by option name without "--" (e.g. {"batch_size": 32}); flags '
+        "override it, and --help after it shows its values as the defaults",
+    )
+
+
 def parse_with_config(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
     """Parses `argv`, taking defaults from the `--config` file first.
 
     A value from the file goes through its option's `type` and `choices` as a command-line value does, so
     `"batch_size": 0` in a config file stops with the same message (naming the file) and exit code 2.
+    The file is read before `--help` is answered, so the help shows its values as the defaults.
     """
-    pre, _ = parser.parse_known_args(argv)
+    config_action = next((a for a in parser._actions if a.dest == "config"), None)
     values: dict = {}
-    if getattr(pre, "config", None):
-        path = resolve_config(pre.config)
-        values = {k: v for k, v in read_json(path).items() if not k.startswith("_")}
-        known = {a.dest for a in parser._actions}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise PipelineError(f"Config {pre.config} has unknown settings: {unknown}.")
-        parser.set_defaults(**values)
+    if config_action is not None:
+        pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+        pre.add_argument(*config_action.option_strings, dest="config", default=config_action.default)
+        name = pre.parse_known_args(argv)[0].config
+        if name:
+            try:
+                path = resolve_config(name)
+                values = {k: v for k, v in read_json(path).items() if not k.startswith("_")}
+            except PipelineError as err:
+                parser.error(f"argument --config: {err}")
+            known = {a.dest for a in parser._actions}
+            unknown = sorted(set(values) - known)
+            if unknown:
+                parser.error(f"argument --config: {path} has unknown settings: {unknown}")
+            given = {token.split("=")[0] for token in (sys.argv[1:] if argv is None else argv)}
+            for action in parser._actions:  # argparse would convert a text value itself, without the file's name
+                value = values.get(action.dest)
+                if isinstance(value, str) and not given & set(action.option_strings):
+                    _check(parser, action, value, path)
+            parser.set_defaults(**values)
     args = parser.parse_args(argv)
     for action in parser._actions:
         value = getattr(args, action.dest, None)
         # Only values still the file's own objects: those given on the command line were checked already.
         if action.dest not in values or value is None or value is not values[action.dest]:
             continue
-        option = action.option_strings[0] if action.option_strings else action.dest
-        try:
-            if callable(action.type):
-                value = action.type(value)
-        except (argparse.ArgumentTypeError, TypeError, ValueError) as err:
-            parser.error(f"argument {option} (from config {path}): {err}")
-        if action.choices is not None and value not in action.choices:
-            choices = ", ".join(map(repr, action.choices))
-            parser.error(f"argument {option} (from config {path}): invalid choice {value!r} (choose from {choices})")
-        setattr(args, action.dest, value)
+        setattr(args, action.dest, _check(parser, action, value, path))
     return args
+
+
+def _check(parser: argparse.ArgumentParser, action: argparse.Action, value, path: Path):
+    """A config file's value through its option's type and choices; an error names the option and the file."""
+    option = action.option_strings[0] if action.option_strings else action.dest
+    try:
+        if callable(action.type):
+            value = action.type(value)
+    except (argparse.ArgumentTypeError, TypeError, ValueError) as err:
+        parser.error(f"argument {option} (from config {path}): {err}")
+    if action.choices is not None and value not in action.choices:
+        choices = ", ".join(map(repr, action.choices))
+        parser.error(f"argument {option} (from config {path}): invalid choice {value!r} (choose from {choices})")
+    return value
 
 
 def int_list(text) -> tuple[int, ...]:

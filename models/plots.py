@@ -1,7 +1,10 @@
-"""Figures of the scoring stage: scores over time with the ground truth, ROC curves, error frames."""
+"""Figures of the pipeline: training history, scores over time with the alarms and the labels, ROC curves,
+error frames, and the anomaly classifiers' feature importances. Every figure names its axes and units, in
+type readable at the size written (`DPI`)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import matplotlib
@@ -10,6 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from PIL import Image  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
@@ -17,45 +21,69 @@ from models.data.index import label_ranges  # noqa: E402
 from models.io import atomic_file  # noqa: E402
 from models.scoring import anomaly_score  # noqa: E402
 
+DPI = 100
+METRICS = {
+    "mse": "MSE",
+    "std": "SD of squared error",
+    "psnr": "PSNR",
+    "psnr_ctx": "PSNR, context-corrected",
+    "patch_max": "worst-patch MSE",
+    "regularity": "regularity",
+    "score": "live score",
+    "local": "local error level",
+    "live": "live error",
+}
+SOURCES = {"model": "model", "copy": "copy last frame"}
+
+
+def readable(column: str, source: bool = True) -> str:
+    """A metric column's name for a figure: 'model_p_99' -> '99th-percentile squared error (model)',
+    'copy_regularity_smooth15' -> 'regularity, 15-frame mean (copy last frame)'; `source=False` leaves out
+    the part in brackets."""
+    prefix, _, metric = column.partition("_")
+    if prefix not in SOURCES:
+        prefix, metric = "", column
+    smooth = re.search(r"_smooth(\d+)$", metric)
+    if smooth:
+        metric = metric[: smooth.start()]
+    percentile = re.fullmatch(r"p_(\d+)", metric)
+    layer = re.fullmatch(r"E(\d+)", metric)
+    if percentile:
+        name = f"{percentile.group(1)}th-percentile squared error"
+    elif layer:
+        name = f"layer {layer.group(1)} error"
+    else:
+        name = METRICS.get(metric, metric.replace("_", " "))
+    if smooth:
+        name += f", {smooth.group(1)}-frame mean"
+    return f"{name} ({SOURCES[prefix]})" if source and prefix else name
+
 
 def _save(fig, path: Path) -> None:
     fig.tight_layout()
     with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=90, format="png")
+        fig.savefig(tmp, dpi=DPI, format="png")
     plt.close(fig)
 
 
-def plot_scores(df: pd.DataFrame, columns: list[str], path: Path, n_videos: int | None = None) -> None:
-    """Anomaly score (1 - regularity, or the raw metric) over time per video, anomalous frames shaded."""
-    videos = list(dict.fromkeys(df["video"]))[:n_videos]
-    fig, axes = plt.subplots(len(videos), 1, figsize=(9, 1.8 * len(videos)), squeeze=False, sharex=False)
-    for ax, video in zip(axes[:, 0], videos, strict=True):
-        g = df[df["video"] == video]
-        if "y" in g:
-            for s, e in label_ranges(g["y"].to_numpy()):
-                ax.axvspan(s - 0.5, e + 0.5, color="red", alpha=0.15, lw=0)
-        for col in columns:
-            score = anomaly_score(g, col)
-            lo, hi = score.min(), score.max()
-            ax.plot(g["frame"], (score - lo) / (hi - lo if hi > lo else 1), label=col, lw=1)
-        ax.set_ylabel(video, fontsize=8)
-        ax.set_ylim(-0.05, 1.05)
-    axes[0, 0].legend(fontsize=7, loc="upper left")
-    axes[0, 0].set_title("anomaly score per video (min-max scaled), ground truth shaded", fontsize=9)
-    axes[-1, 0].set_xlabel("frame")
-    _save(fig, path)
-
-
 def plot_roc(df: pd.DataFrame, columns: list[str], path: Path, aucs: dict[str, float]) -> None:
+    """Frame-level ROC curves (all test frames pooled) of `columns`, each labelled with its AUC."""
     data = df[df["predictable"]]
-    fig, ax = plt.subplots(figsize=(5, 5))
+    fig, ax = plt.subplots(figsize=(6.4, 6))
     for col in columns:
         valid = data[data[col].notna()]
         fpr, tpr, _ = roc_curve(valid["y"], anomaly_score(valid, col))
-        ax.plot(fpr, tpr, label=f"{col} (AUC {aucs[col]:.3f})")
-    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", title="frame-level ROC (micro)")
-    ax.legend(fontsize=7, loc="lower right")
+        style = "-" if col.startswith("model_") else "--"
+        ax.plot(fpr, tpr, style, lw=1.5, label=f"{readable(col)}: AUC {aucs[col]:.3f}")
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8, label="chance: AUC 0.5")
+    ax.set(
+        xlabel="false positive rate (share of normal frames flagged)",
+        ylabel="true positive rate (share of anomalous frames flagged)",
+        title="Frame-level ROC, all test frames pooled",
+        xlim=(0, 1),
+        ylim=(0, 1.01),
+    )
+    ax.legend(fontsize=8, loc="lower right")
     _save(fig, path)
 
 
@@ -75,22 +103,60 @@ def save_gif(images: list[Image.Image], path: Path, fps: int = 10) -> None:
         images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
 
 
-def plot_importances(table: pd.DataFrame, path: Path) -> None:
-    """Horizontal bars of the impurity and permutation importances of each feature."""
-    fig, axes = plt.subplots(1, 2, figsize=(9, 0.3 * len(table) + 1.5), sharey=True)
-    for ax, col in zip(axes, table.columns, strict=True):
-        ax.barh(table.index[::-1], table[col][::-1])
-        ax.set_title(col, fontsize=9)
+def plot_importances(table: pd.DataFrame, path: Path, classifier: str, folds: int) -> None:
+    """Horizontal bars of each feature's held-out permutation importance (`models.anoms.held_out_importances`:
+    the drop in ROC AUC when the feature is shuffled among held-out videos), with its spread over folds."""
+    order = table.sort_values("permutation_auc_drop")
+    fig, ax = plt.subplots(figsize=(7.5, 0.38 * len(order) + 1.8))
+    spread = order["permutation_auc_drop_std"].fillna(0) if "permutation_auc_drop_std" in order else None
+    names = [readable(f, source=False) for f in order.index]
+    ax.barh(names, order["permutation_auc_drop"], xerr=spread, color="tab:blue", ecolor="0.3", capsize=3)
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_xlabel("drop in ROC AUC when the feature is shuffled (held-out videos)")
+    ax.set_title(
+        f"Held-out permutation importance, {classifier.replace('_', ' ')}\nmean \u00b1 SD over {folds} folds by video",
+        fontsize=10,
+    )
+    ax.tick_params(axis="y", labelsize=9)
     _save(fig, path)
+
+
+def plot_history(history_csv: Path, out_png: Path, copy_loss: float | None = None) -> None:
+    """Training and validation loss per epoch, the best validation epoch, and the loss of copying the last
+    frame on the validation windows (`copy_loss`, on the loss's own scale; None where the loss counts layers
+    above the pixels, which copying has no value for)."""
+    hist = pd.read_csv(history_csv)
+    epochs = hist["epoch"] + 1
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    names = {"loss": "training windows", "val_loss": "validation windows"}
+    for col, name in names.items():
+        if col in hist:
+            ax.plot(epochs, hist[col], "o-", ms=3, lw=1.5, label=name)
+    if "val_loss" in hist and hist["val_loss"].notna().any():
+        best = int(hist["val_loss"].idxmin())
+        ax.axvline(epochs[best], color="0.5", ls=":", lw=1, label=f"best validation epoch ({epochs[best]})")
+    if copy_loss is not None:
+        ax.axhline(copy_loss, color="tab:red", ls="--", lw=1.2, label="copy last frame (validation windows)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set(
+        xlabel="epoch",
+        ylabel="loss: half the mean absolute pixel error\n(pixels in [0, 1]; weighted by layer)",
+        title="PredNet training: next-frame prediction error per epoch",
+    )
+    ax.legend(fontsize=8)
+    _save(fig, out_png)
 
 
 def plot_live_scores(df: pd.DataFrame, path: Path, threshold: float, smooth: int, n_videos: int | None = None) -> None:
     """Per video: the live score (left axis, calibrated: 2 = 1 normal frame in 100) with its threshold and
-    alarms, and the offline score (right axis: 1 - the smoothed regularity, scaled within the video)."""
+    alarms, the offline score (right axis: 1 - the regularity averaged over `smooth` centred frames, the
+    score the README headlines; the regularity is scaled within each video) and, with labels, the anomalous
+    frames shaded."""
     videos = list(dict.fromkeys(df["video"]))[:n_videos]
     offline = f"model_regularity_smooth{smooth}" if smooth > 1 else "model_regularity"
     labelled = "y" in df
-    fig, axes = plt.subplots(len(videos), 1, figsize=(9, 1.9 * len(videos) + 0.6), squeeze=False)
+    fig, axes = plt.subplots(len(videos), 1, figsize=(10, 2.1 * len(videos) + 0.9), squeeze=False)
+    offline_name = f"1 - regularity, {smooth}-frame centred mean" if smooth > 1 else "1 - regularity"
     top = max(float(np.nanmax(df["score"].to_numpy(float), initial=0.0)), threshold) * 1.1 + 0.1
     twins = []
     for ax, video in zip(axes[:, 0], videos, strict=True):
@@ -101,18 +167,25 @@ def plot_live_scores(df: pd.DataFrame, path: Path, threshold: float, smooth: int
                 ax.axvspan(frames[s - 1] - 0.5, frames[e - 1] + 0.5, color="red", alpha=0.12, lw=0)
         for s, e in label_ranges(g["alarm"].to_numpy()):
             ax.axvspan(frames[s - 1] - 0.5, frames[e - 1] + 0.5, ymin=0.92, ymax=1.0, color="darkorange", lw=0)
-        ax.plot(frames, g["score"], color="tab:blue", lw=1.2, label="live score (left axis)")
+        ax.plot(frames, g["score"], color="tab:blue", lw=1.3, label="live score (left axis)")
         ax.axhline(threshold, color="red", ls="--", lw=0.9, label=f"threshold {threshold:.1f}")
         ax.set_ylim(0, top)
-        ax.set_ylabel(f"{video}\nscore", fontsize=8)
-        ax.tick_params(labelsize=7)
+        ax.set_ylabel(f"{video}\nlive score", fontsize=9)
+        ax.tick_params(labelsize=8)
         if offline in g:
             twin = ax.twinx()
             twins.append(twin)
-            twin.plot(frames, 1 - g[offline], color="tab:green", lw=0.9, alpha=0.8, label="offline score (right axis)")
+            twin.plot(
+                frames,
+                1 - g[offline],
+                color="tab:green",
+                lw=1.1,
+                alpha=0.85,
+                label=f"offline: {offline_name} (right axis)",
+            )
             twin.set_ylim(-0.05, 1.05)
-            twin.set_ylabel("offline", fontsize=7)
-            twin.tick_params(labelsize=7)
+            twin.set_ylabel("offline\n1 - regularity", fontsize=8)
+            twin.tick_params(labelsize=8)
         ax.set_xlim(frames[0] - 0.5, frames[-1] + 0.5)
     first = axes[0, 0]
     legend_axes = [first] + twins[:1]
@@ -123,16 +196,15 @@ def plot_live_scores(df: pd.DataFrame, path: Path, threshold: float, smooth: int
     if labelled:
         handles.append(plt.Rectangle((0, 0), 1, 1, color="red", alpha=0.12))
         labels.append("labelled anomalous")
-    fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=7, frameon=False)
+    fig.legend(handles, labels, loc="upper center", ncol=3, fontsize=8, frameon=False)
     what = "" if labelled else " (no labels)"
     axes[0, 0].set_title(
-        f"live score: causal, calibrated on normal video; offline: {smooth}-frame centred mean, min-max per video"
-        + what,
-        fontsize=8,
-        pad=14,
+        "live score: causal, calibrated on normal video (2 = reached by 1 normal frame in 100); offline: "
+        "regularity scaled within each video" + what,
+        fontsize=9,
     )
-    axes[-1, 0].set_xlabel("frame")
-    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    axes[-1, 0].set_xlabel("frame number", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.55 / fig.get_figheight()))
     with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=90, format="png")
+        fig.savefig(tmp, dpi=DPI, format="png")
     plt.close(fig)

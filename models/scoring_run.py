@@ -4,16 +4,20 @@ model and its calibration; score; write the table, the alarms, the reports, the 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from models.calibration import FILENAME, Calibration
+from models.cli import progress
 from models.data import store
 from models.data.inputs import find_inputs, input_labels, read_input, resize, video_fps
 from models.errors import PipelineError
 from models.io import atomic_file
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -36,10 +40,8 @@ class ScoringInputs:
 def _read_videos(paths, size, channels, keep_native: bool):
     """Frames of the videos at `paths`, resized to `size`; their names; the native frames; frames/s."""
     videos = find_inputs(paths)
-    from tqdm import tqdm
-
     xs, names, native, rates = [], [], {}, []
-    for video in tqdm(videos, unit="video", desc="reading", disable=None, leave=False):
+    for video in progress(videos, unit="video", desc="reading"):
         frames = read_input(video, channels)
         if keep_native:
             native[video.name] = frames
@@ -57,18 +59,20 @@ def _calibration(args, model, config, settings, dataset_dir):
     frame_shape = tuple(config["frame_shape"])
     if args.calibrate_on:
         _, X, sources, _, _ = _read_videos(args.calibrate_on, frame_shape[:2], frame_shape[2], False)
-        print(f"calibrating on {len(X)} frames of {_count(len(set(sources)), 'normal video')}")
-        return calibrate(
-            model,
-            X,
-            sources,
-            None,
-            settings,
-            args.live_smooth,
-            args.fpr or 0.01,
-            args.batch_size,
-            {"videos": [str(p) for p in args.calibrate_on], "frames": len(X)},
-        )
+        log.info("calibrating on %d frames of %s", len(X), _count(len(set(sources)), "normal video"))
+        with progress(total=len(X), unit="frame", desc="calibrating") as bar:
+            return calibrate(
+                model,
+                X,
+                sources,
+                None,
+                settings,
+                args.live_smooth,
+                args.fpr or 0.01,
+                args.batch_size,
+                {"videos": [str(p) for p in args.calibrate_on], "frames": len(X)},
+                bar,
+            )
     path = Path(args.calibration) if args.calibration else Path(args.model_dir) / FILENAME
     cal = Calibration.load(path) if (args.calibration or path.is_file()) else None
     same = cal is not None and all(getattr(cal, k) == v for k, v in settings.items())
@@ -86,18 +90,20 @@ def _calibration(args, model, config, settings, dataset_dir):
         )
     X, sources, tail = _normal_frames(dataset_dir)
     why = "no calibration.json in the model folder" if cal is None else "other scoring settings than its calibration"
-    print(f"calibrating on the {len(X)} normal train and val frames of {dataset_dir} ({why})")
-    return calibrate(
-        model,
-        X,
-        sources,
-        tail,
-        settings,
-        cal.smooth if cal else args.live_smooth,
-        args.fpr or (cal.fpr if cal else 0.01),
-        args.batch_size,
-        {"dataset": str(dataset_dir), "frames": len(X)},
-    )
+    log.info("calibrating on the %d normal train and val frames of %s (%s)", len(X), dataset_dir, why)
+    with progress(total=len(X), unit="frame", desc="calibrating") as bar:
+        return calibrate(
+            model,
+            X,
+            sources,
+            tail,
+            settings,
+            cal.smooth if cal else args.live_smooth,
+            args.fpr or (cal.fpr if cal else 0.01),
+            args.batch_size,
+            {"dataset": str(dataset_dir), "frames": len(X)},
+            bar,
+        )
 
 
 def _normal_frames(dataset_dir):
@@ -155,17 +161,17 @@ def load_scoring_inputs(args) -> ScoringInputs:
         calibration.fpr = args.fpr
     tail = calibration.tails["model"]
     if calibration.fpr < tail.observed_fpr:
-        print(
-            f"note: --fpr {calibration.fpr:g} is below 1 in {tail.frames or len(tail.values)} normal calibration "
-            "frames: its threshold is extrapolated from the fitted tail; calibrate on more normal video to measure it"
+        log.warning(
+            "--fpr %g is below 1 in %d normal calibration frames: its threshold is extrapolated from the fitted "
+            "tail; calibrate on more normal video to measure it",
+            calibration.fpr,
+            tail.frames or len(tail.values),
         )
     return ScoringInputs(X, sources, y, masks, fps, title, model, config, calibration, native, meta)
 
 
 def run_scoring(args, inputs: ScoringInputs, out: Path) -> dict:
     """Scores the frames and writes every output into `out`; returns the summary (metrics.json)."""
-    from tqdm import tqdm
-
     from models.alarms import AlarmRule, alarm_events
     from models.live import score_frames
     from models.plots import error_frames, plot_live_scores, plot_roc, save_gif
@@ -174,11 +180,11 @@ def run_scoring(args, inputs: ScoringInputs, out: Path) -> dict:
 
     cal, X, sources = inputs.calibration, inputs.X, inputs.sources
     rule = AlarmRule(cal.threshold, args.alarm_min_frames, args.alarm_gap)
-    with tqdm(total=len(X), unit="frame", desc="scoring", disable=None, leave=False) as bar:
+    with progress(total=len(X), unit="frame", desc="scoring") as bar:
         df, heats, predictions, rate = score_frames(
             inputs.model, X, sources, cal, inputs.y, args.batch_size, args.patch, rule, bar
         )
-    print(
+    log.info(
         f"scored {len(X)} frames of {_count(len(set(sources)), 'video')} at {rate:.0f} frames/s "
         f"(compilation included), each from the frames before it ({cal.per_window} per {cal.window}-frame window)"
         if cal.window
@@ -213,7 +219,7 @@ def run_scoring(args, inputs: ScoringInputs, out: Path) -> dict:
         **settings,
         "training": inputs.config.get("arguments"),
     }
-    print(
+    log.info(
         f"{_count(len(events), 'alarm')} at score >= {cal.threshold:.2f} "
         f"(false-positive rate {cal.fpr:g} on normal frames)"
     )
@@ -233,12 +239,14 @@ def run_scoring(args, inputs: ScoringInputs, out: Path) -> dict:
         summary["metrics"] = json.loads(results.to_json(orient="index"))
         summary["protocols"] = json.loads(protocols.to_json(orient="index"))
         summary["events"] = json.loads(event_rows.to_json(orient="index"))
-        print(protocols[["model_auc", "copy_auc"]].round(3).to_string())
-        print(event_rows[["events", "detected", "median_delay_frames", "false_alarms_per_minute"]].round(2).to_string())
+        log.info(protocols[["model_auc", "copy_auc"]].round(3).to_string())
+        log.info(
+            event_rows[["events", "detected", "median_delay_frames", "false_alarms_per_minute"]].round(2).to_string()
+        )
         aucs = results["micro_auc"].to_dict()
         plot_roc(df, [c for c in roc_columns(args.smooth) if c in df], out / "roc.png", aucs)
     else:
-        print("no labels with both classes: scores and alarms written, evaluation skipped")
+        log.info("no labels with both classes: scores and alarms written, evaluation skipped")
     (out / "metrics.md").write_text(
         markdown(f"Scores: {inputs.title}", df, protocols, event_rows, saw, pixel, cal.threshold, inputs.fps, results)
     )
@@ -264,13 +272,11 @@ def _write_overlays(args, inputs: ScoringInputs, df, heats, out: Path) -> None:
     count = args.overlays if args.overlays is not None else (len(inputs.native) if args.input else 0)
     if count <= 0:
         return
-    from tqdm import tqdm
-
     from models.overlay import write_overlay
 
     (out / "overlays").mkdir(exist_ok=True)
     slices = store.video_slices(inputs.sources)[:count]
-    for name, sl in tqdm(slices, unit="video", desc="overlays", disable=None, leave=False):
+    for name, sl in progress(slices, unit="video", desc="overlays"):
         frames = inputs.native.get(name, inputs.X[sl])
         write_overlay(
             out / "overlays" / f"{name}.mp4",
@@ -282,9 +288,9 @@ def _write_overlays(args, inputs: ScoringInputs, df, heats, out: Path) -> None:
             fps=inputs.fps,
             title=name,
         )
-    print(f"overlays of {_count(len(slices), 'video')} -> {args.scored_data}/overlays/")
+    log.info("overlays of %s -> %s/overlays/", _count(len(slices), "video"), args.scored_data)
 
 
 def _count(n: int, noun: str) -> str:
-    """ "1 video", "2 videos"."""
+    """The count and the noun: 1 video, 2 videos."""
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

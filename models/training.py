@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
 import shutil
@@ -36,6 +37,8 @@ from models.io import (
 from models.prednet import build_training_model, find_prednet, load_model, predictor, prednet_kwargs
 from models.prednet.layers import OUTPUT_MODES, UNIT_TYPES
 from models.shapes import check_frame_size
+
+log = logging.getLogger(__name__)
 
 STAGE = "train"  # the stage name in the marker of the model folder (models.io)
 
@@ -120,6 +123,17 @@ def next_frame_mse(
         se_copy += float(((x[:, :-1] - x[:, 1:]) ** 2).sum())
         count += x[:, 1:].size
     return se_model / count, se_copy / count
+
+
+def copy_last_frame_loss(dataset: WindowDataset) -> float:
+    """The L_0 loss of copying the last frame: half the mean absolute difference of each frame from the one
+    before it, over steps 1..nt-1 of each window (the scale of the layer-0 error, `WeightedError`)."""
+    total, count = 0.0, 0
+    for i in range(len(dataset)):
+        x, _ = dataset[i]
+        total += float(np.abs(x[:, 1:] - x[:, :-1]).sum())
+        count += x[:, 1:].size
+    return 0.5 * total / max(count, 1)
 
 
 class _Throughput(keras.callbacks.Callback):
@@ -366,26 +380,6 @@ def freeze(model: keras.Model, layers) -> None:
                 convs[l].trainable = False
 
 
-def _plot_history(history_csv: Path, out_png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import pandas as pd
-
-    hist = pd.read_csv(history_csv)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for col in ("loss", "val_loss"):
-        if col in hist:
-            ax.plot(hist["epoch"] + 1, hist[col], label=col)
-    ax.set(xlabel="epoch", ylabel="weighted prediction error", title="PredNet training")
-    ax.legend()
-    fig.tight_layout()
-    with atomic_file(out_png) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-
-
 def fit_normal_calibration(model, s: TrainSettings, X_train, src_train, X_val, src_val):
     """The live score's calibration (`models.calibration`) on the normal videos: the local error levels on the
     train and val frames, the exceedance on the val videos (held out from training; the train videos when
@@ -468,8 +462,7 @@ def _train_locked(
         from models.distribute import setup_data_parallel
 
         devices = setup_data_parallel(s)
-        if s.verbose:
-            print(f"data-parallel over {len(devices)} devices: {', '.join(devices)}")
+        log.info("data-parallel over %d devices: %s", len(devices), ", ".join(devices))
 
     X_train, src_train = load_split(data_dir, "train")
     X_val, src_val = load_split(data_dir, "val")
@@ -576,7 +569,12 @@ def _train_locked(
     calibration.save(run_dir / CALIBRATION_FILE)
     with atomic_file(run_dir / "history.csv") as tmp:
         _write_history(checkpoints.rows, tmp)
-    _plot_history(run_dir / "history.csv", run_dir / "history.png")
+    from models.plots import plot_history
+
+    only_pixels = s.horizon == 1 and not any(s.layer_loss_weights[1:])  # L_0: copying has a loss to compare
+    plot_history(
+        run_dir / "history.csv", run_dir / "history.png", copy_last_frame_loss(eval_data) if only_pixels else None
+    )
     steady = throughput.rates[1:] or throughput.rates
     config = {
         "arguments": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(s).items()},

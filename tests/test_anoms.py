@@ -1,3 +1,5 @@
+import json
+
 import joblib
 import numpy as np
 import pandas as pd
@@ -5,7 +7,7 @@ import pytest
 from conftest import run_script
 
 import fit_anoms
-from models.anoms import evaluate_by_video, prepare_frames, video_folds
+from models.anoms import best_model, evaluate_by_video, held_out_importances, prepare_frames, video_folds
 from models.errors import PipelineError
 
 
@@ -153,3 +155,46 @@ def test_cli_single_video_is_an_error(tmp_path):
     frames_table(n_videos=1).to_pickle(tmp_path / "df.pkl.gz")
     done = run_script("fit_anoms.py", "--scored_data", str(tmp_path), "--model_path", str(tmp_path / "out"))
     assert done.returncode == 2 and "Only 1 video" in done.stderr and not (tmp_path / "out").exists()
+
+
+def test_held_out_importance_is_the_auc_lost_on_videos_the_classifier_never_saw():
+    """Shuffling the perfect feature among held-out frames takes a 1.0 AUC to chance (a drop of about 0.5);
+    shuffling pure noise changes nothing there, though a forest fitted on those frames would have used it."""
+    data = frames_table(n_videos=6, n=40)
+    features = ["model_good", "model_noise"]
+    folds = video_folds(data["y"].to_numpy(), data["video"].to_numpy(), 3)
+    table = held_out_importances("random_forest", data, features, folds, seed=0)
+    assert table.index[0] == "model_good" and table.attrs["folds"] == 3
+    assert table.loc["model_good", "permutation_auc_drop"] == pytest.approx(0.5, abs=0.1)
+    assert abs(table.loc["model_noise", "permutation_auc_drop"]) < 0.02
+
+
+def test_best_model_is_the_highest_auc():
+    report = {"random_forest": {"roc_auc": 0.695}, "logistic_regression": {"roc_auc": 0.808}}
+    assert best_model(report) == "logistic_regression"  # the case of the issue: the forest was saved regardless
+    assert best_model({"random_forest": {"roc_auc": 0.9}, "logistic_regression": {"roc_auc": 0.9}}) == "random_forest"
+
+
+def test_cli_saves_the_best_classifier_and_compares_with_the_copy_baseline(tmp_path):
+    df = frames_table()
+    df["copy_good"] = np.random.default_rng(5).random(len(df))  # copying the last frame tells nothing here
+    df.to_pickle(tmp_path / "df.pkl.gz")
+    out = tmp_path / "anoms"
+    done = run_script("fit_anoms.py", "--scored_data", tmp_path, "--model_dir", out, "--features", "model_good")
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["copy_baseline_features"] == ["copy_good"]
+    for name, scores in report["models"].items():  # the model's metric separates perfectly, the copy's not
+        assert scores["roc_auc"] == 1.0 and abs(report["copy_baseline"][name]["roc_auc"] - 0.5) < 0.12
+    assert report["saved_classifier"] == "random_forest" and report["selection"] == "highest cross-validated ROC AUC"
+    assert "held-out permutation importance" in report["importances"]
+    assert "auc_gain" in (out / "report.md").read_text() and "held-out videos" in (out / "report.md").read_text()
+    named = tmp_path / "named"
+    done = run_script(
+        "fit_anoms.py", "--scored_data", tmp_path, "--model_dir", named, "--classifier", "logistic_regression"
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    bundle = joblib.load(named / "classifier.joblib")
+    assert bundle["classifier"] == "logistic_regression"
+    assert type(bundle["pipeline"].named_steps["model"]).__name__ == "LogisticRegression"
+    assert json.loads((named / "report.json").read_text())["selection"] == "named by --classifier"

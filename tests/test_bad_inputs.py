@@ -3,7 +3,7 @@
 Each row builds its input in a fresh folder (a tiny dataset tree, a file, or arguments only) and returns
 the arguments of one of the four scripts. The script's `main` runs as `python SCRIPT ARGS` would, through
 `models.cli.run`, from inside that folder (so default paths land there too). Every row must end in exit
-code 2 with the expected text on the last line of stderr (one line: argparse's usage above it is fine),
+code 2 with the expected text on the last line of stderr (argument errors: that line only, no usage block),
 no traceback, and every file under the folder exactly as it was (hashed before and after), with nothing
 added. The argument errors are also run in one subprocess that checks Keras and TensorFlow were never
 imported, and one row per script runs as a real `python SCRIPT` process.
@@ -34,7 +34,7 @@ from models.cli import run
 @dataclass
 class Row:
     id: str
-    script: str  # data_preparation, train, batch_scoring or fit_anoms
+    script: str  # the script's module name: data_preparation, train, batch_scoring, fit_anoms, tune, ...
     build: Callable[[Path], list[str]]  # makes the input under the folder, returns the script's arguments
     message: str  # expected in the last line of stderr
     parse: bool = True  # refused while the arguments are parsed (no data read, no Keras)
@@ -215,6 +215,33 @@ def bad_classifier(content: bytes | None) -> Callable[[Path], list[str]]:
     return build
 
 
+def stores(*names: str) -> Callable[[Path], list[str]]:
+    """A --preprocessed_data folder `pre` holding these prepared datasets (their metadata.json only)."""
+
+    def build(tmp):
+        for name in names:
+            (tmp / "pre" / name).mkdir(parents=True)
+            (tmp / "pre" / name / "metadata.json").write_text("{}")
+        return ["--preprocessed_data", "pre"]
+
+    return build
+
+
+def raw_datasets(tmp):
+    for name in ("UCSDped1", "UCSDped2"):
+        frames(tmp / "raw" / "UCSD_Anomaly_Dataset.v1p2" / name / "Train" / "Train001", ["1.png", "2.png"])
+    return ["--raw_data", "raw", "--preprocessed_data", "pre", "--size", "16x24", "--n_layers", "3"]
+
+
+def clip_and_model(*extra) -> Callable[[Path], list[str]]:
+    def build(tmp):
+        (tmp / "m").mkdir()
+        frames(tmp / "clip", ["1.png", "2.png"])
+        return ["--input", "clip", *extra]
+
+    return build
+
+
 # fmt: off
 ROWS = [
     # data_preparation.py arguments
@@ -233,6 +260,9 @@ ROWS = [
     Row("prep-seed-negative", "data_preparation", args("--seed", "-1"), "--seed: must be 0 or more"),
     Row("prep-output-is-file", "data_preparation", lambda t: ["--preprocessed_data", a_file(t)], "--preprocessed_data: must be a folder, but notes.txt is a file"),
     Row("prep-raw-inside-file", "data_preparation", lambda t: ["--make_synthetic", "--raw_data", a_file(t) + "/raw"], "notes.txt/raw lies inside notes.txt, which is a file"),
+    Row("prep-dataset-several", "data_preparation", raw_datasets, "argument --dataset: raw holds 2 datasets (UCSDped1, UCSDped2); pass --dataset NAME"),
+    Row("prep-dataset-none", "data_preparation", args("--raw_data", "raw"), "argument --dataset: none given and raw does not exist"),
+    Row("prep-prefix", "data_preparation", args("--synthetic", "--dataset", "x"), "unrecognized arguments: --synthetic"),
     # data_preparation.py data: frames
     Row("frames-mixed-names", "data_preparation", frames_named("a1.png", "b2.png"), "Cannot order the frames of raw/ds/Train/walk2: 'a1.png' and 'b2.png' differ in more than their numbers", parse=False),
     Row("frames-no-numbers", "data_preparation", frames_named("first.png", "second.png"), "'first.png' has no frame number", parse=False),
@@ -281,7 +311,20 @@ ROWS = [
     Row("train-config-batch-size-0", "train", config_file({"batch_size": 0}), "--batch_size (from config my.json): must be 1 or more windows. Received: 0"),
     Row("train-config-stack-sizes", "train", config_file({"stack_sizes": [8, -16]}), "--stack_sizes (from config my.json): every value must be"),
     Row("train-config-precision", "train", config_file({"precision": "fp8"}), "--precision (from config my.json): invalid choice 'fp8'"),
+    Row("train-dataset-several", "train", stores("A", "B"), "argument --dataset: pre holds 2 datasets (A, B); pass --dataset NAME"),
+    Row("train-dataset-none", "train", stores(), "argument --dataset: none given and pre does not exist"),
+    Row("train-prefix", "train", args("--model", "x"), "train.py: error: unrecognized arguments: --model x"),
+    Row("train-quiet-and-verbose", "train", args("-q", "-v"), "argument -v/--verbose: not allowed with argument -q/--quiet"),
     # batch_scoring.py arguments
+    Row("score-dataset-several", "batch_scoring", stores("A", "B"), "argument --dataset: pre holds 2 datasets (A, B); pass --dataset NAME"),
+    Row("score-dataset-with-input", "batch_scoring", clip_and_model("--model_dir", "m", "--dataset", "UCSDped2"), "argument --dataset: not allowed with --input, which scores the videos given. Received: UCSDped2"),
+    Row("score-input-without-model", "batch_scoring", clip_and_model(), "argument --model_dir: required with --input"),
+    Row("score-calibration-twice", "batch_scoring", clip_and_model("--model_dir", "m", "--calibration", "c.json", "--calibrate_on", "clip"), "argument --calibration: not allowed with --calibrate_on, which fits a new calibration"),
+    Row("score-labels-without-input", "batch_scoring", args("--labels", "l.csv"), "argument --labels: goes with --input"),
+    Row("score-config-smooth-0", "batch_scoring", config_file({"smooth": 0}), "--smooth (from config my.json): must be 1 or more frames. Received: 0"),
+    Row("anoms-config-unknown", "fit_anoms", config_file({"smoth": 3}), "fit_anoms.py: error: argument --config: my.json has unknown settings: ['smoth']"),
+    Row("prep-config-size", "data_preparation", config_file({"size": "big"}), "--size (from config my.json): must look like HEIGHTxWIDTH"),
+    Row("score-prefix", "batch_scoring", args("--scored", "x"), "unrecognized arguments: --scored x"),
     Row("score-patch-0", "batch_scoring", args("--patch", "0"), "--patch: must be 1 or more pixels. Received: 0"),
     Row("score-smooth-0", "batch_scoring", args("--smooth", "0"), "--smooth: must be 1 or more frames. Received: 0"),
     Row("score-n-plot-0", "batch_scoring", args("--n_plot", "0"), "--n_plot: must be 1 or more. Received: 0"),
@@ -294,6 +337,12 @@ ROWS = [
     Row("anoms-threshold-negative", "fit_anoms", args("--threshold", "-0.1"), "--threshold: must be in [0, 1]"),
     Row("anoms-smooth-0", "fit_anoms", args("--smooth", "0"), "--smooth: must be 1 or more frames. Received: 0"),
     Row("anoms-model-path-is-file", "fit_anoms", lambda t: ["--model_path", a_file(t)], "--model_path: must be a folder, but notes.txt is a file"),
+    Row("anoms-no-scored-data", "fit_anoms", args(), "argument --dataset: none given and outputs/scored does not exist"),
+    Row("anoms-classifier", "fit_anoms", args("--classifier", "svm"), "argument --classifier: invalid choice: 'svm'"),
+    # the other scripts' arguments
+    Row("tune-prefix", "tune", args("--n_trial", "3"), "tune.py: error: unrecognized arguments: --n_trial 3"),
+    Row("serve-port", "serve", args("--model_dir", "m", "--port", "-1"), "--port: must be 0 or more. Received: -1"),
+    Row("export-per-window", "export_model", args("--model_dir", "m", "--out", "o", "--per_window", "0"), "--per_window: must be 1 or more. Received: 0"),
     Row("anoms-one-class-fold", "fit_anoms", scored([[0] * 6 + [1] * 6, [0] * 12]), "Cannot evaluate by video: only video Test001 of 2 has anomalous frames", parse=False),
     Row("anoms-one-normal-video", "fit_anoms", scored([[1] * 12, [0] * 6 + [1] * 6, [1] * 12]), "only video Test002 of 3 has normal frames", parse=False),
     Row("anoms-nan-labels", "fit_anoms", scored(TWO_CLASSES, nan_rows=(4, 5)), "Column 'y' must hold 0 or 1 in every row, but 2 of 36 rows do not: row 4 (video Test001, frame 5): nan", parse=False),
@@ -325,6 +374,8 @@ def test_bad_input_is_refused_in_one_line_and_touches_nothing(row, tmp_path, mon
     assert done.value.code == 2, err
     assert "Traceback" not in err
     assert row.message in err.strip().splitlines()[-1], err
+    if row.parse:  # argparse's errors too: one line, without the usage block
+        assert len(err.strip().splitlines()) == 1, err
     assert snapshot(tmp_path) == before
 
 

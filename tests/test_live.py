@@ -234,7 +234,7 @@ def test_input_errors(trained, clips, tmp_path):
         (["--input", tmp_path / "notes.txt"], "is not a video file"),
         (["--input", folder / "Test001.mp4", folder / "Test001.mp4"], "both named 'Test001'"),
         (["--input", folder / "Test001.mp4", "--fpr", "2"], "--fpr"),
-        (["--labels", folder / "labels.csv"], "--labels goes with --input"),
+        (["--labels", folder / "labels.csv"], "--labels: goes with --input"),
     ]
     for extra, message in cases:
         out = tmp_path / "out"

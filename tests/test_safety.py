@@ -30,7 +30,7 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="re
 
 TINY_PREP = ["--size", "16x24", "--n_layers", "3"]
 TINY_TRAIN = ["--config", "cpu", "--stack_sizes", "4,8", "--R0_channels", "3", "--nt", "4", "--batch_size", "2"]
-TINY_TRAIN += ["--samples_per_epoch", "8", "--val_samples", "4", "--verbose", "0"]
+TINY_TRAIN += ["--samples_per_epoch", "8", "--val_samples", "4", "--quiet"]
 
 
 def tree(path: Path) -> dict[str, str] | None:
@@ -129,7 +129,8 @@ def _rows_data_preparation(ws: Path, synthetic_root: Path, prepared: Path):
     (real.parent / "beside.txt").write_text("mine too\n")
     yield (
         "prep: --make_synthetic --overwrite over a real dataset",
-        ["data_preparation.py", "--make_synthetic", "--overwrite", "--raw_data", ws / "raw", "--size", "32x48"],
+        ["data_preparation.py", "--make_synthetic", "--overwrite", "--raw_data", ws / "raw", "--dataset", "UCSDped2"]
+        + ["--size", "32x48"],
         f"Refusing to replace {real}: it was not written by this pipeline",
     )
     yield "prep: output inside the dataset", _prep(ws / "data", ucsd / "Train", "Ped", "--overwrite"), "lies inside"

@@ -7,7 +7,7 @@ from conftest import run_script
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from models.data.store import load_labels, load_split
-from models.scoring import equal_error_rate, error_metrics, evaluate, min_max_per_video
+from models.scoring import anomaly_score, equal_error_rate, error_metrics, evaluate, min_max_per_video
 
 
 def run_scoring(data_root, dataset, model_dir, out, *options):
@@ -137,8 +137,12 @@ def test_outputs(scored):
     assert summary["window"] == 4  # and, by default, were predicted in windows of the training length
     assert summary["horizon"] == 1 and summary["per_window"] == 2  # by default the next frame, 2 per 4-frame window
     assert summary["warmup"] == 2
+    df = pd.read_pickle(scored / "df.pkl.gz")
+    data = df[df["predictable"]]
     for col in ("model_regularity", "copy_regularity", "model_mse", "model_E2", "copy_patch_max"):
-        assert 0 <= summary["metrics"][col]["micro_auc"] <= 1
+        valid = data[data[col].notna()]  # every frame pooled, the score oriented so that higher is anomalous
+        expected = roc_auc_score(valid["y"], anomaly_score(valid, col))
+        assert summary["metrics"][col]["micro_auc"] == pytest.approx(expected)
     for name in ("metrics.md", "roc.png", "scores.png", "Test002_prediction_error.gif"):
         assert (scored / name).is_file(), name
     assert "| regularity" in (scored / "metrics.md").read_text()

@@ -119,7 +119,7 @@ def test_two_workers_share_one_study_without_repeating_a_trial(study_dir):
         assert config["arguments"]["learning_rate"] == t.params["learning_rate"]
         assert config["arguments"]["stack_sizes"] == list(decode(TINY_SPACE["stack_sizes"], t.params["stack_sizes"]))
         # its settings as a train.py config, to train them again or --resume the trial
-        again = vars(train_script.parse_args(["--config", str(folder.with_suffix(".json"))]))
+        again = vars(train_script.parse_args(["--config", str(folder.with_suffix(".json")), "--dataset", "x"]))
         ran = config["arguments"]
         same = [k for k in ran if k not in ("model_dir", "preprocessed_data", "dataset", "verbose")]
         assert {k: _tuple(again[k]) for k in same} == {k: _tuple(ran[k]) for k in same}
@@ -161,7 +161,7 @@ def test_best_config_trains_with_train_py(study_dir, prepared, tmp_path):
     assert best["learning_rate"] == trial.params["learning_rate"]
     model_dir = tmp_path / "best"
     argv = ["--config", str(study_dir / "best_config.json"), "--preprocessed_data", str(prepared.parent)]
-    argv += ["--dataset", prepared.name, "--model_dir", str(model_dir), "--nb_epoch", "1", "--verbose", "0"]
+    argv += ["--dataset", prepared.name, "--model_dir", str(model_dir), "--nb_epoch", "1", "--quiet"]
     assert train_script.main(argv) == 0
     config = json.loads((model_dir / "config.json").read_text())
     assert config["arguments"]["learning_rate"] == best["learning_rate"]

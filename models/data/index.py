@@ -165,6 +165,17 @@ def resolve_root(raw_data: str | Path, dataset: str) -> Path:
     )
 
 
+def raw_datasets(raw_data: str | Path) -> list[str]:
+    """The datasets `resolve_root` can find under `raw_data`: folders holding Train/ or Test/, directly or in
+    UCSD_Anomaly_Dataset.v1p2/."""
+    raw_data = Path(raw_data)
+    names = set()
+    for parent in (raw_data, raw_data / "UCSD_Anomaly_Dataset.v1p2"):
+        if parent.is_dir():
+            names |= {p.name for p in parent.iterdir() if (p / "Train").is_dir() or (p / "Test").is_dir()}
+    return sorted(names)
+
+
 def _visible(folder: Path) -> list[Path]:
     """The entries of `folder`, without hidden ones (names starting with '.', as macOS's `._001.jpg`)."""
     return [p for p in folder.iterdir() if not p.name.startswith(".")]

@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 import contextlib
-import sys
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
-from models.cli import package_versions
+from models.cli import package_versions, progress
 from models.data import frames as frame_io
 from models.data.index import Video, build_index, labels_for
 from models.data.store import dump
 from models.errors import PipelineError
 from models.io import atomic_dir, write_json
 from models.shapes import check_frame_size
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -90,7 +91,7 @@ def prepare(root: str | Path, out_dir: str | Path, config: PrepareConfig, overwr
     test_has_labels = all(v.ranges is not None for v in videos if v.split == "test")
     with atomic_dir(out_dir, overwrite, stage="data_preparation", inputs=read_folders(root)) as tmp:
         with (
-            tqdm(total=None, unit="frame", desc="frames", leave=False, disable=None) as bar,
+            progress(total=None, unit="frame", desc="frames") as bar,
             # closed on leaving: an error or Ctrl-C in this loop stops the decoding processes at once
             contextlib.closing(
                 frame_io.read_videos(videos, config.size, channels, config.workers, bar, config.allow_truncated)
@@ -99,10 +100,12 @@ def prepare(root: str | Path, out_dir: str | Path, config: PrepareConfig, overwr
             for video, X, lost in decoded:
                 if lost:
                     truncated[video.name] = {"frames_kept": len(X), "frames_lost": lost}
-                    print(
-                        f"warning: video file {video.path} is truncated: {lost} of its {len(X) + lost} frames lost, "
-                        f"{len(X)} kept (--allow_truncated)",
-                        file=sys.stderr,
+                    log.warning(
+                        "video file %s is truncated: %d of its %d frames lost, %d kept (--allow_truncated)",
+                        video.path,
+                        lost,
+                        len(X) + lost,
+                        len(X),
                     )
                 split = split_of[video.name]
                 arrays[split][0].append(X)

@@ -1,0 +1,134 @@
+"""The scripts' command lines and output, without Keras: --help, the dataset rule, aliases, logging."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+import batch_scoring
+import data_preparation
+import fit_anoms
+import train
+from models.cli import choose_dataset, configure_output, keras_verbose, parser, progress
+
+SCRIPTS = ["data_preparation", "train", "batch_scoring", "fit_anoms", "serve", "tune", "export_model"]
+
+
+def help_text(script: str, *argv: str) -> str:
+    """`python SCRIPT ARGV --help` in a fresh interpreter, which must not import Keras to answer."""
+    code = (
+        f"import sys; import {script}\n"
+        "try:\n"
+        f"    {script}.parse_args(sys.argv[1:])\n"
+        "except SystemExit as done:\n"
+        "    assert done.code == 0, done.code\n"
+        "assert 'keras' not in sys.modules and 'tensorflow' not in sys.modules\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, *argv, "--help"], cwd=ROOT, capture_output=True, text=True, env={"COLUMNS": "200"}
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_shows_defaults_and_the_output_pair(script):
+    text = help_text(script)
+    assert "-q, --quiet" in text and "-v, --verbose" in text
+    for line in text.splitlines():  # an option with a default value says it
+        if line.strip().startswith("--seed"):
+            assert "(default: 0)" in line
+    if script in ("batch_scoring", "serve", "train", "tune"):  # the usage examples keep their continuations
+        assert " \\\n        " in text
+
+
+def test_help_shows_the_config_file_s_values():
+    default = help_text("train")
+    cpu = help_text("train", "--config", "cpu")
+    values = json.loads((ROOT / "config" / "cpu.json").read_text())
+    assert "--R0_channels R0_CHANNELS" in cpu and f"(default: {values['R0_channels']})" in cpu  # 4, not 16
+    assert "(default: 8,16)" in cpu and "(default: 48,96,192)" in default
+    assert "(default: 16)" in default and "(default: 200)" in default  # R0_channels and nb_epoch of default.json
+
+
+def test_help_of_the_other_scripts_shows_their_defaults():
+    assert "HEIGHTxWIDTH to resize to (must divide by 2^(n_layers-1)) (default: 152x232)" in help_text(
+        "data_preparation"
+    )
+    scoring = help_text("batch_scoring")
+    assert "(default: 15)" in scoring and "With labels, metrics.md also gives" in scoring
+    anoms = help_text("fit_anoms")
+    assert "--model_dir MODEL_DIR, --model_path MODEL_DIR" in anoms and "(default: best)" in anoms
+
+
+def store(root, *names):
+    for name in names:
+        (root / name).mkdir(parents=True)
+        (root / name / "metadata.json").write_text("{}")
+    return str(root)
+
+
+def test_the_only_prepared_dataset_is_taken(tmp_path):
+    root = store(tmp_path / "pre", "Mine")
+    args = train.parse_args(["--preprocessed_data", root])
+    assert args.dataset == "Mine" and args.model_dir == "outputs/models/Mine"
+    args = batch_scoring.parse_args(["--preprocessed_data", root])
+    assert (args.dataset, args.model_dir, args.scored_data) == ("Mine", "outputs/models/Mine", "outputs/scored/Mine")
+    store(tmp_path / "pre", "Other")  # two: the one named is taken, whatever else is there
+    assert train.parse_args(["--preprocessed_data", root, "--dataset", "Other"]).dataset == "Other"
+
+
+def test_data_preparation_finds_its_dataset_in_either_layout(tmp_path):
+    (tmp_path / "raw" / "UCSD_Anomaly_Dataset.v1p2" / "UCSDped2" / "Test").mkdir(parents=True)
+    assert data_preparation.parse_args(["--raw_data", str(tmp_path / "raw")]).dataset == "UCSDped2"
+    (tmp_path / "raw2" / "cam" / "Train").mkdir(parents=True)
+    assert data_preparation.parse_args(["--raw_data", str(tmp_path / "raw2")]).dataset == "cam"
+    assert data_preparation.parse_args(["--make_synthetic"]).dataset == "Synthetic"
+
+
+def test_fit_anoms_names_its_output_after_the_scored_folder_and_keeps_model_path(tmp_path):
+    args = fit_anoms.parse_args(["--scored_data", str(tmp_path / "scored" / "Cam3")])
+    assert args.model_dir == "outputs/anoms/Cam3" and args.classifier == "best"
+    args = fit_anoms.parse_args(["--scored_data", "s/Cam3/df.pkl.gz", "--model_path", str(tmp_path / "a")])
+    assert args.model_dir == str(tmp_path / "a")
+
+
+def test_choose_dataset_names_what_it_found(tmp_path, capsys):
+    p = parser("doc", prog="x.py")
+    assert choose_dataset(p, None, tmp_path, ["A"], "w") == "A"
+    assert choose_dataset(p, "B", tmp_path, ["A"], "w") == "B"
+    with pytest.raises(SystemExit):
+        choose_dataset(p, None, tmp_path, [], "a folder with metadata.json")
+    assert capsys.readouterr().err == (
+        f"x.py: error: argument --dataset: none given and {tmp_path} holds no dataset (a folder with "
+        "metadata.json); pass --dataset NAME\n"
+    )
+
+
+def test_quiet_and_verbose_set_logging_progress_and_keras(capsys, monkeypatch):
+    p = parser("doc", prog="x.py")
+    log = logging.getLogger("models.test_cli")
+    try:
+        args = p.parse_args([])
+        log.info("shown")
+        log.debug("hidden")
+        log.warning("careful")
+        out, err = capsys.readouterr()
+        assert out == "shown\n" and err == "warning: careful\n"
+        assert keras_verbose(args) == 2  # stdout is not a terminal here: one line per epoch
+        args = p.parse_args(["--quiet"])
+        log.info("hidden")
+        assert capsys.readouterr().out == "" and keras_verbose(args) == 0 and progress(range(3)).disable
+        monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "1")  # set by the user: kept
+        p.parse_args(["--verbose"])
+        log.debug("details")
+        assert capsys.readouterr().out == "debug models.test_cli: details\n"
+        assert logging.getLogger("absl").level == logging.NOTSET
+    finally:
+        configure_output(p.parse_args([]))
+    assert logging.getLogger("absl").level == logging.ERROR
