@@ -1,8 +1,10 @@
-"""Stage 2: train PredNet to predict the next frame of normal video.
+"""Stage 2: train PredNet to predict the next frame of normal video (or a ConvLSTM autoencoder to reconstruct it).
 
     python train.py --config config/default.json --preprocessed_data data/preprocessed --dataset UCSDped2 \
         --model_dir outputs/models/UCSDped2
     python train.py --config config/cpu.json ...        # small CPU profile: seconds, for the demo and tests
+    python train.py --model convlstm_ae ...             # the autoencoder, config/convlstm_ae.json (a GPU's)
+    python train.py --config convlstm_ae_cpu ...        # the autoencoder's small CPU profile
 
 On the GPU machine without TensorFlow: KERAS_BACKEND=jax python train.py ... (see docs/model_development.md).
 On several GPUs: KERAS_BACKEND=jax python train.py ... --distribute (data-parallel; see docs/tuning.md).
@@ -26,10 +28,23 @@ from models.args import (
 from models.cli import run
 from models.config import parse_with_config
 
+SPECS = ("convlstm_ae", "prednet")  # the names of models.registry.SPECS (checked there), without importing Keras
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="default", help="settings file in config/ (name or path); flags override it")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="settings file in config/ (name or path); flags override it (default: default, or convlstm_ae with "
+        "--model convlstm_ae)",
+    )
+    p.add_argument(
+        "--model",
+        choices=sorted(SPECS),
+        help="the model to train: prednet (next-frame prediction, the default) or convlstm_ae (a ConvLSTM "
+        "autoencoder of --nt-frame windows, Chong & Tay 2017); the model folder records it",
+    )
     p.add_argument("--preprocessed_data", type=folder, default="data/preprocessed")
     p.add_argument("--dataset", default="UCSDped2")
     p.add_argument("--model_dir", type=folder, default=None, help="output folder (default: outputs/models/<dataset>)")
@@ -84,6 +99,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=(),
         help="PredNet layers whose weights stay fixed, e.g. 0,1",
     )
+    g = p.add_argument_group("ConvLSTM autoencoder (--model convlstm_ae)")
+    g.add_argument("--ae_filters", type=ints_at_least(1), help="channels of the encoder convolutions, e.g. 128,64")
+    g.add_argument("--ae_kernels", type=ints_at_least(1), help="kernel sizes of the encoder convolutions, e.g. 11,5")
+    g.add_argument(
+        "--ae_strides",
+        type=ints_at_least(1),
+        help="strides of the encoder convolutions (frames must divide by their product)",
+    )
+    g.add_argument("--ae_lstm_filters", type=ints_at_least(1), help="channels of the ConvLSTM layers, e.g. 64,32,64")
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument(
         "--resume",
@@ -100,7 +124,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="data-parallel over all local accelerators, --batch_size split among them (JAX backend only; "
         "docs/tuning.md)",
     )
+    pre, _ = p.parse_known_args(argv)
+    if pre.config is None:  # the model's own default settings
+        p.set_defaults(config="convlstm_ae" if pre.model == "convlstm_ae" else "default")
     args = parse_with_config(p, argv)  # checks the config file's values with the same types
+    args.model = args.model or "prednet"
     _check_together(p, args)
     args.model_dir = args.model_dir or f"outputs/models/{args.dataset}"
     return args
@@ -129,7 +157,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from models.training import TrainSettings, summary_line, train  # imports Keras: after argument errors
 
-    settings = TrainSettings(**{k: v for k, v in vars(args).items() if k != "config"})
+    # Settings neither the config file nor the command line gives keep TrainSettings' defaults.
+    settings = TrainSettings(**{k: v for k, v in vars(args).items() if k != "config" and v is not None})
     config = train(settings)
     print(f"model -> {args.model_dir}/model.keras; {summary_line(config)}")
     return 0
