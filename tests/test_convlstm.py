@@ -349,3 +349,26 @@ def test_train_cli_knows_the_registry():
     assert train.parse_args(["--preprocessed_data", "p"]).model == "prednet"
     with pytest.raises(SystemExit):
         train.parse_args(["--model", "unet"])
+
+
+def test_compare_models_puts_both_models_and_the_baseline_in_one_table(trained, trained_ae, prepared, tmp_path):
+    out = tmp_path / "compare.md"
+    done = run_script(
+        "benchmarks/compare_models.py",
+        "--preprocessed_data",
+        prepared.parent,
+        "--dataset",
+        prepared.name,
+        "--model_dir",
+        trained,
+        trained_ae,
+        "--smooth",
+        "5",
+        "--out",
+        out,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    text = out.read_text()
+    header = text.splitlines()[2]
+    assert "m (PredNet)" in header and "m (ConvLSTM autoencoder)" in header and header.count("copy, scored as") == 2
+    assert "offline, SRC" in text and "live: calibrated score" in text and "scoring frames/s" in text
