@@ -247,6 +247,14 @@ def model_name(config: dict) -> str:
     return config.get(MODEL_KEY, DEFAULT_MODEL)
 
 
+def require_prednet(name: str, what: str) -> None:
+    """Refuses, in one line, a model other than PredNet where only PredNet is supported yet."""
+    if name != DEFAULT_MODEL:
+        raise PipelineError(
+            f"{what} supports PredNet models only; this one is {name!r} (score it with batch_scoring.py)."
+        )
+
+
 def load_frame_model(model_dir: str | Path, config: dict):
     """The frame model and the trained core layer of the model folder `model_dir`, as its config names it."""
     import models.convlstm_ae  # noqa: F401 (registers its layers for loading)

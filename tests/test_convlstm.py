@@ -372,3 +372,16 @@ def test_compare_models_puts_both_models_and_the_baseline_in_one_table(trained, 
     header = text.splitlines()[2]
     assert "m (PredNet)" in header and "m (ConvLSTM autoencoder)" in header and header.count("copy, scored as") == 2
     assert "offline, SRC" in text and "live: calibrated score" in text and "scoring frames/s" in text
+
+
+def test_prednet_only_stages_refuse_the_autoencoder_in_one_line(trained_ae, tmp_path):
+    from models.export import scorer_for_export
+    from models.service import ScoringModel, ServiceSettings
+    from models.tuning import base_settings
+
+    with pytest.raises(PipelineError, match="The export supports PredNet models only"):
+        scorer_for_export(trained_ae)
+    with pytest.raises(PipelineError, match="The service supports PredNet models only"):
+        ScoringModel(trained_ae, ServiceSettings())
+    with pytest.raises(PipelineError, match="The tuner supports PredNet models only"):
+        base_settings("convlstm_ae_cpu", preprocessed_data="p", dataset="d", model_dir=str(tmp_path / "m"))
