@@ -58,7 +58,7 @@ def score_model(model_dir, X, sources, y, args) -> dict:
         "protocols": protocol_table(df, args.smooth),
         "facts": {
             "window / scored per window": f"{cal.window} / {cal.per_window}",
-            f"val error / copy-last-frame's ({spec.mse_label})": f"{r[spec.mse_key] / r['copy_last_frame_mse']:.3f}",
+            "val error / copy-last-frame's": f"{r[spec.mse_key] / r['copy_last_frame_mse']:.3f} ({spec.mse_label})",
             "training: epochs, seconds": f"{r['epochs_run']}, {r['train_seconds']:.0f}",
             "training frames/s": f"{r['train_frames_per_s']:.0f}",
             "scoring frames/s (compile excluded)": f"{len(X) / seconds:.0f}",
