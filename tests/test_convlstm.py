@@ -385,3 +385,31 @@ def test_prednet_only_stages_refuse_the_autoencoder_in_one_line(trained_ae, tmp_
         ScoringModel(trained_ae, ServiceSettings())
     with pytest.raises(PipelineError, match="The tuner supports PredNet models only"):
         base_settings("convlstm_ae_cpu", preprocessed_data="p", dataset="d", model_dir=str(tmp_path / "m"))
+
+
+def test_same_reconstructions_on_tensorflow_and_jax(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    pytest.importorskip("jax")
+    model = build_training_model(3, (8, 8, 2), **TINY)
+    model.save(tmp_path / "m.keras")
+    frames = np.random.default_rng(6).random((2, 5, 8, 8, 2)).astype("float32")
+    np.save(tmp_path / "x.npy", frames)
+    expected = reconstructor(model).predict(frames, verbose=0)
+    script = (
+        "import sys, numpy as np, keras; sys.path.insert(0, sys.argv[1])\n"
+        "from models.convlstm_ae import reconstructor\n"
+        "m = keras.saving.load_model(sys.argv[2] + '/m.keras')\n"
+        "np.save(sys.argv[2] + '/r.npy', reconstructor(m).predict(np.load(sys.argv[2] + '/x.npy'), verbose=0))\n"
+        "print(keras.backend.backend())\n"
+    )
+    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(ROOT), str(tmp_path)], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "jax", done.stderr[-2000:]
+    np.testing.assert_allclose(np.load(tmp_path / "r.npy"), expected, atol=1e-5)
