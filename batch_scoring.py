@@ -1,4 +1,5 @@
-r"""Stage 3: score every frame with the trained PredNet: metrics, the live anomaly score, alarms, evaluation.
+r"""Stage 3: score every frame with the trained model (PredNet, or the ConvLSTM autoencoder: its folder says
+which): metrics, the live anomaly score, alarms, evaluation.
 
     # the test videos of a prepared dataset
     python batch_scoring.py --preprocessed_data data/preprocessed --dataset UCSDped2 \

@@ -1,8 +1,10 @@
-r"""Stage 2: train PredNet to predict the next frame of normal video.
+r"""Stage 2: train PredNet to predict the next frame of normal video (or a ConvLSTM autoencoder to reconstruct it).
 
     python train.py --config config/default.json --preprocessed_data data/preprocessed --dataset UCSDped2 \
         --model_dir outputs/models/UCSDped2
     python train.py --config config/cpu.json ...        # small CPU profile: seconds, for the demo and tests
+    python train.py --model convlstm_ae ...             # the autoencoder, config/convlstm_ae.json (a GPU's)
+    python train.py --config convlstm_ae_cpu ...        # the autoencoder's small CPU profile
 
 On the GPU machine without TensorFlow: KERAS_BACKEND=jax python train.py ... (see docs/model_development.md).
 On several GPUs: KERAS_BACKEND=jax python train.py ... --distribute (data-parallel; see docs/tuning.md).
@@ -29,13 +31,22 @@ from models.config import parse_with_config
 
 log = logging.getLogger(__name__)
 
+SPECS = ("convlstm_ae", "prednet")  # the names of models.registry.SPECS (checked there), without importing Keras
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = parser(__doc__)
     p.add_argument(
         "--config",
-        default="default",
-        help="settings file in config/ (name or path); the defaults shown below are its values, flags override them",
+        default=None,
+        help="settings file in config/ (name or path); the defaults shown below are its values, flags override "
+        "them (default: default, or convlstm_ae with --model convlstm_ae)",
+    )
+    p.add_argument(
+        "--model",
+        choices=sorted(SPECS),
+        help="the model to train: prednet (next-frame prediction, the default) or convlstm_ae (a ConvLSTM "
+        "autoencoder of --nt-frame windows, Chong & Tay 2017); the model folder records it",
     )
     p.add_argument(
         "--preprocessed_data", type=folder, default="data/preprocessed", help="folder data_preparation.py wrote into"
@@ -103,6 +114,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=(),
         help="PredNet layers whose weights stay fixed, e.g. 0,1 (default: none)",
     )
+    g = p.add_argument_group("ConvLSTM autoencoder (--model convlstm_ae)")
+    g.add_argument("--ae_filters", type=ints_at_least(1), help="channels of the encoder convolutions, e.g. 128,64")
+    g.add_argument("--ae_kernels", type=ints_at_least(1), help="kernel sizes of the encoder convolutions, e.g. 11,5")
+    g.add_argument(
+        "--ae_strides",
+        type=ints_at_least(1),
+        help="strides of the encoder convolutions (frames must divide by their product)",
+    )
+    g.add_argument("--ae_lstm_filters", type=ints_at_least(1), help="channels of the ConvLSTM layers, e.g. 64,32,64")
     p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the weights and the window sampling")
     p.add_argument(
         "--resume",
@@ -118,7 +138,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="data-parallel over all local accelerators, --batch_size split among them (JAX backend only; "
         "docs/tuning.md)",
     )
+    pre, _ = p.parse_known_args(argv)
+    if pre.config is None:  # the model's own default settings
+        p.set_defaults(config="convlstm_ae" if pre.model == "convlstm_ae" else "default")
     args = parse_with_config(p, argv)  # checks the config file's values with the same types
+    args.model = args.model or "prednet"
     _check_together(p, args)
     found = prepared_datasets(args.preprocessed_data)
     args.dataset = choose_dataset(p, args.dataset, args.preprocessed_data, found, "a folder with metadata.json")
@@ -150,7 +174,8 @@ def main(argv=None) -> int:
     import_keras()  # after argument errors, with the native libraries' start-up lines hidden
     from models.training import TrainSettings, summary_line, train
 
-    values = {k: v for k, v in vars(args).items() if k not in ("config", "quiet", "verbose")}
+    # Settings neither the config file nor the command line gives keep TrainSettings' defaults.
+    values = {k: v for k, v in vars(args).items() if k not in ("config", "quiet", "verbose") and v is not None}
     config = train(TrainSettings(**values, verbose=keras_verbose(args)))
     log.info("model -> %s/model.keras; %s", args.model_dir, summary_line(config))
     return 0

@@ -36,6 +36,7 @@ def scorer_for_export(model_dir: str | Path, per_window: int | None = None, unro
     """The window scorer of a model folder, its calibration, and the (window, per_window) it scores."""
     from models.inference import load_predictor
     from models.prednet import find_prednet, window_scorer
+    from models.registry import model_name, require_prednet
 
     model_dir = Path(model_dir)
     cal_path = model_dir / FILENAME
@@ -50,6 +51,7 @@ def scorer_for_export(model_dir: str | Path, per_window: int | None = None, unro
             f"per_window must be 1 to the window ({calibration.window}). Received: per_window={per_window}"
         )
     model, trained, config = load_predictor(model_dir)
+    require_prednet(model_name(config), "The export")
     scorer = window_scorer(find_prednet(model), calibration.window, per_window, unroll)
     return scorer, calibration, config, per_window
 

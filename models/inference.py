@@ -34,13 +34,19 @@ def default_per_window(window: int | None, horizon: int) -> int:
 
 
 def load_predictor(model_dir: str | Path, output_mode: str = "all"):
-    """The trained model of `model_dir`, turned into one that outputs `output_mode`, and its config.json."""
+    """The trained model of `model_dir`, turned into one that outputs `output_mode`, and its config.json.
+
+    A folder holding another model than PredNet (config.json's `model`) gives that model's frame model
+    (`models.registry`) and its trained core layer instead."""
     from models.prednet import find_prednet, load_model, predictor
+    from models.registry import DEFAULT_MODEL, load_frame_model, model_name
 
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise PipelineError(f"Model folder {model_dir} does not exist; run train.py first.")
     config = read_json(model_dir / "config.json")
+    if model_name(config) != DEFAULT_MODEL:
+        return (*load_frame_model(model_dir, config), config)
     trained = find_prednet(load_model(model_dir / "model.keras"))
     return predictor(trained, output_mode), trained, config
 
@@ -58,7 +64,8 @@ def predict_videos(
     """Predicts every frame of every video from earlier frames of the same video only.
 
     Args:
-        model: a predicting model (`predictor(..., "all")`).
+        model: a predicting model (`predictor(..., "all")`), or another model's frame model, which scores
+            the frames its own way (`models.registry`).
         X: (n, h, w, c) uint8 frames, the frames of each video contiguous.
         sources: the video of each frame.
         batch_size: sequences per model call (videos, or windows when `window` is set).
@@ -94,6 +101,8 @@ def predict_videos(
             f"fewer frames per window than the window ({window}). Received: per_window {per_window}, horizon "
             f"{horizon}"
         )
+    if hasattr(model, "predict_videos"):  # another model's frame model (models.registry)
+        return model.predict_videos(X, sources, batch_size, window, horizon, per_window, progress)
     start = time.perf_counter()
     if window:
         predictions, errors = _predict_windows(model, X, sources, batch_size, window, horizon, per_window, progress)

@@ -23,7 +23,7 @@ from models.calibration import (
     local_errors,
 )
 from models.data.store import video_slices
-from models.inference import default_per_window, frame_contexts, predict_videos
+from models.inference import frame_contexts, predict_videos
 
 
 def predictable_mask(sources: np.ndarray, first_scored: int) -> np.ndarray:
@@ -39,10 +39,12 @@ def scoring_settings(
 ) -> dict:
     """Window, frames per window, horizon and first scored frame: the model's training window and the
     defaults of batch_scoring.py unless given."""
+    from models.registry import get, model_name
+
     window = config.get("arguments", {}).get("nt", 0) if window is None else window
     return {
         "window": int(window),
-        "per_window": int(per_window or default_per_window(window, horizon)),
+        "per_window": int(per_window or get(model_name(config)).default_per_window(window, horizon)),
         "horizon": horizon,
         "first_scored": int(warmup + horizon - 1),
     }
@@ -112,13 +114,14 @@ def score_frames(
         predictions: (n, h, w, c) the model's predictions.
         fps: frames scored per second.
     """
-    from models.scoring import add_regularity, build_frame_table
+    from models.scoring import add_regularity, add_src, build_frame_table
 
     c = calibration
     predictions, layer_errors, fps = predict_videos(
         model, X, sources, batch_size, c.window, c.horizon, c.per_window, progress
     )
-    df = build_frame_table(X, sources, y, predictions, layer_errors, patch, c.first_scored)
+    error_names = getattr(model, "error_names", None)
+    df = build_frame_table(X, sources, y, predictions, layer_errors, patch, c.first_scored, error_names)
     contexts = frame_contexts(sources, c.window, c.per_window, c.horizon)
     columns, heats = apply_calibration(
         c, _local(X, sources, predictions, c.cell), contexts, df["predictable"].to_numpy(), sources
@@ -127,6 +130,7 @@ def score_frames(
         columns[f"{source}_psnr_ctx"] = df[f"{source}_psnr"].to_numpy() + c.psnr_offset(source, contexts)
     df = pd.concat([df, pd.DataFrame(columns, index=df.index)], axis=1)
     df = add_regularity(df)
+    df = add_src(df, c.window or 1, int(np.prod(X.shape[1:])))
     df["context"] = contexts
     df["score"] = df["model_score"]
     rule = rule or AlarmRule(c.threshold)

@@ -121,10 +121,10 @@ def plot_importances(table: pd.DataFrame, path: Path, classifier: str, folds: in
     _save(fig, path)
 
 
-def plot_history(history_csv: Path, out_png: Path, copy_loss: float | None = None) -> None:
+def plot_history(history_csv: Path, out_png: Path, copy_loss: float | None = None, title: str = "PredNet") -> None:
     """Training and validation loss per epoch, the best validation epoch, and the loss of copying the last
     frame on the validation windows (`copy_loss`, on the loss's own scale; None where the loss counts layers
-    above the pixels, which copying has no value for)."""
+    above the pixels, which copying has no value for, or is another model's)."""
     hist = pd.read_csv(history_csv)
     epochs = hist["epoch"] + 1
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -138,10 +138,14 @@ def plot_history(history_csv: Path, out_png: Path, copy_loss: float | None = Non
     if copy_loss is not None:
         ax.axhline(copy_loss, color="tab:red", ls="--", lw=1.2, label="copy last frame (validation windows)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    prednet = title == "PredNet"
     ax.set(
         xlabel="epoch",
-        ylabel="loss: half the mean absolute pixel error\n(pixels in [0, 1]; weighted by layer)",
-        title="PredNet training: next-frame prediction error per epoch",
+        ylabel="loss: half the mean absolute pixel error\n(pixels in [0, 1]; weighted by layer)"
+        if prednet
+        else "loss: reconstruction error of the window\n(pixels in [0, 1])",
+        title=f"{title} training: "
+        + ("next-frame prediction error per epoch" if prednet else "reconstruction error per epoch"),
     )
     ax.legend(fontsize=8)
     _save(fig, out_png)

@@ -26,6 +26,10 @@ def protocol_columns(smooth: int) -> dict[str, tuple[str, str]]:
             f"copy_{offline}",
         ),
         "offline, unsmoothed: regularity, min-max per video": ("model_regularity", "copy_regularity"),
+        "offline, SRC: summed L2 error of the window ending at the frame, 1 - (e - min) / max per video": (
+            "model_src_regularity",
+            "copy_src_regularity",
+        ),
         "live: calibrated score, causal, one threshold": ("model_score", "copy_score"),
     }
 

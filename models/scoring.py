@@ -16,7 +16,7 @@ from models.data.store import video_slices
 
 PERCENTILES = (50, 75, 90, 95, 99)
 # Metrics where a larger value means a more normal frame; evaluation negates them.
-HIGHER_IS_NORMAL = ("psnr", "regularity")
+HIGHER_IS_NORMAL = ("psnr", "regularity", "src_regularity")
 
 
 def error_metrics(frames: np.ndarray, predictions: np.ndarray, patch: int = 16) -> dict[str, np.ndarray]:
@@ -70,6 +70,35 @@ def add_regularity(df: pd.DataFrame, prefixes=("model", "copy")) -> pd.DataFrame
     return df
 
 
+def src_regularity(values: pd.Series, videos: pd.Series) -> pd.Series:
+    """1 - (e - min) / max within each video: the regularity of a sequence reconstruction cost e as in
+    Chong & Tay 2017 and the seed (divided by the video's largest cost, not by its range)."""
+    grouped = values.groupby(videos)
+    lo, hi = grouped.transform("min"), grouped.transform("max")
+    scaled = (values - lo) / hi.replace(0, np.nan)
+    return 1 - scaled.where(hi != 0, 0.0).where(values.notna())  # a video with no cost at all: regular
+
+
+def add_src(df: pd.DataFrame, window: int, pixels: int, prefixes=("model", "copy")) -> pd.DataFrame:
+    """Adds `<prefix>_src` where missing and `<prefix>_src_regularity`: the sequence reconstruction cost
+    (SRC) of the `window` frames ending at each frame, and its regularity per video (`src_regularity`).
+
+    A model that reconstructs whole windows gives its own SRC (`model_src`: the summed L2 norm of the
+    errors of one reconstruction of the window). For a source of one frame at a time (PredNet's
+    predictions, the copy baseline) it is the trailing sum over the window of each frame's L2 error norm,
+    sqrt(mse * pixels); frames with no score add nothing. Every frame of the sum is at or before the frame
+    scored, but the per-video scaling needs the whole video: an offline score.
+    """
+    for prefix in prefixes:
+        column = f"{prefix}_src"
+        if column not in df:
+            norms = pd.Series(np.sqrt(df[f"{prefix}_mse"].to_numpy() * pixels), index=df.index)
+            summed = norms.groupby(df["video"]).transform(lambda v: v.rolling(window, min_periods=1).sum())
+            df[column] = summed.where(df["predictable"])
+        df[f"{prefix}_src_regularity"] = src_regularity(df[column], df["video"])
+    return df
+
+
 def smooth(df: pd.DataFrame, features: list[str], window: int) -> pd.DataFrame:
     """Centred rolling mean of each feature over `window` neighbouring frames of the same video (it looks
     window // 2 frames ahead, so it suits offline scoring, not a live alarm)."""
@@ -103,11 +132,15 @@ def add_smoothed(df: pd.DataFrame, window: int, prefixes=("model", "copy")) -> p
     return df
 
 
-def build_frame_table(X, sources, y, predictions, layer_errors, patch: int, first_scored: int = 1) -> pd.DataFrame:
+def build_frame_table(
+    X, sources, y, predictions, layer_errors, patch: int, first_scored: int = 1, error_names=None
+) -> pd.DataFrame:
     """One row per test frame: video, frame (1-based), label, predictable, model and baseline metrics.
 
     The first `first_scored` frames of each video (at least the first, which nothing precedes) are kept
     with `predictable = False` and NaN metrics: the model had too little of the video to predict them from.
+    The model's own errors per frame (`layer_errors`, n x k) become columns `model_<name>` for `error_names`
+    (default: PredNet's layer errors, E0, E1, ...).
     """
     frames = X.astype(np.float32) / 255.0
     previous = np.empty_like(frames)
@@ -123,8 +156,9 @@ def build_frame_table(X, sources, y, predictions, layer_errors, patch: int, firs
         df["y"] = y.astype(int)
     df["predictable"] = predictable
     columns = score_frame(frames, predictions, predictable, "model", patch)
-    for l in range(layer_errors.shape[1]):
-        columns[f"model_E{l}"] = np.where(predictable, layer_errors[:, l], np.nan)
+    names = error_names or [f"E{l}" for l in range(layer_errors.shape[1])]
+    for l, name in enumerate(names):
+        columns[f"model_{name}"] = np.where(predictable, layer_errors[:, l], np.nan)
     columns |= score_frame(frames, previous, predictable, "copy", patch)
     df = pd.concat([df, pd.DataFrame(columns)], axis=1)
     return add_regularity(df)

@@ -124,8 +124,10 @@ class ScoringModel:
             raise PipelineError(f"{cal_path} scores whole videos (window 0); the service needs a windowed one.")
         from models.inference import load_predictor  # Keras, once the folder is known to be usable
         from models.prednet import find_prednet, window_scorer
+        from models.registry import model_name, require_prednet
 
         self.model, trained, self.config = load_predictor(self.model_dir)
+        require_prednet(model_name(self.config), "The service")  # its stream scorer is PredNet's window scorer
         self.frame_shape = tuple(int(v) for v in trained.frame_shape)
         self.rule = AlarmRule(self.calibration.threshold, settings.alarm_min_frames, settings.alarm_gap)
         self.stream_scorer = window_scorer(find_prednet(self.model), self.calibration.window, 1)

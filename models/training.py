@@ -16,6 +16,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+import models.convlstm_ae  # noqa: F401 (registers the autoencoder's layers, for load_model)
 from models.calibration import FILENAME as CALIBRATION_FILE
 from models.data.store import dataset_dir, load_split, read_metadata, video_slices
 from models.errors import PipelineError
@@ -34,9 +35,8 @@ from models.io import (
     write_json,
     write_marker,
 )
-from models.prednet import build_training_model, find_prednet, load_model, predictor, prednet_kwargs
-from models.prednet.layers import OUTPUT_MODES, UNIT_TYPES
-from models.shapes import check_frame_size
+from models.prednet import find_prednet, load_model, predictor
+from models.registry import MODEL_KEY, get
 
 log = logging.getLogger(__name__)
 
@@ -261,6 +261,7 @@ def _read_state(ckpt: Path, frame_shape: tuple[int, int, int], nt: int) -> dict:
             "monitor": str(state["monitor"]),
             "frame_shape": [int(v) for v in state["frame_shape"]],
             "nt": int(state["nt"]),
+            MODEL_KEY: str(state.get(MODEL_KEY, "prednet")),  # runs from before the choice trained PredNet
         }
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise PipelineError(
@@ -337,6 +338,7 @@ class TrainSettings:
     preprocessed_data: str
     dataset: str
     model_dir: str
+    model: str = "prednet"  # a name in models.registry.SPECS
     stack_sizes: tuple[int, ...] = (48, 96, 192)
     R0_channels: int | None = None
     filter_sizes: tuple[int, int, int] = (3, 3, 3)
@@ -361,12 +363,11 @@ class TrainSettings:
     overwrite: bool = False
     verbose: int = 1
     distribute: bool = False  # data-parallel over all local devices (JAX): models.distribute
-
-
-def _check_output_mode(mode: str, n_layers: int) -> None:
-    valid = list(OUTPUT_MODES) + [f"{u}{n}" for n in range(n_layers) for u in UNIT_TYPES]
-    if mode not in valid:
-        raise PipelineError(f"Unknown output mode {mode!r}; expected one of {valid}.")
+    # The ConvLSTM autoencoder (--model convlstm_ae): encoder convolutions and the ConvLSTM bottleneck.
+    ae_filters: tuple[int, ...] = (128, 64)
+    ae_kernels: tuple[int, ...] = (11, 5)
+    ae_strides: tuple[int, ...] = (4, 2)
+    ae_lstm_filters: tuple[int, ...] = (64, 32, 64)
 
 
 def freeze(model: keras.Model, layers) -> None:
@@ -389,15 +390,17 @@ def fit_normal_calibration(model, s: TrainSettings, X_train, src_train, X_val, s
     X = np.concatenate([X_train, X_val])
     sources = np.concatenate([src_train, src_val])
     tail = set(src_val.tolist()) or set(src_train.tolist())
-    settings = scoring_settings({"arguments": {"nt": s.nt}})
+    settings = scoring_settings({"arguments": {"nt": s.nt}, MODEL_KEY: s.model})
     fitted_on = {"train_frames": len(X_train), "val_frames": len(X_val), "tail_videos": sorted(tail)}
-    return calibrate(predictor(model, "all"), X, sources, tail, settings, batch_size=64, fitted_on=fitted_on)
+    frames = get(s.model).frame_model(model)
+    return calibrate(frames, X, sources, tail, settings, batch_size=64, fitted_on=fitted_on)
 
 
 def train(s: TrainSettings, extra_callbacks: list[keras.callbacks.Callback] | None = None) -> dict:
-    """Trains PredNet and writes model.keras, calibration.json, config.json, history.csv, history.png and
-    checkpoints/ to `s.model_dir`, as one: killed at any moment, `s.model_dir` holds the previous complete
-    model (or nothing), and the interrupted run can be continued with `resume`.
+    """Trains the model `s.model` names (PredNet by default; `models.registry`) and writes model.keras,
+    calibration.json, config.json, history.csv, history.png and checkpoints/ to `s.model_dir`, as one: killed
+    at any moment, `s.model_dir` holds the previous complete model (or nothing), and the interrupted run can
+    be continued with `resume`.
 
     The run trains in a staging folder beside the model folder, `.<name>.partial` (`staging_dir`), marked as
     train.py's. After every epoch its `checkpoints/` is replaced as a whole (`_Checkpoints`). At the end the
@@ -427,9 +430,7 @@ def train(s: TrainSettings, extra_callbacks: list[keras.callbacks.Callback] | No
     """
     data_dir = dataset_dir(s.preprocessed_data, s.dataset)
     meta = read_metadata(data_dir)
-    n_layers = len(s.stack_sizes) + 1
-    check_frame_size(meta["height"], meta["width"], n_layers)
-    _check_output_mode(s.output_mode, n_layers)
+    get(s.model).check_settings(s, meta)
     if s.max_minutes is not None and not s.max_minutes > 0:
         raise PipelineError(f"--max_minutes must be positive. Received: {s.max_minutes}")
     if s.nt < 2:
@@ -457,6 +458,7 @@ def _train_locked(
 ) -> dict:
     """The body of `train`, run under the lock of `model_dir` once `_open_run` has decided what to do."""
     frame_shape = (meta["height"], meta["width"], meta["channels"])
+    spec = get(s.model)
 
     if s.distribute:  # before any model is built: weights are laid out on the devices when created
         from models.distribute import setup_data_parallel
@@ -488,9 +490,13 @@ def _train_locked(
 
     initial_epoch, rows = 0, []
     state = {"epoch": -1, "best": None, "best_epoch": None, "wait": 0, "monitor": monitor}
-    state |= {"frame_shape": list(frame_shape), "nt": s.nt}
+    state |= {"frame_shape": list(frame_shape), "nt": s.nt, MODEL_KEY: s.model}
     if resume_from is not None:
         state = _read_state(resume_from, frame_shape, s.nt)
+        if state[MODEL_KEY] != s.model:
+            raise PipelineError(
+                f"Cannot resume from {resume_from}: that run trained --model {state[MODEL_KEY]}, not --model {s.model}."
+            )
         if state["monitor"] != monitor:
             raise PipelineError(
                 f"Cannot resume from {resume_from}: that run monitored {state['monitor']}, this data gives {monitor}."
@@ -499,27 +505,10 @@ def _train_locked(
         initial_epoch = state["epoch"] + 1
         rows = _read_history(resume_from / "history.csv", state["epoch"])
     else:
-        kwargs = prednet_kwargs(frame_shape[2], s.stack_sizes, s.filter_sizes, s.R0_channels)
-        if s.fine_tuning:
-            base = find_prednet(load_model(Path(s.fine_tuning) / "model.keras"))
-            if base.frame_shape != frame_shape:
-                raise PipelineError(
-                    f"Model in {s.fine_tuning} takes frames {base.frame_shape}, the data has {frame_shape}."
-                )
-            kwargs = {
-                k: v
-                for k, v in base.get_config().items()
-                if k in ("stack_sizes", "R_stack_sizes", "A_filt_sizes", "Ahat_filt_sizes", "R_filt_sizes", "pixel_max")
-            }
-        try:
-            model = build_training_model(s.nt, frame_shape, s.layer_loss_weights, s.horizon, **kwargs)
-        except ValueError as err:
-            raise PipelineError(str(err)) from None
-        if s.fine_tuning:
-            find_prednet(model).set_weights(base.get_weights())
+        model = spec.build(s, frame_shape)
         model.compile(optimizer=keras.optimizers.Adam(s.learning_rate), loss="mae")
-    freeze(model, s.freeze_layers)
     if s.freeze_layers:  # trainable flags take effect at compile time
+        freeze(model, s.freeze_layers)
         model.compile(optimizer=model.optimizer, loss="mae")
 
     # Every check has passed: only now is anything written, and only beside model_dir until the end.
@@ -557,12 +546,12 @@ def _train_locked(
     seconds = time.perf_counter() - start
     ckpt = run_dir / "checkpoints"
     if (ckpt / "best.keras").is_file():
-        find_prednet(model).set_weights(find_prednet(load_model(ckpt / "best.keras")).get_weights())
+        spec.core(model).set_weights(spec.core(load_model(ckpt / "best.keras")).get_weights())
 
     eval_data = val_data or WindowDataset(
         X_train, src_train, s.nt, s.batch_size, shuffle=False, step=s.nt, samples_per_epoch=s.val_samples
     )
-    mse_model, mse_copy = next_frame_mse(model, eval_data)
+    mse_model, mse_copy = spec.eval_mse(model, eval_data)
     calibration = fit_normal_calibration(model, s, X_train, src_train, X_val, src_val)
     with atomic_file(run_dir / "model.keras") as tmp:
         model.save(tmp)
@@ -571,15 +560,20 @@ def _train_locked(
         _write_history(checkpoints.rows, tmp)
     from models.plots import plot_history
 
-    only_pixels = s.horizon == 1 and not any(s.layer_loss_weights[1:])  # L_0: copying has a loss to compare
+    # PredNet with L_0: copying the last frame has a loss on the same scale to compare with.
+    only_pixels = s.model == "prednet" and s.horizon == 1 and not any(s.layer_loss_weights[1:])
     plot_history(
-        run_dir / "history.csv", run_dir / "history.png", copy_last_frame_loss(eval_data) if only_pixels else None
+        run_dir / "history.csv",
+        run_dir / "history.png",
+        copy_last_frame_loss(eval_data) if only_pixels else None,
+        spec.title,
     )
     steady = throughput.rates[1:] or throughput.rates
     config = {
         "arguments": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(s).items()},
+        MODEL_KEY: s.model,
         "frame_shape": list(frame_shape),
-        "prednet": find_prednet(model).get_config(),
+        s.model: spec.core(model).get_config(),
         "data": {k: meta[k] for k in ("source", "height", "width", "channels", "frames", "videos")},
         "results": {
             "epochs_run": len(throughput.rates),
@@ -590,7 +584,7 @@ def _train_locked(
             "train_seconds": round(seconds, 1),
             "train_frames_per_s": round(float(np.median(steady)), 1) if steady else None,
             "eval_split": "val" if val_data is not None else "train",
-            "next_frame_mse": mse_model,
+            spec.mse_key: mse_model,
             "copy_last_frame_mse": mse_copy,
             "backend": keras.backend.backend(),
         },
@@ -602,12 +596,13 @@ def _train_locked(
 
 
 def summary_line(config: dict) -> str:
-    r = config["results"]
-    better = "better" if r["next_frame_mse"] < r["copy_last_frame_mse"] else "WORSE"
+    r, spec = config["results"], get(config.get(MODEL_KEY, "prednet"))
+    mse = r[spec.mse_key]
+    better = "better" if mse < r["copy_last_frame_mse"] else "WORSE"
     return (
-        f"{r['eval_split']} next-frame MSE {r['next_frame_mse']:.6f} vs copy-last-frame {r['copy_last_frame_mse']:.6f} "
-        f"({better} than the baseline, ratio {r['next_frame_mse'] / max(r['copy_last_frame_mse'], 1e-12):.3f}); "
+        f"{r['eval_split']} {spec.mse_label} {mse:.6f} vs copy-last-frame {r['copy_last_frame_mse']:.6f} "
+        f"({better} than the baseline, ratio {mse / max(r['copy_last_frame_mse'], 1e-12):.3f}); "
         f"{r['epochs_run']} epochs in {r['train_seconds']} s, {r['train_frames_per_s']} frames/s"
         + (" (stopped by --max_minutes)" if r.get("stopped_by_time_budget") else "")
-        + ("" if math.isfinite(r["next_frame_mse"]) else " (NaN loss!)")
+        + ("" if math.isfinite(mse) else " (NaN loss!)")
     )

@@ -26,6 +26,7 @@ from models.data.store import dataset_dir, load_split, read_metadata
 from models.errors import PipelineError
 from models.io import atomic_file, read_json, write_json
 from models.prednet import find_prednet, predictor
+from models.registry import require_prednet
 from models.shapes import check_frame_size
 from models.training import TrainSettings, WindowDataset, next_frame_mse, train
 
@@ -119,7 +120,9 @@ def base_settings(config: str, **overrides) -> tuple[dict, TrainSettings]:
     if unknown:
         raise PipelineError(f"Config {config} has unknown settings: {unknown}.")
     typed = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-    return values, TrainSettings(**(typed | overrides))
+    settings = TrainSettings(**(typed | overrides))
+    require_prednet(settings.model, "The tuner")  # its objective and pruning read PredNet's next-frame error
+    return values, settings
 
 
 def check_space(space: dict[str, dict], base: TrainSettings) -> None:
