@@ -138,9 +138,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="data-parallel over all local accelerators, --batch_size split among them (JAX backend only; "
         "docs/tuning.md)",
     )
-    pre, _ = p.parse_known_args(argv)
-    if pre.config is None:  # the model's own default settings
-        p.set_defaults(config="convlstm_ae" if pre.model == "convlstm_ae" else "default")
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # --model first, before --help answers
+    pre.add_argument("--model")  # checked by the full parser
+    if p.get_default("config") is None:  # the model's own default settings
+        model = pre.parse_known_args(argv)[0].model
+        p.set_defaults(config="convlstm_ae" if model == "convlstm_ae" else "default")
     args = parse_with_config(p, argv)  # checks the config file's values with the same types
     args.model = args.model or "prednet"
     _check_together(p, args)

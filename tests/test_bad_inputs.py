@@ -313,7 +313,7 @@ ROWS = [
     Row("train-config-precision", "train", config_file({"precision": "fp8"}), "--precision (from config my.json): invalid choice 'fp8'"),
     Row("train-dataset-several", "train", stores("A", "B"), "argument --dataset: pre holds 2 datasets (A, B); pass --dataset NAME"),
     Row("train-dataset-none", "train", stores(), "argument --dataset: none given and pre does not exist"),
-    Row("train-prefix", "train", args("--model", "x"), "train.py: error: unrecognized arguments: --model x"),
+    Row("train-prefix", "train", args("--model_d", "x"), "train.py: error: unrecognized arguments: --model_d x"),
     Row("train-quiet-and-verbose", "train", args("-q", "-v"), "argument -v/--verbose: not allowed with argument -q/--quiet"),
     # batch_scoring.py arguments
     Row("score-dataset-several", "batch_scoring", stores("A", "B"), "argument --dataset: pre holds 2 datasets (A, B); pass --dataset NAME"),

@@ -344,9 +344,9 @@ def test_train_cli_knows_the_registry():
     from models.registry import SPECS
 
     assert sorted(train.SPECS) == sorted(SPECS)
-    args = train.parse_args(["--model", "convlstm_ae", "--preprocessed_data", "p"])
+    args = train.parse_args(["--model", "convlstm_ae", "--preprocessed_data", "p", "--dataset", "d"])
     assert args.config == "convlstm_ae" and args.ae_strides == (4, 2) and args.strides == (1, 2, 3, 4)
-    assert train.parse_args(["--preprocessed_data", "p"]).model == "prednet"
+    assert train.parse_args(["--preprocessed_data", "p", "--dataset", "d"]).model == "prednet"
     with pytest.raises(SystemExit):
         train.parse_args(["--model", "unet"])
 
