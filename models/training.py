@@ -447,9 +447,13 @@ def train(s: TrainSettings, extra_callbacks: list[keras.callbacks.Callback] | No
     model_dir = Path(s.model_dir)
     inputs = [data_dir, s.fine_tuning]
     check_inputs(model_dir, inputs)
-    with output_lock(model_dir):
-        run_dir, resume_from = _open_run(s, model_dir, inputs)
-        return _train_locked(s, data_dir, meta, model_dir, run_dir, resume_from, extra_callbacks)
+    policy = keras.config.dtype_policy()
+    try:
+        with output_lock(model_dir):
+            run_dir, resume_from = _open_run(s, model_dir, inputs)
+            return _train_locked(s, data_dir, meta, model_dir, run_dir, resume_from, extra_callbacks)
+    finally:  # --precision is this run's: models built after it (scoring, the next trial) get the old policy
+        keras.config.set_dtype_policy(policy)
 
 
 def _train_locked(

@@ -148,9 +148,10 @@ class UnrolledPredNet(keras.layers.Layer):
 
     def call(self, frames, fed):
         state = self.prednet._initial_state(ops.shape(frames)[0])
+        params = self.prednet.step_params()
         outputs = []
         for t in range(self.steps):
-            state, out = self.prednet.step(state, (frames[:, t], fed[:, t]))
+            state, out = self.prednet.step(state, (frames[:, t], fed[:, t]), params)
             outputs.append(out)
         return {k: ops.stack([o[k] for o in outputs], axis=1) for k in outputs[0]}
 
