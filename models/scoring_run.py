@@ -170,8 +170,9 @@ def run_scoring(args, inputs: ScoringInputs, out: Path) -> dict:
     rule = AlarmRule(cal.threshold, args.alarm_min_frames, args.alarm_gap)
     with tqdm(total=len(X), unit="frame", desc="scoring", disable=None, leave=False) as bar:
         df, heats, predictions, rate = score_frames(
-            inputs.model, X, sources, cal, inputs.y, args.batch_size, args.patch, rule, bar
-        )
+            inputs.model, X, sources, cal, inputs.y, args.batch_size, args.patch, rule, bar,
+            maps=bool(args.save_prediction_error_video_frames),
+        )  # fmt: skip
     print(
         f"scored {len(X)} frames of {len(set(sources))} videos at {rate:.0f} frames/s (compilation included), "
         f"each from the frames before it ({cal.per_window} per {cal.window}-frame window)"

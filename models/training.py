@@ -58,16 +58,28 @@ def window_starts(sources: np.ndarray, nt: int, strides=(1,), step: int = 1) -> 
 
 
 class WindowDataset(keras.utils.PyDataset):
-    """Batches of `nt`-frame windows in [0, 1], never crossing from one video into the next.
+    """Batches of `nt`-frame windows in [0, 1] (or uint8 as stored), never crossing from one video into the next.
 
     Targets are zeros: the training model outputs its weighted prediction error, trained towards 0.
     """
 
     def __init__(
-        self, X, sources, nt, batch_size, strides=(1,), shuffle=True, samples_per_epoch=None, step=1, seed=0, **kwargs
+        self,
+        X,
+        sources,
+        nt,
+        batch_size,
+        strides=(1,),
+        shuffle=True,
+        samples_per_epoch=None,
+        step=1,
+        seed=0,
+        uint8=False,
+        **kwargs,
     ):
         super().__init__(**kwargs)
         self.X, self.nt, self.batch_size, self.shuffle = X, nt, batch_size, shuffle
+        self.uint8 = uint8  # batches of frames as stored, for a model that scales them on the device
         self.windows = window_starts(sources, nt, strides, step)
         if len(self.windows) == 0:
             raise PipelineError(f"No {nt}-frame windows fit in any video; lower --nt.")
@@ -94,7 +106,9 @@ class WindowDataset(keras.utils.PyDataset):
         return rows[:, :1] + rows[:, 1:] * np.arange(self.nt)
 
     def __getitem__(self, index):
-        x = self.X[self.frame_indices(index)].astype(np.float32) / 255.0
+        x = self.X[self.frame_indices(index)]
+        if not self.uint8:
+            x = x.astype(np.float32) / 255.0
         return x, np.zeros((len(x), 1), np.float32)
 
 
@@ -115,6 +129,7 @@ def next_frame_mse(
     count = 0
     for i in range(len(dataset)):
         x, _ = dataset[i]
+        x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x
         pred = np.asarray(pred_model.predict_on_batch(x), dtype=np.float32)
         se_model += float(((pred[:, 1:] - x[:, 1:]) ** 2).sum())
         se_copy += float(((x[:, :-1] - x[:, 1:]) ** 2).sum())
@@ -523,12 +538,17 @@ def _train_locked(
                 if k in ("stack_sizes", "R_stack_sizes", "A_filt_sizes", "Ahat_filt_sizes", "R_filt_sizes", "pixel_max")
             }
         try:
-            model = build_training_model(s.nt, frame_shape, s.layer_loss_weights, s.horizon, **kwargs)
+            model = build_training_model(s.nt, frame_shape, s.layer_loss_weights, s.horizon, uint8=True, **kwargs)
         except ValueError as err:
             raise PipelineError(str(err)) from None
         if s.fine_tuning:
             find_prednet(model).set_weights(base.get_weights())
         model.compile(optimizer=keras.optimizers.Adam(s.learning_rate), loss="mae")
+    # Frames go to the device as stored (uint8) and are scaled there, unless the model is a checkpoint from
+    # before that, which takes floats.
+    for data in (train_data, val_data):
+        if data is not None:
+            data.uint8 = model.inputs[0].dtype == "uint8"
     freeze(model, s.freeze_layers)
     if s.freeze_layers:  # trainable flags take effect at compile time
         model.compile(optimizer=model.optimizer, loss="mae")
