@@ -9,13 +9,14 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import keras
 import numpy as np
 
 from models.calibration import FILENAME as CALIBRATION_FILE
+from models.config import training_defaults
 from models.data.store import dataset_dir, load_split, read_metadata, video_slices
 from models.errors import PipelineError
 from models.io import (
@@ -34,7 +35,6 @@ from models.io import (
     write_marker,
 )
 from models.prednet import build_training_model, find_prednet, load_model, predictor, prednet_kwargs
-from models.prednet.layers import OUTPUT_MODES, UNIT_TYPES
 from models.shapes import check_frame_size
 
 STAGE = "train"  # the stage name in the marker of the model folder (models.io)
@@ -331,30 +331,43 @@ def _open_run(s: TrainSettings, model_dir: Path, inputs: list) -> tuple[Path | N
     return None, None
 
 
+# The one source of the training defaults: config/default.json (train.py's default --config); TrainSettings
+# takes its defaults from it, so that the library and the command line train the same model by default.
+DEFAULTS = training_defaults()
+LR_SCHEDULES = ("decay", "step")
+
+
+def _default(name: str):
+    value = DEFAULTS[name]
+    return field(default=tuple(value) if isinstance(value, list) else value)
+
+
 @dataclass
 class TrainSettings:
-    """Every setting of a training run; train.py fills it from the config file and the command line."""
+    """Every setting of a training run; train.py fills it from the config file and the command line. The
+    defaults of the model and the optimisation are config/default.json's (`DEFAULTS`)."""
 
     preprocessed_data: str
     dataset: str
     model_dir: str
-    stack_sizes: tuple[int, ...] = (48, 96, 192)
-    R0_channels: int | None = None
-    filter_sizes: tuple[int, int, int] = (3, 3, 3)
-    layer_loss_weights: tuple[float, ...] = (1.0, 0.0)
-    nt: int = 10
+    stack_sizes: tuple[int, ...] = _default("stack_sizes")
+    R0_channels: int | None = _default("R0_channels")
+    filter_sizes: tuple[int, int, int] = _default("filter_sizes")
+    layer_loss_weights: tuple[float, ...] = _default("layer_loss_weights")
+    nt: int = _default("nt")
     horizon: int = 1
-    batch_size: int = 8
-    nb_epoch: int = 150
-    samples_per_epoch: int | None = 500
-    val_samples: int | None = 100
-    learning_rate: float = 1e-3
-    lr_decay: float = 1.0
-    strides: tuple[int, ...] = (1,)
-    patience: int = 10
+    batch_size: int = _default("batch_size")
+    nb_epoch: int = _default("nb_epoch")
+    samples_per_epoch: int | None = _default("samples_per_epoch")
+    val_samples: int | None = _default("val_samples")
+    learning_rate: float = _default("learning_rate")
+    lr_schedule: str = _default("lr_schedule")
+    lr_decay: float = _default("lr_decay")
+    lr_step_epoch: int = _default("lr_step_epoch")
+    strides: tuple[int, ...] = _default("strides")
+    patience: int = _default("patience")
     max_minutes: float | None = None
-    output_mode: str = "all"
-    precision: str = "float32"
+    precision: str = _default("precision")
     fine_tuning: str | None = None
     freeze_layers: tuple[int, ...] = ()
     seed: int = 0
@@ -364,10 +377,13 @@ class TrainSettings:
     distribute: bool = False  # data-parallel over all local devices (JAX): models.distribute
 
 
-def _check_output_mode(mode: str, n_layers: int) -> None:
-    valid = list(OUTPUT_MODES) + [f"{u}{n}" for n in range(n_layers) for u in UNIT_TYPES]
-    if mode not in valid:
-        raise PipelineError(f"Unknown output mode {mode!r}; expected one of {valid}.")
+def learning_rate(s: TrainSettings, epoch: int) -> float:
+    """The learning rate of epoch `epoch` (0-based): `learning_rate` times `lr_decay` per epoch ('decay'), or
+    the reference's step ('step': Lotter et al.'s Keras code trains at 0.001 for epochs < 75, then 0.0001):
+    `learning_rate` before epoch `lr_step_epoch`, a tenth of it from then on."""
+    if s.lr_schedule == "step":
+        return s.learning_rate * (0.1 if epoch >= s.lr_step_epoch else 1.0)
+    return s.learning_rate * s.lr_decay**epoch
 
 
 def freeze(model: keras.Model, layers) -> None:
@@ -450,7 +466,8 @@ def train(s: TrainSettings, extra_callbacks: list[keras.callbacks.Callback] | No
     meta = read_metadata(data_dir)
     n_layers = len(s.stack_sizes) + 1
     check_frame_size(meta["height"], meta["width"], n_layers)
-    _check_output_mode(s.output_mode, n_layers)
+    if s.lr_schedule not in LR_SCHEDULES:
+        raise PipelineError(f"--lr_schedule must be one of {list(LR_SCHEDULES)}. Received: {s.lr_schedule!r}")
     if s.max_minutes is not None and not s.max_minutes > 0:
         raise PipelineError(f"--max_minutes must be positive. Received: {s.max_minutes}")
     if s.nt < 2:
@@ -569,7 +586,7 @@ def _train_locked(
     throughput = _Throughput(len(train_data) * s.batch_size * s.nt)
     checkpoints = _Checkpoints(run_dir, monitor, s.patience, state, rows)
     callbacks = [
-        keras.callbacks.LearningRateScheduler(lambda epoch: s.learning_rate * s.lr_decay**epoch),
+        keras.callbacks.LearningRateScheduler(lambda epoch: learning_rate(s, epoch)),
         throughput,
         checkpoints,
     ]
