@@ -5,12 +5,12 @@
         --batch_sizes 8,16,32 --precisions float32,mixed_bfloat16                   # on the GPU machine
 
 Trains with `model.fit` on a `WindowDataset` of random frames (so the input pipeline is included).
-Scoring is timed three ways: `score_fps`, model steps per second over whole 180-frame sequences (the raw
-rate, and the one `score_peak_frac` comes from); `scored_fps`, frames per second scored the way
-batch_scoring.py does by default (`score_videos`: `nt`-frame windows, --score_batch windows per call, the
-next frame, `default_per_window` frames scored per window, the metrics computed on the device); and
-`stream_fps`, frames per second of one live stream with the model's states carried along
-(`models.streaming.StaggeredStates`). Compilation is excluded from every rate and reported apart:
+Scoring is timed three ways: `score_fps`, model steps per second over whole sequences (--score_length
+frames, 180 by default; the raw rate, and the one `score_peak_frac` comes from); `scored_fps`, frames
+per second scored the way batch_scoring.py does by default (`score_videos`: `nt`-frame windows,
+--score_batch windows per call, the next frame, `default_per_window` frames scored per window, the
+metrics computed on the device); and `stream_fps`, frames per second of one live stream with the model's
+states carried along (`models.streaming.StaggeredStates`). Compilation is excluded from every rate and reported apart:
 `train_compile_s` (the first epoch's time beyond a timed epoch's), `score_compile_s` (the first
 `score_videos` call's beyond the timed rate's) and `stream_compile_s` (the first frame's).
 With --prepare RAW_ROOT it also times data preparation of that dataset folder.
@@ -99,7 +99,7 @@ def bench(args, batch_size: int, precision: str) -> dict:
             break
     train_compile_s = first_epoch - seconds
     pred = predictor(model, "all")
-    seq = rng.random((args.score_videos, 180, h, w, c)).astype(np.float32)
+    seq = rng.random((args.score_videos, args.score_length, h, w, c)).astype(np.float32)
     pred.predict_on_batch(seq)
     start = time.perf_counter()
     for _ in range(3):
@@ -161,7 +161,8 @@ def main(argv=None) -> int:
     p.add_argument("--precisions", default="float32")
     p.add_argument("--steps", type=int, default=20, help="timed training steps")
     p.add_argument("--frames", type=int, default=720, help="random frames to sample windows from")
-    p.add_argument("--score_videos", type=int, default=6, help="180-frame sequences per scoring call")
+    p.add_argument("--score_videos", type=int, default=6, help="sequences per raw scoring call")
+    p.add_argument("--score_length", type=int, default=180, help="frames per sequence of the raw scoring rate")
     p.add_argument("--stream_frames", type=int, default=30, help="frames of the timed live stream")
     p.add_argument(
         "--score_batch", type=int, default=None, help="windows per call for scored_fps (default: the training batch)"
