@@ -27,7 +27,7 @@ from models.args import (
     positive_int,
 )
 from models.cli import choose_dataset, import_keras, keras_verbose, parser, prepared_datasets, run
-from models.config import parse_with_config
+from models.config import parse_with_config, training_defaults
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--samples_per_epoch", type=int_at_least(1, "windows"), help="training windows per epoch")
     p.add_argument("--val_samples", type=int_at_least(1, "windows"), help="validation windows per epoch")
     p.add_argument("--learning_rate", type=positive_float, help="Adam's initial learning rate")
+    # Settings newer than some config files (a tuner's best_config.json): config/default.json's unless set.
+    defaults = training_defaults()
+    p.add_argument(
+        "--lr_schedule",
+        choices=["decay", "step"],
+        default=defaults["lr_schedule"],
+        help="decay: times --lr_decay after each epoch; step: the reference's, a tenth from --lr_step_epoch on",
+    )
     p.add_argument("--lr_decay", type=positive_float, help="learning rate times this after each epoch (1: constant)")
+    p.add_argument(
+        "--lr_step_epoch",
+        type=non_negative_int,
+        default=defaults["lr_step_epoch"],
+        help="with --lr_schedule step: the first epoch at a tenth of the rate",
+    )
     p.add_argument("--strides", type=ints_at_least(1), help="frame strides sampled as augmentation, e.g. 1,2,3,4")
     p.add_argument("--patience", type=non_negative_int, help="early stopping: epochs without a better val loss")
     p.add_argument(
@@ -96,11 +110,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=positive_float,
         help="wall-clock budget: stop after the last epoch expected to end within it (best weights kept; "
         "default: none)",
-    )
-    p.add_argument(
-        "--output_mode",
-        help="output mode recorded in config.json for predicting models made from this one: all, "
-        "prediction, error, or R0, E1, ... (checked here; batch_scoring.py always uses all)",
     )
     p.add_argument(
         "--precision",

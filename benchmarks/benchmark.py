@@ -5,10 +5,14 @@
         --batch_sizes 8,16,32 --precisions float32,mixed_bfloat16                   # on the GPU machine
 
 Trains with `model.fit` on a `WindowDataset` of random frames (so the input pipeline is included).
-Scoring is timed twice: `score_fps`, model steps per second over whole 180-frame sequences (the raw rate,
-and the one `score_peak_frac` comes from), and `scored_fps`, frames per second scored the way
-batch_scoring.py does by default (`predict_videos` in `nt`-frame windows, --score_batch windows per call,
-the next frame, `default_per_window` frames scored per window: window / per_window steps per frame).
+Scoring is timed three ways: `score_fps`, model steps per second over whole sequences (--score_length
+frames, 180 by default; the raw rate, and the one `score_peak_frac` comes from); `scored_fps`, frames
+per second scored the way batch_scoring.py does by default (`score_videos`: `nt`-frame windows,
+--score_batch windows per call, the next frame, `default_per_window` frames scored per window, the
+metrics computed on the device); and `stream_fps`, frames per second of one live stream with the model's
+states carried along (`models.streaming.StaggeredStates`). Compilation is excluded from every rate and reported apart:
+`train_compile_s` (the first epoch's time beyond a timed epoch's), `score_compile_s` (the first
+`score_videos` call's beyond the timed rate's) and `stream_compile_s` (the first frame's).
 With --prepare RAW_ROOT it also times data preparation of that dataset folder.
 Prints one line per setting and a markdown table at the end.
 """
@@ -29,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from models.cli import parser  # noqa: E402
 from models.config import parse_with_config  # noqa: E402
-from models.inference import DEFAULT_HORIZON, default_per_window, predict_videos  # noqa: E402
+from models.inference import DEFAULT_HORIZON, default_per_window, score_videos  # noqa: E402
 from models.training import WindowDataset  # noqa: E402
 
 PEAK_BF16 = 790e12  # H100 SXM dense bf16 matrix throughput measured on the lent machine
@@ -65,18 +69,21 @@ def bench(args, batch_size: int, precision: str) -> dict:
     import keras
 
     from models.prednet import build_training_model, predictor, prednet_kwargs
+    from models.streaming import StaggeredStates
 
     keras.mixed_precision.set_dtype_policy(precision)
     h, w, c = args.shape
     kwargs = prednet_kwargs(c, args.stack_sizes, R0_channels=args.R0_channels)
-    model = build_training_model(args.nt, (h, w, c), (1, 0), **kwargs)
+    model = build_training_model(args.nt, (h, w, c), (1, 0), uint8=True, **kwargs)
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mae")
     rng = np.random.default_rng(0)
     X = rng.integers(0, 255, (args.frames, h, w, c), dtype=np.uint8)
     sources = np.repeat(np.arange(args.frames // 180 + 1), 180)[: args.frames].astype(str)
-    data = WindowDataset(X, sources, args.nt, batch_size, samples_per_epoch=batch_size * args.steps)
+    data = WindowDataset(X, sources, args.nt, batch_size, samples_per_epoch=batch_size * args.steps, uint8=True)
+    start = time.perf_counter()
     model.fit(data, epochs=1, verbose=0)  # compile
-    train_fps = float("nan")
+    first_epoch = time.perf_counter() - start
+    train_fps, seconds = float("nan"), float("nan")
     for _ in range(3):
         before = keras.ops.convert_to_numpy(model.trainable_weights[0].value)
         start = time.perf_counter()
@@ -91,8 +98,9 @@ def bench(args, batch_size: int, precision: str) -> dict:
         if change > 0:  # on the H100 a process's first timed epoch now and then left the weights as they
             train_fps = batch_size * args.steps * args.nt / seconds  # were, 4x "faster": not a training rate
             break
+    train_compile_s = first_epoch - seconds
     pred = predictor(model, "all")
-    seq = rng.random((args.score_videos, 180, h, w, c)).astype(np.float32)
+    seq = rng.random((args.score_videos, args.score_length, h, w, c)).astype(np.float32)
     pred.predict_on_batch(seq)
     start = time.perf_counter()
     for _ in range(3):
@@ -102,8 +110,21 @@ def bench(args, batch_size: int, precision: str) -> dict:
     horizon, per_window = DEFAULT_HORIZON, default_per_window(args.nt, DEFAULT_HORIZON)
     score_batch = args.score_batch or batch_size
     scoring = (score_batch, args.nt, horizon, per_window)
-    predict_videos(pred, X[: score_batch * 2], sources[: score_batch * 2], *scoring)  # compile
-    _, _, scored_fps = predict_videos(pred, X, sources, *scoring)
+    n = score_batch * 2
+    start = time.perf_counter()
+    score_videos(pred, X[:n], sources[:n], *scoring)  # compile
+    first_call = time.perf_counter() - start
+    scored_fps = score_videos(pred, X, sources, *scoring)["fps"]
+    score_compile_s = first_call - n / scored_fps
+    stream = StaggeredStates(model, args.nt, per_window)
+    start = time.perf_counter()
+    stream.push(X[0])  # compile
+    stream_compile_s = time.perf_counter() - start
+    frames = X[1 : 1 + args.stream_frames]
+    start = time.perf_counter()
+    for frame in frames:
+        stream.push(frame)
+    stream_fps = len(frames) / (time.perf_counter() - start)
     flops = flops_per_frame(kwargs["stack_sizes"], kwargs["R_stack_sizes"], h, w)
     keras.mixed_precision.set_dtype_policy("float32")
     return {
@@ -113,8 +134,13 @@ def bench(args, batch_size: int, precision: str) -> dict:
         "precision": precision,
         "batch": batch_size,
         "train_fps": train_fps,
+        "train_compile_s": train_compile_s,
         "score_fps": score_fps,
         "scored_fps": scored_fps,
+        "score_compile_s": score_compile_s,
+        "stream_fps": stream_fps,
+        "stream_slots": stream.slots,
+        "stream_compile_s": stream_compile_s,
         "score_batch": score_batch,
         "horizon": horizon,
         "per_window": per_window,
@@ -136,7 +162,9 @@ def main(argv=None) -> int:
     p.add_argument("--precisions", default="float32")
     p.add_argument("--steps", type=int, default=20, help="timed training steps")
     p.add_argument("--frames", type=int, default=720, help="random frames to sample windows from")
-    p.add_argument("--score_videos", type=int, default=6, help="180-frame sequences per scoring call")
+    p.add_argument("--score_videos", type=int, default=6, help="sequences per raw scoring call")
+    p.add_argument("--score_length", type=int, default=180, help="frames per sequence of the raw scoring rate")
+    p.add_argument("--stream_frames", type=int, default=30, help="frames of the timed live stream")
     p.add_argument(
         "--score_batch", type=int, default=None, help="windows per call for scored_fps (default: the training batch)"
     )
@@ -148,9 +176,10 @@ def main(argv=None) -> int:
         "val_samples",
         "learning_rate",
         "lr_decay",
+        "lr_schedule",
+        "lr_step_epoch",
         "strides",
         "patience",
-        "output_mode",
         "precision",
         "filter_sizes",
         "layer_loss_weights",

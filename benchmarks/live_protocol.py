@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     report = {"model_dir": args.model_dir, "dataset": args.dataset, "frames": len(X), **settings}
 
     def scored(cal, X, sources, y):
-        df, _, predictions, rate = score_frames(model, X, sources, cal, y, args.batch_size)
+        df, _, predictions, rate = score_frames(model, X, sources, cal, y, args.batch_size, maps=True)
         return add_smoothed(df, args.smooth), rate, predictions
 
     df, rate, pred_t = scored(cals[5], X, sources, y)

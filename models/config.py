@@ -12,6 +12,11 @@ from models.io import read_json
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
 
 
+def training_defaults() -> dict:
+    """config/default.json: the one source of the training defaults (`models.training.TrainSettings`)."""
+    return {k: v for k, v in read_json(CONFIG_DIR / "default.json").items() if not k.startswith("_")}
+
+
 def resolve_config(name_or_path: str) -> Path:
     """'cpu' -> config/cpu.json; a path is taken as it is."""
     path = Path(name_or_path)

@@ -1,4 +1,11 @@
-"""Running a trained PredNet over whole videos: one prediction per frame, from earlier frames only."""
+"""Running a trained PredNet over whole videos: one prediction per frame, from earlier frames only.
+
+There is one scoring path: `score_videos` runs the trained layer itself (no copy of its weights) over the
+windows that score each frame (`window_rows`), and computes each frame's error metrics on the device
+(`device_metrics`: the numbers of `models.scoring.error_metrics` and `models.calibration.local_errors`, for the
+model and the copy-last-frame baseline), so that only they come back, not the predicted frames (those only
+when asked: `maps`). `predict_videos` is the same run returning the predictions.
+"""
 
 from __future__ import annotations
 
@@ -20,9 +27,10 @@ from models.io import read_json
 DEFAULT_HORIZON = 1
 
 
-# Window scorers built so far, per trained PredNet layer and (window, per_window). Each is a new Keras model
-# that compiles on its first call, so building one per `predict_videos` call compiled it again every time.
+# The scorers built so far, per trained PredNet layer (weakly: they go with it) and (window, per_window).
+# Each runs the layer itself, so it follows the layer's weights without a copy, and compiles once.
 _SCORERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+METRICS = ("mse", "p_50", "p_75", "p_90", "p_95", "p_99", "std", "psnr", "patch_max")  # scoring.error_metrics
 
 
 def default_per_window(window: int | None, horizon: int) -> int:
@@ -34,7 +42,8 @@ def default_per_window(window: int | None, horizon: int) -> int:
 
 
 def load_predictor(model_dir: str | Path, output_mode: str = "all"):
-    """The trained model of `model_dir`, turned into one that outputs `output_mode`, and its config.json.
+    """The trained model of `model_dir` as a predicting model that outputs `output_mode` (the trained layer
+    itself, run with those outputs: `models.prednet.predictor`), that layer, and its config.json.
 
     A folder holding another model than PredNet (config.json's `model`) gives that model's frame model
     (`models.registry`) and its trained core layer instead."""
@@ -64,8 +73,7 @@ def predict_videos(
     """Predicts every frame of every video from earlier frames of the same video only.
 
     Args:
-        model: a predicting model (`predictor(..., "all")`), or another model's frame model, which scores
-            the frames its own way (`models.registry`).
+        model: a predicting model (`predictor(..., "all")`).
         X: (n, h, w, c) uint8 frames, the frames of each video contiguous.
         sources: the video of each frame.
         batch_size: sequences per model call (videos, or windows when `window` is set).
@@ -84,8 +92,17 @@ def predict_videos(
     Returns:
         predictions (n, h, w, c) in [0, 1] aligned with X (frames with no frame `horizon` steps before them
         get the model's output before it saw any frame), layer errors (n, layers) of the step that
-        predicted each frame, and frames per second.
+        predicted each frame, and frames per second. (`score_videos` with `maps`: scoring itself needs
+        only the metrics.)
     """
+    if hasattr(model, "predict_videos"):  # another model's frame model (models.registry)
+        _check(window, horizon, per_window)
+        return model.predict_videos(X, sources, batch_size, window, horizon, per_window, progress)
+    out = score_videos(model, X, sources, batch_size, window, horizon, per_window, maps=True, progress=progress)
+    return out["prediction"], out["error"], out["fps"]
+
+
+def _check(window, horizon, per_window):
     if window is not None and window < 0:
         raise PipelineError(f"window must be 0 (whole videos) or a number of frames. Received: {window}")
     if horizon < 1:
@@ -101,42 +118,125 @@ def predict_videos(
             f"fewer frames per window than the window ({window}). Received: per_window {per_window}, horizon "
             f"{horizon}"
         )
-    if hasattr(model, "predict_videos"):  # another model's frame model (models.registry)
-        return model.predict_videos(X, sources, batch_size, window, horizon, per_window, progress)
+
+
+def score_videos(
+    model,
+    X: np.ndarray,
+    sources: np.ndarray,
+    batch_size: int = 4,
+    window: int | None = None,
+    horizon: int = 1,
+    per_window: int = 1,
+    cell: int | None = None,
+    patch: int = 16,
+    maps: bool = False,
+    progress=None,
+) -> dict:
+    """Scores every frame of every video from earlier frames of the same video only, on the device.
+
+    Args: as `predict_videos`, and
+        cell: side of the cells of the local errors (default: `models.calibration.default_cell`).
+        patch: side of the patches of `patch_max`.
+        maps: also return the predicted frames (float32, (n, h, w, c)): error maps, GIFs.
+
+    Returns:
+        A dict of per-frame arrays aligned with X: `error` (n, layers), the layer errors of the step that
+        predicted the frame; `model` and `copy`, dicts of the `METRICS` of the model's prediction and of the
+        previous frame's (the first frame of a video: itself), as `models.scoring.error_metrics`;
+        `model_cells` and `copy_cells` (n, gh, gw), as `models.calibration.local_errors`; with `maps`,
+        `prediction`; and `fps`, frames scored per second.
+    """
+    from models.calibration import default_cell
+
+    window = window or 0
+    _check(window, horizon, per_window)
+    cell = cell or default_cell(X.shape[1])
+    if hasattr(model, "predict_videos"):  # another model's frame model (models.registry): metrics on the host
+        return _host_scores(model, X, sources, batch_size, window, horizon, per_window, cell, patch, maps, progress)
+    scorer = _scorers(model, window, per_window).get(cell, patch, maps)
     start = time.perf_counter()
-    if window:
-        predictions, errors = _predict_windows(model, X, sources, batch_size, window, horizon, per_window, progress)
-    else:
-        predictions, errors = _predict_whole(model, X, sources, batch_size, progress)
-    seconds = time.perf_counter() - start
-    return predictions, errors, len(X) / max(seconds, 1e-9)
+    out = _run_rows(scorer, X, sources, batch_size, window, horizon, per_window, maps, progress)
+    out["fps"] = len(X) / max(time.perf_counter() - start, 1e-9)
+    return out
 
 
-def _outputs(model, batch) -> tuple[np.ndarray, np.ndarray]:
-    out = model.predict_on_batch(batch)
-    return np.asarray(out["prediction"], np.float32), np.asarray(out["error"], np.float32)
+def _host_scores(model, X, sources, batch_size, window, horizon, per_window, cell, patch, maps, progress) -> dict:
+    """`score_videos`'s dict from a frame model's `predict_videos`, the metrics computed in NumPy."""
+    from models.calibration import copy_predictions, local_errors
+    from models.scoring import error_metrics
+
+    predictions, errors, fps = model.predict_videos(X, sources, batch_size, window, horizon, per_window, progress)
+    frames, copy = X.astype(np.float32) / 255.0, copy_predictions(X, sources)
+    return {
+        "error": errors,
+        "model": error_metrics(frames, predictions, patch),
+        "copy": error_metrics(frames, copy, patch),
+        "model_cells": local_errors(frames, predictions, cell),
+        "copy_cells": local_errors(frames, copy, cell),
+        **({"prediction": predictions} if maps else {}),
+        "fps": fps,
+    }
 
 
-def _predict_whole(model, X, sources, batch_size, progress=None):
-    """Several videos per call, padded at the end to one length: padding at the end never changes
-    earlier predictions, since the model is causal in time."""
+def _whole_rows(sources):
+    """Whole videos as rows: start, stop and every step (-1 past the video's end, for `_run_rows`)."""
     videos = video_slices(sources)
-    predictions, errors = np.zeros(X.shape, np.float32), None
-    for i in range(0, len(videos), batch_size):
-        group = videos[i : i + batch_size]
-        length = max(sl.stop - sl.start for _, sl in group)
-        batch = np.zeros((len(group), length, *X.shape[1:]), np.float32)
-        for j, (_, sl) in enumerate(group):
-            batch[j, : sl.stop - sl.start] = X[sl] / 255.0
-        pred, err = _outputs(model, batch)
-        if errors is None:
-            errors = np.zeros((len(X), err.shape[-1]), np.float32)
-        for j, (_, sl) in enumerate(group):
-            predictions[sl] = pred[j, : sl.stop - sl.start]
-            errors[sl] = err[j, : sl.stop - sl.start]
+    length = max(sl.stop - sl.start for _, sl in videos)
+    starts = np.array([sl.start for _, sl in videos], np.int64)
+    stops = np.array([sl.stop for _, sl in videos], np.int64)
+    steps = np.where(np.arange(length) < (stops - starts)[:, None], np.arange(length), -1)
+    return starts, stops, steps
+
+
+def _run_rows(scorer, X, sources, batch_size, window, horizon, per_window, maps, progress=None):
+    """Frame t from the frames of its video in the row (window, or whole video) that scores it, read at its
+    step; padded at the end (the model is causal, so padding never changes a step before it). With horizon
+    > 1 (one frame per window) the model's own prediction replaces the frame at the steps after
+    t - horizon, in the same call (closed loop), except at t itself, whose frame stays in so that the layer
+    errors of its step compare it with its prediction (which does not depend on it). Rows travel as uint8,
+    and every windowed call has the same shape (the last one padded), so the scorer compiles once; whole
+    videos are padded to the longest of their call."""
+    if window:
+        starts, stops, picked = window_rows(sources, window, per_window)
+        length = window
+    else:
+        starts, stops, picked = _whole_rows(sources)
+        length = picked.shape[1]
+    results: dict = {}
+    for i in range(0, len(starts), batch_size):
+        start, stop, step = starts[i : i + batch_size], stops[i : i + batch_size], picked[i : i + batch_size]
+        steps = np.arange(length if window else step.max() + 1)
+        index = start[:, None] + steps
+        inside = index < stop[:, None]
+        frames = np.where(inside[..., None, None, None], X[np.minimum(index, stop[:, None] - 1)], 0).astype(np.uint8)
+        step = step[:, : len(steps)]
+        last = step.max(axis=1)[:, None]  # with horizon > 1, the one step scored
+        fed = ((steps > last - horizon) & (steps < last)).astype(np.float32)
+        pick = (step[..., None] == steps).astype(np.float32)
+        pad = batch_size - len(start) if window else 0
+        if pad:
+            frames, fed, pick = (
+                np.concatenate([a, np.zeros((pad, *a.shape[1:]), a.dtype)]) for a in (frames, fed, pick)
+            )
+        out = scorer.predict_on_batch([frames, fed, pick])
+        valid = step >= 0
+        rows = (start[:, None] + step)[valid]
+        for name, value in out.items():
+            value = np.asarray(value, np.float32)[: len(start)][valid]
+            if name not in results:
+                results[name] = np.zeros((len(X), *value.shape[1:]), np.float32)
+            results[name][rows] = value
         if progress is not None:
-            progress.update(sum(sl.stop - sl.start for _, sl in group))
-    return predictions, errors
+            progress.update(len(rows))
+    return {
+        "error": results["error"],
+        "model": dict(zip(METRICS, np.moveaxis(results["model"], -1, 0), strict=True)),
+        "copy": dict(zip(METRICS, np.moveaxis(results["copy"], -1, 0), strict=True)),
+        "model_cells": results["model_cells"],
+        "copy_cells": results["copy_cells"],
+        **({"prediction": results["prediction"]} if maps else {}),
+    }
 
 
 def window_rows(sources: np.ndarray, window: int, per_window: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -165,58 +265,114 @@ def window_rows(sources: np.ndarray, window: int, per_window: int = 1) -> tuple[
     return np.array(starts, np.int64), np.array(stops, np.int64), np.array(steps, np.int64).reshape(-1, per_window)
 
 
-def _predict_windows(model, X, sources, batch_size, window, horizon, per_window, progress=None):
-    """Frame t from the frames of its video in the window that scores it (`window_rows`), read at its step;
-    the window of frame t at the start of a video starts at the video's first frame, padded at the end
-    (the model is causal, so padding never changes a step before it). With horizon > 1 (one frame per
-    window) the model's own prediction replaces the frame at the steps after t - horizon, in the same call
-    (closed loop), except at t itself, whose frame stays in so that the layer errors of its step compare
-    it with its prediction (which does not depend on it). Windows travel as uint8 and only the scored
-    steps come back (`window_scorer`); every call has the same shape (the last one padded), so the model
-    compiles once, on the first `predict_videos` call for this model and window (`_window_scorer`)."""
-    scorer = _window_scorer(model, window, per_window)
-    starts, stops, picked = window_rows(sources, window, per_window)
-    steps = np.arange(window)
-    predictions, errors = np.zeros(X.shape, np.float32), None
-    for i in range(0, len(starts), batch_size):
-        start, stop, step = starts[i : i + batch_size], stops[i : i + batch_size], picked[i : i + batch_size]
-        index = start[:, None] + steps
-        inside = index < stop[:, None]
-        frames = np.where(inside[..., None, None, None], X[np.minimum(index, stop[:, None] - 1)], 0).astype(np.uint8)
-        last = step.max(axis=1)[:, None]  # with horizon > 1, the one step scored
-        fed = ((steps > last - horizon) & (steps < last)).astype(np.float32)
-        pick = (step[..., None] == steps).astype(np.float32)
-        pad = batch_size - len(start)
-        if pad:
-            frames, fed, pick = (
-                np.concatenate([a, np.zeros((pad, *a.shape[1:]), a.dtype)]) for a in (frames, fed, pick)
-            )
-        pred, err = _outputs(scorer, [frames, fed, pick])
-        if errors is None:
-            errors = np.zeros((len(X), err.shape[-1]), np.float32)
-        valid = step >= 0
-        rows = (start[:, None] + step)[valid]
-        predictions[rows] = pred[: len(start)][valid]
-        errors[rows] = err[: len(start)][valid]
-        if progress is not None:
-            progress.update(len(rows))
-    return predictions, errors
+class _Scorers:
+    """The compiled scorers of one trained layer and window shape, per metric settings (cell, patch, maps)."""
+
+    def __init__(self, layer, window: int, per_window: int):
+        self.layer, self.window, self.per_window = layer, window, per_window
+        self.models: dict = {}
+
+    def get(self, cell: int, patch: int, maps: bool):
+        key = (cell, patch, maps)
+        if key not in self.models:
+            self.models[key] = metric_scorer(self.layer, self.window, self.per_window, cell, patch, maps)
+        return self.models[key]
 
 
-def _window_scorer(model, window: int, per_window: int):
-    """The `window_scorer` of `model`'s PredNet layer, built on first use and kept while that layer lives;
-    later calls copy the layer's current weights into it, so that a model trained further is scored as it
-    is now."""
-    from models.prednet import find_prednet, window_scorer
+def _scorers(model, window: int, per_window: int) -> _Scorers:
+    """The scorers of `model`'s trained PredNet layer for this window, built on first use and kept while the
+    layer lives. They run the layer itself, so a model trained further is scored as it is now."""
+    from models.prednet import find_prednet
 
     layer = find_prednet(model)
     scorers = _SCORERS.setdefault(layer, {})
-    scorer = scorers.get((window, per_window))
-    if scorer is None:
-        scorer = scorers[(window, per_window)] = window_scorer(layer, window, per_window)
-    else:
-        find_prednet(scorer).set_weights(layer.get_weights())
-    return scorer
+    if (window, per_window) not in scorers:
+        scorers[(window, per_window)] = _Scorers(layer, window, per_window)
+    return scorers[(window, per_window)]
+
+
+def metric_scorer(layer, window: int, per_window: int, cell: int, patch: int, maps: bool = False):
+    """`window_scorer` with the frames' error metrics computed on the device (`device_metrics`).
+
+    Takes [frames, fed, pick] as `window_scorer` (window 0: whole videos, any length, pick one-hot per
+    step); returns `error`, `model` and `copy` (batch, per_window, len(METRICS)), `model_cells` and
+    `copy_cells` (batch, per_window, gh, gw), and with `maps` the `prediction`s.
+    """
+    import keras
+    from keras import ops
+
+    from models.prednet import PredNetRun
+    from models.prednet.model import pick_steps
+
+    length = window or None
+    frames = keras.Input((length, *layer.frame_shape), dtype="uint8", name="frames")
+    fed = keras.Input((length,), name="fed")
+    pick = keras.Input((per_window if window else None, length), name="pick")
+    x = ops.cast(frames, "float32") / 255.0
+    out = pick_steps(pick, PredNetRun(layer, "all", name="prednet_all")([x, fed]))
+    # The previous frame of each picked step (step 0, a video's first frame: itself), for the baseline.
+    previous = ops.concatenate([pick[..., :1] + pick[..., 1:2], pick[..., 2:], ops.zeros_like(pick[..., :1])], -1)
+    truth = ops.einsum("bsk,bkhwc->bshwc", pick, x)
+    metrics = _DeviceMetrics(cell, patch, name="metrics")
+    model_metrics, model_cells = metrics(truth, out["prediction"])
+    copy_metrics, copy_cells = metrics(truth, ops.einsum("bsk,bkhwc->bshwc", previous, x))
+    outputs = {
+        "error": out["error"],
+        "model": model_metrics,
+        "copy": copy_metrics,
+        "model_cells": model_cells,
+        "copy_cells": copy_cells,
+    }
+    if maps:
+        outputs["prediction"] = out["prediction"]
+    return keras.Model([frames, fed, pick], outputs, name="prednet_metric_scorer")
+
+
+def _DeviceMetrics(cell: int, patch: int, name: str):
+    """`device_metrics` as a Keras layer, so that it sees the tensors' actual batch size."""
+    import keras
+
+    class DeviceMetrics(keras.layers.Layer):
+        def call(self, frames, predictions):
+            return device_metrics(frames, predictions, cell, patch)
+
+    return DeviceMetrics(name=name, dtype="float32")
+
+
+def device_metrics(frames, predictions, cell: int, patch: int):
+    """`models.scoring.error_metrics` and `models.calibration.local_errors` in `keras.ops`, for the device.
+
+    Args:
+        frames, predictions: (batch, steps, h, w, c) float32 in [0, 1].
+
+    Returns:
+        metrics (batch, steps, len(METRICS)) and the log cell errors (batch, steps, gh, gw).
+    """
+    from keras import ops
+
+    from models.calibration import EPS
+    from models.scoring import PERCENTILES
+
+    h, w = frames.shape[2], frames.shape[3]
+    lead = ops.shape(frames)[:2]
+    se = ops.mean(ops.square(frames - predictions), axis=-1)  # (batch, steps, h, w)
+    flat = ops.reshape(se, (-1, h * w))
+    mse = ops.mean(flat, axis=-1)
+    quantiles = ops.quantile(flat, [q / 100 for q in PERCENTILES], axis=-1)  # (5, rows)
+    std = ops.std(flat, axis=-1)
+    psnr = 10 * ops.log10(1.0 / ops.maximum(mse, 1e-10))
+    ph, pw = min(patch, h), min(patch, w)
+    blocks = ops.reshape(se[:, :, : h // ph * ph, : w // pw * pw], (-1, h // ph, ph, w // pw, pw))
+    patch_max = ops.max(ops.mean(blocks, axis=(2, 4)), axis=(1, 2))
+    metrics = ops.stack([mse, *[quantiles[i] for i in range(len(PERCENTILES))], std, psnr, patch_max], axis=-1)
+    gh, gw = max(h // cell, 1), max(w // cell, 1)
+    ch, cw = h // gh, w // gw
+    cells = ops.reshape(se[:, :, : gh * ch, : gw * cw], (-1, gh, ch, gw, cw))
+    cells = ops.log(ops.mean(cells, axis=(2, 4)) + EPS)
+    return (
+        ops.reshape(metrics, (lead[0], lead[1], len(METRICS))),
+        ops.reshape(cells, (lead[0], lead[1], gh, gw)),
+    )
 
 
 def frame_contexts(sources: np.ndarray, window: int | None, per_window: int = 1, horizon: int = 1) -> np.ndarray:

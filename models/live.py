@@ -23,7 +23,7 @@ from models.calibration import (
     local_errors,
 )
 from models.data.store import video_slices
-from models.inference import frame_contexts, predict_videos
+from models.inference import frame_contexts, score_videos
 
 
 def predictable_mask(sources: np.ndarray, first_scored: int) -> np.ndarray:
@@ -51,6 +51,8 @@ def scoring_settings(
 
 
 def _local(X, sources, predictions, cell):
+    """The local errors of the model's predictions and of the copy baseline, in NumPy (`score_videos`
+    computes the same on the device)."""
     return {"model": local_errors(X, predictions, cell), "copy": local_errors(X, copy_predictions(X, sources), cell)}
 
 
@@ -76,15 +78,16 @@ def calibrate(
         smooth: frames of the trailing mean.
         fpr: the default alarm's false-positive rate on normal frames.
     """
-    predictions, _, _ = predict_videos(
-        model, X, sources, batch_size, settings["window"], settings["horizon"], settings["per_window"], progress
-    )
     cell = default_cell(X.shape[1])
+    out = score_videos(
+        model, X, sources, batch_size, settings["window"], settings["horizon"], settings["per_window"], cell,
+        progress=progress,
+    )  # fmt: skip
     contexts = frame_contexts(sources, settings["window"], settings["per_window"], settings["horizon"])
     predictable = predictable_mask(sources, settings["first_scored"])
     tail = np.ones(len(X), bool) if tail_videos is None else np.isin(sources, list(tail_videos))
     return fit_calibration(
-        _local(X, sources, predictions, cell),
+        {"model": out["model_cells"], "copy": out["copy_cells"]},
         contexts,
         predictable,
         sources,
@@ -103,29 +106,29 @@ def score_frames(
     patch: int = 16,
     rule: AlarmRule | None = None,
     progress=None,
+    maps: bool = False,
 ):
     """Scores every frame: the metrics of `models.scoring.build_frame_table`, and the live columns.
+
+    The metrics are computed on the device (`models.inference.score_videos`); the predicted frames come back
+    only with `maps`.
 
     Returns:
         df: one row per frame with `model_local`, `model_live`, `model_score` (and `copy_*` for the baseline),
             `score` (= model_score, the live anomaly score) and `alarm` (0/1, by `rule`, default the
             calibration's threshold).
         heats: source -> (n, gh, gw) heat maps (NaN where not scored).
-        predictions: (n, h, w, c) the model's predictions.
+        predictions: (n, h, w, c) the model's predictions with `maps`, else None.
         fps: frames scored per second.
     """
-    from models.scoring import add_regularity, add_src, build_frame_table
+    from models.scoring import add_regularity, add_src, frame_table
 
     c = calibration
-    predictions, layer_errors, fps = predict_videos(
-        model, X, sources, batch_size, c.window, c.horizon, c.per_window, progress
-    )
-    error_names = getattr(model, "error_names", None)
-    df = build_frame_table(X, sources, y, predictions, layer_errors, patch, c.first_scored, error_names)
+    out = score_videos(model, X, sources, batch_size, c.window, c.horizon, c.per_window, c.cell, patch, maps, progress)
+    df = frame_table(sources, y, out, out["error"], c.first_scored, getattr(model, "error_names", None))
     contexts = frame_contexts(sources, c.window, c.per_window, c.horizon)
-    columns, heats = apply_calibration(
-        c, _local(X, sources, predictions, c.cell), contexts, df["predictable"].to_numpy(), sources
-    )
+    local = {"model": out["model_cells"], "copy": out["copy_cells"]}
+    columns, heats = apply_calibration(c, local, contexts, df["predictable"].to_numpy(), sources)
     for source in heats:  # the PSNR without its dependence on the context (`Calibration.psnr_offset`)
         columns[f"{source}_psnr_ctx"] = df[f"{source}_psnr"].to_numpy() + c.psnr_offset(source, contexts)
     df = pd.concat([df, pd.DataFrame(columns, index=df.index)], axis=1)
@@ -136,4 +139,4 @@ def score_frames(
     rule = rule or AlarmRule(c.threshold)
     df["alarm"] = alarm_states(df["score"].to_numpy(), sources, rule)
     df["copy_alarm"] = alarm_states(df["copy_score"].to_numpy(), sources, rule)
-    return df, heats, predictions, fps
+    return df, heats, out.get("prediction"), out["fps"]

@@ -67,14 +67,9 @@ class PredNetSpec(ModelSpec):
     name, title, mse_key, mse_label = "prednet", "PredNet", "next_frame_mse", "next-frame MSE"
 
     def check_settings(self, s, meta):
-        from models.prednet.layers import OUTPUT_MODES, UNIT_TYPES
         from models.shapes import check_frame_size
 
-        n_layers = len(s.stack_sizes) + 1
-        check_frame_size(meta["height"], meta["width"], n_layers)
-        valid = list(OUTPUT_MODES) + [f"{u}{n}" for n in range(n_layers) for u in UNIT_TYPES]
-        if s.output_mode not in valid:
-            raise PipelineError(f"Unknown output mode {s.output_mode!r}; expected one of {valid}.")
+        check_frame_size(meta["height"], meta["width"], len(s.stack_sizes) + 1)
 
     def build(self, s, frame_shape):
         from models.prednet import build_training_model, find_prednet, load_model, prednet_kwargs
@@ -89,7 +84,7 @@ class PredNetSpec(ModelSpec):
             keep = ("stack_sizes", "R_stack_sizes", "A_filt_sizes", "Ahat_filt_sizes", "R_filt_sizes", "pixel_max")
             kwargs = {k: v for k, v in base.get_config().items() if k in keep}
         try:
-            model = build_training_model(s.nt, frame_shape, s.layer_loss_weights, s.horizon, **kwargs)
+            model = build_training_model(s.nt, frame_shape, s.layer_loss_weights, s.horizon, uint8=True, **kwargs)
         except ValueError as err:
             raise PipelineError(str(err)) from None
         if s.fine_tuning:

@@ -141,25 +141,36 @@ def build_frame_table(
     with `predictable = False` and NaN metrics: the model had too little of the video to predict them from.
     The model's own errors per frame (`layer_errors`, n x k) become columns `model_<name>` for `error_names`
     (default: PredNet's layer errors, E0, E1, ...).
+    (`frame_table` with the metrics computed here in NumPy; scoring computes them on the device:
+    `models.inference.score_videos`.)
     """
+    from models.calibration import copy_predictions
+
     frames = X.astype(np.float32) / 255.0
-    previous = np.empty_like(frames)
-    predictable = np.ones(len(X), bool)
-    frame_no = np.zeros(len(X), int)
+    metrics = {
+        "model": error_metrics(frames, predictions, patch),
+        "copy": error_metrics(frames, copy_predictions(X, sources), patch),
+    }
+    return frame_table(sources, y, metrics, layer_errors, first_scored, error_names)
+
+
+def frame_table(sources, y, metrics: dict, layer_errors, first_scored: int = 1, error_names=None) -> pd.DataFrame:
+    """The table of `build_frame_table` from each frame's metrics: source ('model', 'copy') -> the arrays of
+    `error_metrics`; the model's own errors as columns `model_<name>` for `error_names`."""
+    predictable = np.ones(len(sources), bool)
+    frame_no = np.zeros(len(sources), int)
     for _, sl in video_slices(sources):
-        previous[sl.start] = frames[sl.start]
-        previous[sl.start + 1 : sl.stop] = frames[sl.start : sl.stop - 1]
         predictable[sl.start : sl.start + max(first_scored, 1)] = False
         frame_no[sl] = np.arange(1, sl.stop - sl.start + 1)
     df = pd.DataFrame({"video": sources, "frame": frame_no})
     if y is not None:
         df["y"] = y.astype(int)
     df["predictable"] = predictable
-    columns = score_frame(frames, predictions, predictable, "model", patch)
+    columns = {f"model_{k}": np.where(predictable, v, np.nan) for k, v in metrics["model"].items()}
     names = error_names or [f"E{l}" for l in range(layer_errors.shape[1])]
     for l, name in enumerate(names):
         columns[f"model_{name}"] = np.where(predictable, layer_errors[:, l], np.nan)
-    columns |= score_frame(frames, previous, predictable, "copy", patch)
+    columns |= {f"copy_{k}": np.where(predictable, v, np.nan) for k, v in metrics["copy"].items()}
     df = pd.concat([df, pd.DataFrame(columns)], axis=1)
     return add_regularity(df)
 

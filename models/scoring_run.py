@@ -182,8 +182,9 @@ def run_scoring(args, inputs: ScoringInputs, out: Path) -> dict:
     rule = AlarmRule(cal.threshold, args.alarm_min_frames, args.alarm_gap)
     with progress(total=len(X), unit="frame", desc="scoring") as bar:
         df, heats, predictions, rate = score_frames(
-            inputs.model, X, sources, cal, inputs.y, args.batch_size, args.patch, rule, bar
-        )
+            inputs.model, X, sources, cal, inputs.y, args.batch_size, args.patch, rule, bar,
+            maps=bool(args.save_prediction_error_video_frames),
+        )  # fmt: skip
     log.info(
         f"scored {len(X)} frames of {_count(len(set(sources)), 'video')} at {rate:.0f} frames/s "
         f"(compilation included), each from the frames before it ({cal.per_window} per {cal.window}-frame window)"

@@ -13,7 +13,12 @@ The model runs apart from the state, so that the windows of many streams share o
 `run_windows` scores a list of requests in one batch, and `WindowBatcher` gathers the requests of concurrent
 streams (asyncio) into such batches, so that an accelerator sees a few large calls instead of many small ones.
 Each frame costs `window` model steps here, against window / per_window in batch scoring: the price of
-answering every frame as it comes.
+answering every frame as it comes without keeping the model's state.
+
+`StaggeredStates` keeps it instead: the same predictions for one model step per window alive, about
+window / per_window steps per frame (two with the default half-window), as batch scoring; `score_stream`
+uses it with `stateful=True`. The service still sends windows (`WindowBatcher` shares model calls between
+streams, whose states would have to travel with them).
 """
 
 from __future__ import annotations
@@ -189,16 +194,123 @@ def batch_sizes(max_batch: int) -> list[int]:
 
 
 def score_stream(
-    scorer, frames: np.ndarray, calibration: Calibration, rule: AlarmRule | None = None
+    scorer, frames: np.ndarray, calibration: Calibration, rule: AlarmRule | None = None, stateful: bool = False
 ) -> list[FrameScore]:
-    """Scores frames one at a time as a stream would (a model call per frame); for tests and scripts."""
+    """Scores frames one at a time as a stream would (a model call per frame); for tests and scripts.
+
+    Args:
+        scorer: `window_scorer(layer, window, 1)`, or with `stateful` the trained PredNet layer (or a model
+            holding it), run by `StaggeredStates`.
+    """
     stream = StreamScorer(calibration, rule)
+    states = StaggeredStates(scorer, stream.window, stream.per_window, stream.horizon) if stateful else None
     out = []
     for frame in frames:
         request = stream.prepare(frame)
-        prediction = None if request is None else run_windows(scorer, [request])[0]
-        out.append(stream.finish(prediction))
+        if states is not None:
+            prediction = states.push(frame)[0]  # every frame moves the states on, scored or not
+        else:
+            prediction = None if request is None else run_windows(scorer, [request])[0]
+        out.append(stream.finish(None if request is None else prediction))
     return out
+
+
+class StaggeredStates:
+    """The model's states for one stream, so that each frame costs one model step per window alive.
+
+    Batch scoring (`models.inference.window_rows`) runs windows of `window` (W) frames, each from the zero
+    state, and reads the last `per_window` (P) steps of each: the first window starts at the video's first
+    frame and scores frames 0 to W - 1, and the window starting at frame s = kP (k >= 1) scores frames
+    s + W - P to s + W - 1. So a window starts every P frames and lives W frames: at most K = ceil(W / P)
+    are alive at once. This keeps K states, slot k % K holding the window that starts at frame kP; each
+    frame resets the slot whose window starts there, moves all K states one step in one model call (batch
+    K), and reads the prediction of the frame from the slot of the window that scores it
+    (`window_position`). That window has then seen exactly the frames the batch window holds up to the
+    frame, from the same zero state, so the prediction is the batch one (to float rounding): K steps per
+    frame, 2 for the default P = W / 2, against W for a window per frame. With horizon H > 1 (P = 1) every
+    frame has its own window (the first W all from frame 0), fed its own predictions at the H - 1 steps
+    before the scored one, as in batch scoring: W states, W steps per frame.
+
+    Args:
+        trained: the trained PredNet layer, or a model holding it (its weights are read at every frame,
+            so it follows them).
+        window, per_window, horizon: the calibration's.
+    """
+
+    def __init__(self, trained, window: int, per_window: int = 1, horizon: int = 1):
+        from models.prednet import PredNet, find_prednet
+
+        if not window or per_window < 1 or (horizon > 1 and per_window != 1):
+            raise PipelineError(
+                f"Staggered states need windows (window > 0), per_window >= 1, and per_window 1 with horizon > 1. "
+                f"Received: window {window}, per_window {per_window}, horizon {horizon}"
+            )
+        self.layer = trained if isinstance(trained, PredNet) else find_prednet(trained)
+        self.window, self.per_window, self.horizon = window, per_window, horizon
+        # Horizon 1: slot k % K holds the window starting at frame kP. Horizon > 1 (P = 1): each frame f has
+        # its own row, from frame 0 for f < W (they differ in the steps fed), else from f - W + 1: slot f % W.
+        self.slots = -(-window // per_window) if horizon == 1 else window
+        self.starts = np.full(self.slots, -(10**9))  # each slot's first frame and the frame of its last step
+        self.lasts = np.full(self.slots, -(10**9))
+        self.state = self.layer.initial_state(self.slots)
+        self.t = -1
+        self._step = _compiled_step(self.layer)
+
+    def push(self, frame: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Takes the next frame (h, w, c) uint8; returns the model's prediction of it ((h, w, c) float32 in
+        [0, 1], from the frames before it in the window that scores it) and that step's layer errors."""
+        self.t += 1
+        t, window, per_window = self.t, self.window, self.per_window
+        reset = np.zeros(self.slots, np.float32)
+        if self.horizon == 1:
+            if t % per_window == 0:  # a window starts here (the first at frame 0)
+                slot = (t // per_window) % self.slots
+                reset[slot], self.starts[slot], self.lasts[slot] = 1.0, t, t + window - 1
+            scoring = (window_position(t, window, per_window)[0] // per_window) % self.slots
+        else:
+            rows = range(window) if t == 0 else [t + window - 1]  # the rows that start at frame t
+            for f in rows:
+                reset[f % window], self.starts[f % window], self.lasts[f % window] = 1.0, t, f
+            scoring = t % window
+        # The frames after last - horizon and before last are replaced by the model's prediction.
+        fed = ((t > self.lasts - self.horizon) & (t < self.lasts)).astype(np.float32)
+        self.state, prediction, error = self._step(
+            self.layer.step_params(), self.state, frame, fed, reset, np.int32(scoring)
+        )
+        return np.asarray(prediction, np.float32), np.asarray(error, np.float32)
+
+
+def _compiled_step(layer):
+    """One compiled step of `layer` over a batch of states: (params, state, frame (h, w, c) uint8 for every
+    state, fed (states,), reset (states,) 1 to start that state over, slot) -> (state, the slot's prediction
+    (h, w, c) float32, its layer errors). The weights are an argument, never a constant of the trace."""
+    import keras
+    from keras import ops
+
+    def step(params, state, frame, fed, reset, slot):
+        keep = ops.cast(1 - reset, layer.compute_dtype)
+        r, c, e, t = state
+
+        def kept(xs):
+            return [x * ops.reshape(keep, (-1, 1, 1, 1)) for x in xs]
+
+        state = (kept(r), kept(c), kept(e), t)
+        n = ops.shape(keep)[0]
+        x = ops.cast(ops.broadcast_to(frame[None], (n, *frame.shape)), layer.compute_dtype) / 255.0
+        state, out = layer.step(state, (x, ops.cast(fed, layer.compute_dtype)), params, "all", None)
+        prediction = ops.cast(ops.take(out["prediction"], slot, axis=0), "float32")
+        return state, prediction, ops.take(out["error"], slot, axis=0)
+
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return jax.jit(step)
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(step, reduce_retracing=True)
+    return step
 
 
 class WindowBatcher:

@@ -10,7 +10,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import keras
@@ -18,6 +18,7 @@ import numpy as np
 
 import models.convlstm_ae  # noqa: F401 (registers the autoencoder's layers, for load_model)
 from models.calibration import FILENAME as CALIBRATION_FILE
+from models.config import training_defaults
 from models.data.store import dataset_dir, load_split, read_metadata, video_slices
 from models.errors import PipelineError
 from models.io import (
@@ -61,16 +62,28 @@ def window_starts(sources: np.ndarray, nt: int, strides=(1,), step: int = 1) -> 
 
 
 class WindowDataset(keras.utils.PyDataset):
-    """Batches of `nt`-frame windows in [0, 1], never crossing from one video into the next.
+    """Batches of `nt`-frame windows in [0, 1] (or uint8 as stored), never crossing from one video into the next.
 
     Targets are zeros: the training model outputs its weighted prediction error, trained towards 0.
     """
 
     def __init__(
-        self, X, sources, nt, batch_size, strides=(1,), shuffle=True, samples_per_epoch=None, step=1, seed=0, **kwargs
+        self,
+        X,
+        sources,
+        nt,
+        batch_size,
+        strides=(1,),
+        shuffle=True,
+        samples_per_epoch=None,
+        step=1,
+        seed=0,
+        uint8=False,
+        **kwargs,
     ):
         super().__init__(**kwargs)
         self.X, self.nt, self.batch_size, self.shuffle = X, nt, batch_size, shuffle
+        self.uint8 = uint8  # batches of frames as stored, for a model that scales them on the device
         self.windows = window_starts(sources, nt, strides, step)
         if len(self.windows) == 0:
             raise PipelineError(f"No {nt}-frame windows fit in any video; lower --nt.")
@@ -97,7 +110,9 @@ class WindowDataset(keras.utils.PyDataset):
         return rows[:, :1] + rows[:, 1:] * np.arange(self.nt)
 
     def __getitem__(self, index):
-        x = self.X[self.frame_indices(index)].astype(np.float32) / 255.0
+        x = self.X[self.frame_indices(index)]
+        if not self.uint8:
+            x = x.astype(np.float32) / 255.0
         return x, np.zeros((len(x), 1), np.float32)
 
 
@@ -118,6 +133,7 @@ def next_frame_mse(
     count = 0
     for i in range(len(dataset)):
         x, _ = dataset[i]
+        x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x
         pred = np.asarray(pred_model.predict_on_batch(x), dtype=np.float32)
         se_model += float(((pred[:, 1:] - x[:, 1:]) ** 2).sum())
         se_copy += float(((x[:, :-1] - x[:, 1:]) ** 2).sum())
@@ -331,31 +347,44 @@ def _open_run(s: TrainSettings, model_dir: Path, inputs: list) -> tuple[Path | N
     return None, None
 
 
+# The one source of the training defaults: config/default.json (train.py's default --config); TrainSettings
+# takes its defaults from it, so that the library and the command line train the same model by default.
+DEFAULTS = training_defaults()
+LR_SCHEDULES = ("decay", "step")
+
+
+def _default(name: str):
+    value = DEFAULTS[name]
+    return field(default=tuple(value) if isinstance(value, list) else value)
+
+
 @dataclass
 class TrainSettings:
-    """Every setting of a training run; train.py fills it from the config file and the command line."""
+    """Every setting of a training run; train.py fills it from the config file and the command line. The
+    defaults of the model and the optimisation are config/default.json's (`DEFAULTS`)."""
 
     preprocessed_data: str
     dataset: str
     model_dir: str
     model: str = "prednet"  # a name in models.registry.SPECS
-    stack_sizes: tuple[int, ...] = (48, 96, 192)
-    R0_channels: int | None = None
-    filter_sizes: tuple[int, int, int] = (3, 3, 3)
-    layer_loss_weights: tuple[float, ...] = (1.0, 0.0)
-    nt: int = 10
+    stack_sizes: tuple[int, ...] = _default("stack_sizes")
+    R0_channels: int | None = _default("R0_channels")
+    filter_sizes: tuple[int, int, int] = _default("filter_sizes")
+    layer_loss_weights: tuple[float, ...] = _default("layer_loss_weights")
+    nt: int = _default("nt")
     horizon: int = 1
-    batch_size: int = 8
-    nb_epoch: int = 150
-    samples_per_epoch: int | None = 500
-    val_samples: int | None = 100
-    learning_rate: float = 1e-3
-    lr_decay: float = 1.0
-    strides: tuple[int, ...] = (1,)
-    patience: int = 10
+    batch_size: int = _default("batch_size")
+    nb_epoch: int = _default("nb_epoch")
+    samples_per_epoch: int | None = _default("samples_per_epoch")
+    val_samples: int | None = _default("val_samples")
+    learning_rate: float = _default("learning_rate")
+    lr_schedule: str = _default("lr_schedule")
+    lr_decay: float = _default("lr_decay")
+    lr_step_epoch: int = _default("lr_step_epoch")
+    strides: tuple[int, ...] = _default("strides")
+    patience: int = _default("patience")
     max_minutes: float | None = None
-    output_mode: str = "all"
-    precision: str = "float32"
+    precision: str = _default("precision")
     fine_tuning: str | None = None
     freeze_layers: tuple[int, ...] = ()
     seed: int = 0
@@ -368,6 +397,15 @@ class TrainSettings:
     ae_kernels: tuple[int, ...] = (11, 5)
     ae_strides: tuple[int, ...] = (4, 2)
     ae_lstm_filters: tuple[int, ...] = (64, 32, 64)
+
+
+def learning_rate(s: TrainSettings, epoch: int) -> float:
+    """The learning rate of epoch `epoch` (0-based): `learning_rate` times `lr_decay` per epoch ('decay'), or
+    the reference's step ('step': Lotter et al.'s Keras code trains at 0.001 for epochs < 75, then 0.0001):
+    `learning_rate` before epoch `lr_step_epoch`, a tenth of it from then on."""
+    if s.lr_schedule == "step":
+        return s.learning_rate * (0.1 if epoch >= s.lr_step_epoch else 1.0)
+    return s.learning_rate * s.lr_decay**epoch
 
 
 def freeze(model: keras.Model, layers) -> None:
@@ -431,6 +469,8 @@ def train(s: TrainSettings, extra_callbacks: list[keras.callbacks.Callback] | No
     data_dir = dataset_dir(s.preprocessed_data, s.dataset)
     meta = read_metadata(data_dir)
     get(s.model).check_settings(s, meta)
+    if s.lr_schedule not in LR_SCHEDULES:
+        raise PipelineError(f"--lr_schedule must be one of {list(LR_SCHEDULES)}. Received: {s.lr_schedule!r}")
     if s.max_minutes is not None and not s.max_minutes > 0:
         raise PipelineError(f"--max_minutes must be positive. Received: {s.max_minutes}")
     if s.nt < 2:
@@ -442,9 +482,13 @@ def train(s: TrainSettings, extra_callbacks: list[keras.callbacks.Callback] | No
     model_dir = Path(s.model_dir)
     inputs = [data_dir, s.fine_tuning]
     check_inputs(model_dir, inputs)
-    with output_lock(model_dir):
-        run_dir, resume_from = _open_run(s, model_dir, inputs)
-        return _train_locked(s, data_dir, meta, model_dir, run_dir, resume_from, extra_callbacks)
+    policy = keras.config.dtype_policy()
+    try:
+        with output_lock(model_dir):
+            run_dir, resume_from = _open_run(s, model_dir, inputs)
+            return _train_locked(s, data_dir, meta, model_dir, run_dir, resume_from, extra_callbacks)
+    finally:  # --precision is this run's: models built after it (scoring, the next trial) get the old policy
+        keras.config.set_dtype_policy(policy)
 
 
 def _train_locked(
@@ -507,6 +551,11 @@ def _train_locked(
     else:
         model = spec.build(s, frame_shape)
         model.compile(optimizer=keras.optimizers.Adam(s.learning_rate), loss="mae")
+    # Frames go to the device as stored (uint8) and are scaled there, unless the model takes floats (a
+    # checkpoint from before that, or a model built without it).
+    for data in (train_data, val_data):
+        if data is not None:
+            data.uint8 = model.inputs[0].dtype == "uint8"
     if s.freeze_layers:  # trainable flags take effect at compile time
         freeze(model, s.freeze_layers)
         model.compile(optimizer=model.optimizer, loss="mae")
@@ -527,7 +576,7 @@ def _train_locked(
     throughput = _Throughput(len(train_data) * s.batch_size * s.nt)
     checkpoints = _Checkpoints(run_dir, monitor, s.patience, state, rows)
     callbacks = [
-        keras.callbacks.LearningRateScheduler(lambda epoch: s.learning_rate * s.lr_decay**epoch),
+        keras.callbacks.LearningRateScheduler(lambda epoch: learning_rate(s, epoch)),
         throughput,
         checkpoints,
     ]

@@ -66,6 +66,7 @@ def tiny_settings(prepared: Path, model_dir: Path, **overrides):
         val_samples=4,
         learning_rate=0.01,
         strides=(1, 2),
+        precision="float32",
         verbose=0,
     )
     return TrainSettings(**(values | overrides))

@@ -347,3 +347,26 @@ def test_bad_scoring_options_are_refused(prepared, trained, tmp_path, options, m
     out = tmp_path / "s"
     done = run_scoring(prepared.parent, prepared.name, trained, out, *options)
     assert done.returncode == 2 and message in done.stderr and not out.exists()
+
+
+def test_metrics_computed_on_the_device_equal_numpys(trained, prepared):
+    from models.calibration import copy_predictions, local_errors
+    from models.inference import load_predictor, score_videos
+    from models.prednet import find_prednet
+
+    model, layer, _ = load_predictor(trained)
+    assert find_prednet(model) is layer  # the predicting model runs the trained layer: no copy of its weights
+    X, sources = load_split(prepared, "test")
+    X, sources = X[:48], sources[:48]
+    for window, per_window in ((4, 2), (0, 1)):
+        out = score_videos(model, X, sources, 5, window, 1, per_window, cell=4, patch=4, maps=True)
+        assert set(out) == {"error", "model", "copy", "model_cells", "copy_cells", "prediction", "fps"}
+        frames = X.astype(np.float32) / 255
+        for source, pred in (("model", out["prediction"]), ("copy", copy_predictions(X, sources))):
+            expected = error_metrics(frames, pred, patch=4)
+            for name, values in expected.items():  # float32 sums in another order: relative 1e-5
+                np.testing.assert_allclose(out[source][name], values, rtol=1e-4, atol=1e-7, err_msg=name)
+            np.testing.assert_allclose(out[f"{source}_cells"], local_errors(X, pred, 4), rtol=1e-5, atol=1e-5)
+        without = score_videos(model, X, sources, 5, window, 1, per_window, cell=4, patch=4)
+        assert "prediction" not in without  # only the metrics come back unless the maps are asked for
+        np.testing.assert_array_equal(without["model"]["mse"], out["model"]["mse"])

@@ -176,7 +176,7 @@ def test_training_frames_ahead(trained, prepared, tmp_path):
         ({"dataset": "Nope"}, "Run data_preparation.py first"),
         ({"nt": 30}, "longer than the shortest train video"),
         ({"stack_sizes": (4, 8, 8, 8)}, "does not suit a 5-layer PredNet"),
-        ({"output_mode": "Q3"}, "Unknown output mode 'Q3'"),
+        ({"lr_schedule": "cosine"}, "--lr_schedule must be one of"),
         ({"nt": 1}, "at least 2"),
         ({"horizon": 4}, "horizon < nt"),
         ({"horizon": 2, "layer_loss_weights": (1.0, 0.1)}, "L_0"),
@@ -210,3 +210,45 @@ def test_config_files_parse(name):
             assert getattr(args, key) == (tuple(value) if isinstance(value, list) else value), key
     assert args.model_dir == "outputs/models/Ped2" and args.horizon == 1  # not in the file: the flag's default
     TrainSettings(**{k: v for k, v in vars(args).items() if k not in ("config", "quiet", "verbose")})
+
+
+def test_training_defaults_are_the_default_config():
+    import dataclasses
+    import json
+
+    from models.config import CONFIG_DIR
+
+    config = {k: v for k, v in json.loads((CONFIG_DIR / "default.json").read_text()).items() if not k.startswith("_")}
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainSettings)}
+    assert set(config) <= set(defaults)  # every setting of the file is a TrainSettings field ...
+    for name, value in config.items():  # ... whose default is the file's value
+        assert defaults[name] == (tuple(value) if isinstance(value, list) else value), name
+    import train as train_script
+
+    args = vars(train_script.parse_args(["--dataset", "d"]))  # and train.py without flags trains the same
+    assert all(args[name] == defaults[name] for name in config)
+
+
+def test_step_schedule_is_the_references():
+    from models.training import learning_rate
+
+    s = TrainSettings("p", "d", "m", learning_rate=1e-3, lr_schedule="step", lr_step_epoch=75)
+    assert [learning_rate(s, e) for e in (0, 74, 75, 149)] == pytest.approx([1e-3, 1e-3, 1e-4, 1e-4])
+    s = TrainSettings("p", "d", "m", learning_rate=1e-2, lr_schedule="decay", lr_decay=0.5)
+    assert [learning_rate(s, e) for e in (0, 1, 2)] == pytest.approx([1e-2, 5e-3, 2.5e-3])
+
+
+def test_step_schedule_in_training(prepared, tmp_path):
+    s = tiny_settings(prepared, tmp_path / "m", nb_epoch=3, lr_schedule="step", lr_step_epoch=2)
+    train(s)
+    history = pd.read_csv(tmp_path / "m" / "history.csv")
+    np.testing.assert_allclose(history["learning_rate"], [0.01, 0.01, 0.001])
+
+
+def test_bf16_training_on_tensorflow(prepared, tmp_path):
+    config = train(tiny_settings(prepared, tmp_path / "m", nb_epoch=2, precision="mixed_bfloat16"))
+    assert np.isfinite(config["results"]["next_frame_mse"]) and config["arguments"]["precision"] == "mixed_bfloat16"
+    assert keras.config.dtype_policy().name == "float32"  # train() left the global policy as it found it
+    model = load_model(tmp_path / "m" / "model.keras")
+    assert find_prednet(model).dtype_policy.name == "mixed_bfloat16"
+    assert all(w.dtype == "float32" for w in model.weights)  # bf16 compute, float32 weights

@@ -30,7 +30,6 @@ TINY_CONFIG = {
     "lr_decay": 1.0,
     "strides": [1, 2],
     "patience": 5,
-    "output_mode": "all",
     "precision": "float32",
 }
 TINY_SPACE = {

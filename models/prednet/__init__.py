@@ -3,6 +3,7 @@
 from models.prednet.layers import PredNet
 from models.prednet.model import (
     PredictionError,
+    PredNetRun,
     WeightedError,
     build_training_model,
     expand_layer_weights,
@@ -16,6 +17,7 @@ from models.prednet.model import (
 __all__ = [
     "PredNet",
     "PredictionError",
+    "PredNetRun",
     "WeightedError",
     "build_training_model",
     "expand_layer_weights",

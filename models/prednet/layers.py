@@ -23,6 +23,11 @@ OUTPUT_MODES = ("error", "prediction", "all")
 UNIT_TYPES = ("R", "E", "A", "Ahat")
 
 
+def _conv(x, kernel, bias):
+    """The 'same'-padded stride-1 convolution of `keras.layers.Conv2D`, with the weights given."""
+    return ops.add(ops.conv(x, kernel, padding="same"), bias)
+
+
 def _per_layer(value, n: int, name: str) -> tuple[int, ...]:
     values = (value,) * n if isinstance(value, int) else tuple(int(v) for v in value)
     if len(values) != n:
@@ -146,7 +151,8 @@ class PredNet(keras.layers.Layer):
                 self.a_convs.append(a)
         self.built = True
 
-    def _initial_state(self, batch):
+    def initial_state(self, batch):
+        """The state before a sequence's first frame: zeros, and step 0."""
         height, width, _ = self.frame_shape
         dtype = self.compute_dtype
 
@@ -158,8 +164,33 @@ class PredNet(keras.layers.Layer):
         e = [zeros(l, 2 * self.stack_sizes[l]) for l in range(self.nb_layers)]
         return r, c, e, ops.zeros((), dtype="int32")
 
-    def step(self, state, frame):
-        """One time step: (state, frame or (frame, fed)) -> (new state, outputs of this step)."""
+    def step_params(self) -> dict:
+        """The weights that `step` reads, as tensors in the compute dtype: per layer, the (kernel, bias) of
+        the LSTM, Ahat and A convolutions. Read once per call and handed to every step, so that no trace
+        of the step reads a weight from the layer (see `call`)."""
+
+        def pair(conv):
+            return ops.cast(conv.kernel, self.compute_dtype), ops.cast(conv.bias, self.compute_dtype)
+
+        return {
+            "lstm": [pair(c) for c in self.lstm_convs],
+            "ahat": [pair(c) for c in self.ahat_convs],
+            "a": [pair(c) for c in self.a_convs],
+        }
+
+    def step(self, state, frame, params=None, output_mode=None, extrap_start_time=...):
+        """One time step: (state, frame or (frame, fed)) -> (new state, outputs of this step).
+
+        `params` are the weights (`step_params`; by default read from the layer now): the step reads no
+        weight from the layer itself, so it is a function of its arguments alone. `output_mode` and
+        `extrap_start_time` default to the layer's.
+        """
+        params = self.step_params() if params is None else params
+        output_mode = output_mode or self.output_mode
+        extrap_start_time = self.extrap_start_time if extrap_start_time is ... else extrap_start_time
+        output_unit, output_layer = None, None
+        if output_mode not in OUTPUT_MODES:
+            output_unit, output_layer = output_mode[:-1], int(output_mode[-1])
         r_tm1, c_tm1, e_tm1, t = state
         a, fed = frame if isinstance(frame, (list, tuple)) else (frame, None)
 
@@ -168,7 +199,7 @@ class PredNet(keras.layers.Layer):
             inputs = [r_tm1[l], e_tm1[l]]
             if l < self.nb_layers - 1:
                 inputs.append(ops.repeat(ops.repeat(r[l + 1], 2, axis=1), 2, axis=2))  # nearest up-sampling
-            z = self.lstm_convs[l](ops.concatenate(inputs, axis=-1))
+            z = _conv(ops.concatenate(inputs, axis=-1), *params["lstm"][l])
             i, f, c_hat, o = ops.split(z, 4, axis=-1)
             gate = self.LSTM_inner_activation
             c[l] = gate(f) * c_tm1[l] + gate(i) * self.LSTM_activation(c_hat)
@@ -176,40 +207,66 @@ class PredNet(keras.layers.Layer):
 
         e, units = [], {}
         for l in range(self.nb_layers):
-            ahat = ops.relu(self.ahat_convs[l](r[l])) if l == 0 else self.A_activation(self.ahat_convs[l](r[l]))
+            ahat = _conv(r[l], *params["ahat"][l])
+            ahat = ops.relu(ahat) if l == 0 else self.A_activation(ahat)
             if l == 0:
                 ahat = ops.minimum(ahat, self.pixel_max)
                 prediction = ahat
-                if self.extrap_start_time is not None:  # the prediction stands in for the frame
-                    a = ops.where(t >= self.extrap_start_time, ahat, a)
+                if extrap_start_time is not None:  # the prediction stands in for the frame
+                    a = ops.where(t >= extrap_start_time, ahat, a)
                 if fed is not None:
                     a = ops.where(ops.reshape(fed, (-1, 1, 1, 1)) > 0, ahat, a)
             e.append(ops.concatenate([self.error_activation(a - ahat), self.error_activation(ahat - a)], axis=-1))
-            if l == self.output_layer:
+            if l == output_layer:
                 units = {"R": r[l], "E": e[l], "A": a, "Ahat": ahat}
             if l < self.nb_layers - 1:
-                a = ops.max_pool(self.A_activation(self.a_convs[l](e[l])), pool_size=2, strides=2)
+                a = ops.max_pool(self.A_activation(_conv(e[l], *params["a"][l])), pool_size=2, strides=2)
 
-        if self.output_unit is not None:
-            out = units[self.output_unit]
+        if output_unit is not None:
+            out = units[output_unit]
         else:
             errors = ops.stack([ops.mean(ops.cast(e_l, "float32"), axis=(1, 2, 3)) for e_l in e], axis=-1)
             out = {"prediction": prediction, "error": errors}
-            if self.output_mode != "all":
-                out = out[self.output_mode]
+            if output_mode != "all":
+                out = out[output_mode]
         return (r, c, e, t + 1), out
 
     def call(self, inputs):
+        return self.run(inputs)
+
+    def run(self, inputs, output_mode=None, extrap_start_time=..., state=None, return_state=False):
+        """The loop over time, as `call` with this layer's output mode and extrapolation unless given.
+
+        Args:
+            inputs: frames (batch, time, h, w, c), or (frames, fed), in the compute dtype.
+            output_mode, extrap_start_time: as the layer's arguments, for this run (default: the layer's).
+            state: the state to start from (a `step` state, e.g. the last one of an earlier run of the
+                same sequences); default: the zero state of a sequence's start.
+            return_state: also return the state after the last step, to go on from it.
+        """
         frames, fed = inputs if isinstance(inputs, (list, tuple)) else (inputs, None)
         xs = ops.transpose(frames, (1, 0, 2, 3, 4))  # time-major for the scan
         if fed is not None:
             xs = (xs, ops.transpose(ops.cast(fed, self.compute_dtype), (1, 0)))
-        _, outputs = scan(self.step, self._initial_state(ops.shape(frames)[0]), xs)
+        # The loop body is a new function on every call, and the weights reach it as this call's values
+        # (the training state's on JAX). JAX caches a loop body's trace keyed on the body function: with
+        # `self.step` as the body, a trace taken while the weights were concrete arrays (building the
+        # model) could be reused by the training step, with the weights as constants: epochs that leave
+        # them unchanged, then "Array has been deleted" once training had donated those arrays
+        # (docs/model_development.md, "A trace that held the weights").
+        params = self.step_params()
+
+        def body(carry, x):
+            return self.step(carry, x, params, output_mode, extrap_start_time)
+
+        state = self.initial_state(ops.shape(frames)[0]) if state is None else state
+        state, outputs = scan(body, state, xs)
 
         def batch_major(x):
             return ops.transpose(x, (1, 0, *range(2, len(x.shape))))
 
-        return keras.tree.map_structure(batch_major, outputs)
+        outputs = keras.tree.map_structure(batch_major, outputs)
+        return (outputs, state) if return_state else outputs
 
     def get_config(self):
         config = {

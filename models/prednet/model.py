@@ -8,7 +8,7 @@ import keras
 from keras import ops
 
 from models.errors import PipelineError
-from models.prednet.layers import PredNet
+from models.prednet.layers import OUTPUT_MODES, UNIT_TYPES, PredNet
 
 
 @keras.saving.register_keras_serializable(package="prednet")
@@ -76,16 +76,25 @@ def prednet_kwargs(channels: int, stack_sizes, filter_sizes=(3, 3, 3), R0_channe
 
 
 def build_training_model(
-    nt: int, frame_shape: tuple[int, int, int], layer_loss_weights, horizon: int = 1, **prednet_kwargs
+    nt: int,
+    frame_shape: tuple[int, int, int],
+    layer_loss_weights,
+    horizon: int = 1,
+    uint8: bool = False,
+    **prednet_kwargs,
 ) -> keras.Model:
     """frames (batch, nt, h, w, c) -> weighted error (batch, 1); train it towards 0 with an MAE loss.
+
+    Frames in [0, 1], or with `uint8` frames as stored (0-255), scaled on the device: a quarter of the
+    float32 transfer, as in scoring (`window_scorer`).
 
     With `horizon` > 1 the last frame of each window is predicted from the frames up to horizon steps
     before it: the model's own predictions stand in for the frames of the last horizon - 1 steps (as
     batch_scoring.py --horizon does), and the objective is `PredictionError`, since the errors of a step
     fed its own prediction are zero by construction; `layer_loss_weights` must then be L_0.
     """
-    inputs = keras.Input((nt, *frame_shape), name="frames")
+    inputs = keras.Input((nt, *frame_shape), dtype="uint8" if uint8 else None, name="frames")
+    frames = ops.cast(inputs, "float32") / 255.0 if uint8 else inputs
     if horizon > 1:
         weights = tuple(float(w) for w in layer_loss_weights)
         if not 1 < horizon < nt or any(weights[1:]):
@@ -94,47 +103,62 @@ def build_training_model(
                 f"(the frame error only). Received: horizon {horizon}, layer_loss_weights {weights}"
             )
         prednet = PredNet(output_mode="prediction", extrap_start_time=nt - horizon, name="prednet", **prednet_kwargs)
-        loss = PredictionError(name="prediction_error", dtype="float32")([inputs, prednet(inputs)])
+        loss = PredictionError(name="prediction_error", dtype="float32")([frames, prednet(frames)])
         return keras.Model(inputs, loss, name="prednet_training")
     prednet = PredNet(output_mode="error", name="prednet", **prednet_kwargs)
-    errors = prednet(inputs)
+    errors = prednet(frames)
     weights = expand_layer_weights(layer_loss_weights, prednet.nb_layers)
     loss = WeightedError(weights, name="weighted_error", dtype="float32")(errors)
     return keras.Model(inputs, loss, name="prednet_training")
 
 
 def find_prednet(model: keras.Model) -> PredNet:
+    """The PredNet layer of a model: its own, or the trained one that a predicting model runs."""
     for layer in model.layers:
         if isinstance(layer, PredNet):
             return layer
+        if isinstance(getattr(layer, "prednet", None), PredNet):
+            return layer.prednet
     raise PipelineError(f"Model {model.name} has no PredNet layer.")
 
 
-def _fresh_copy(trained: keras.Model | PredNet, output_mode: str, extrap_start_time: int | None = None):
-    """The trained PredNet layer, and an unbuilt one of the same config with other outputs (its weights are
-    set from the trained one once a model has built it)."""
-    layer = trained if isinstance(trained, PredNet) else find_prednet(trained)
-    config = {**layer.get_config(), "output_mode": output_mode, "extrap_start_time": extrap_start_time}
-    config.pop("name", None)
-    return layer, PredNet.from_config(config)
+class PredNetRun(keras.layers.Layer):
+    """A trained PredNet layer run with other outputs: the same layer object, so the same weights (no copy,
+    nothing to keep in step when the layer trains on), with its own output mode and extrapolation.
+
+    Takes frames or (frames, fed) like PredNet, in [0, pixel_max]; computes in the layer's dtype policy.
+    """
+
+    def __init__(self, prednet: PredNet, output_mode: str = "all", extrap_start_time: int | None = None, **kwargs):
+        super().__init__(dtype=prednet.dtype_policy, **kwargs)
+        valid = OUTPUT_MODES + tuple(f"{u}{n}" for n in range(prednet.nb_layers) for u in UNIT_TYPES)
+        if output_mode not in valid:
+            raise ValueError(
+                f"Unknown `output_mode`; expected one of {list(valid)}. Received: output_mode={output_mode!r}"
+            )
+        self.prednet, self.output_mode = prednet, output_mode
+        self.extrap_start_time = None if extrap_start_time is None else int(extrap_start_time)
+
+    def call(self, inputs):
+        return self.prednet.run(inputs, self.output_mode, self.extrap_start_time)
 
 
 def predictor(
     trained: keras.Model | PredNet, output_mode: str = "all", extrap_start_time: int | None = None, fed=False
 ) -> keras.Model:
-    """A model with the trained weights that outputs `output_mode`, for sequences of any length.
+    """A model that runs the trained PredNet layer with outputs `output_mode`, for sequences of any length.
 
-    This is how a model trained with output_mode='error' predicts frames without retraining: a new
-    PredNet layer from the same config, with the other output mode, and the same weights. With `fed`, the
-    model takes [frames, fed]: fed (batch, time) > 0 where its own prediction replaces the frame.
+    This is how a model trained with output_mode='error' predicts frames without retraining: the trained
+    layer itself runs with the other output mode (`PredNetRun`), so the predicting model shares its weights
+    and follows them as it trains on. With `fed`, the model takes [frames, fed]: fed (batch, time) > 0
+    where its own prediction replaces the frame.
     """
-    layer, new = _fresh_copy(trained, output_mode, extrap_start_time)
+    layer = trained if isinstance(trained, PredNet) else find_prednet(trained)
     inputs = keras.Input((None, *layer.frame_shape), name="frames")
     if fed:
         inputs = [inputs, keras.Input((None,), name="fed")]
-    model = keras.Model(inputs, new(inputs), name=f"prednet_{output_mode}")
-    new.set_weights(layer.get_weights())
-    return model
+    outputs = PredNetRun(layer, output_mode, extrap_start_time, name=f"prednet_{output_mode}")(inputs)
+    return keras.Model(inputs, outputs, name=f"prednet_{output_mode}")
 
 
 class UnrolledPredNet(keras.layers.Layer):
@@ -143,16 +167,25 @@ class UnrolledPredNet(keras.layers.Layer):
     Takes (frames, fed) like PredNet; returns its 'all' outputs."""
 
     def __init__(self, prednet: PredNet, steps: int, **kwargs):
-        super().__init__(**kwargs)
+        super().__init__(dtype=prednet.dtype_policy, **kwargs)
         self.prednet, self.steps = prednet, int(steps)
 
     def call(self, frames, fed):
-        state = self.prednet._initial_state(ops.shape(frames)[0])
+        state = self.prednet.initial_state(ops.shape(frames)[0])
+        params = self.prednet.step_params()
         outputs = []
         for t in range(self.steps):
-            state, out = self.prednet.step(state, (frames[:, t], fed[:, t]))
+            state, out = self.prednet.step(state, (frames[:, t], fed[:, t]), params, "all", None)
             outputs.append(out)
         return {k: ops.stack([o[k] for o in outputs], axis=1) for k in outputs[0]}
+
+
+def pick_steps(pick, outputs: dict) -> dict:
+    """The steps that `pick` (batch, per_window, window), one-hot, selects from 'all' outputs, in float32."""
+    return {
+        "prediction": ops.einsum("bsk,bkhwc->bshwc", pick, ops.cast(outputs["prediction"], "float32")),
+        "error": ops.einsum("bsk,bkl->bsl", pick, ops.cast(outputs["error"], "float32")),
+    }
 
 
 def window_scorer(
@@ -164,26 +197,20 @@ def window_scorer(
     quarter of the float32 transfer), fed (batch, window) > 0 where the model's own prediction replaces the
     frame, and pick (batch, per_window, window), one-hot at each step to return (all zero: none). Returns
     those steps' predictions (batch, per_window, h, w, c) and layer errors (batch, per_window, layers)
-    alone, instead of every step's. With `unroll`, the steps run as an unrolled loop (`UnrolledPredNet`),
+    alone, instead of every step's. It runs the trained layer itself (`PredNetRun`): built once, it
+    follows the layer's weights. With `unroll`, the steps run as an unrolled loop (`UnrolledPredNet`),
     for export to ONNX.
     """
-    layer, new = _fresh_copy(trained, "all")
+    layer = trained if isinstance(trained, PredNet) else find_prednet(trained)
     frames = keras.Input((window, *layer.frame_shape), dtype="uint8", name="frames")
     fed = keras.Input((window,), name="fed")
     pick = keras.Input((per_window, window), name="pick")
     x = ops.cast(frames, "float32") / 255.0
     if unroll:
-        new.build((None, window, *layer.frame_shape))
-        out = UnrolledPredNet(new, window, name="prednet_unrolled")(x, fed)
+        out = UnrolledPredNet(layer, window, name="prednet_unrolled")(x, fed)
     else:
-        out = new([x, fed])
-    outputs = {
-        "prediction": ops.einsum("bsk,bkhwc->bshwc", pick, ops.cast(out["prediction"], "float32")),
-        "error": ops.einsum("bsk,bkl->bsl", pick, ops.cast(out["error"], "float32")),
-    }
-    model = keras.Model([frames, fed, pick], outputs, name="prednet_window_scorer")
-    new.set_weights(layer.get_weights())
-    return model
+        out = PredNetRun(layer, "all", name="prednet_all")([x, fed])
+    return keras.Model([frames, fed, pick], pick_steps(pick, out), name="prednet_window_scorer")
 
 
 def load_model(path: str | Path, compile: bool = False) -> keras.Model:

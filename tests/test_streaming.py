@@ -1,0 +1,46 @@
+"""Streams scored frame by frame with the model's states carried along equal the windowed batch scores."""
+
+import numpy as np
+import pytest
+
+from models.calibration import Calibration
+from models.data.store import load_split
+
+
+@pytest.mark.parametrize("per_window,horizon", [(2, 1), (1, 1), (3, 1), (1, 2)])
+def test_staggered_states_predict_as_the_windows(trained, prepared, per_window, horizon):
+    from models.inference import load_predictor, predict_videos
+    from models.streaming import StaggeredStates
+
+    model, layer, _ = load_predictor(trained)
+    X, sources = load_split(prepared, "test")
+    X, sources = X[:24], sources[:24]  # one video
+    window = 4  # the model's training window
+    batch, batch_err, _ = predict_videos(model, X, sources, 5, window, horizon, per_window)
+    states = StaggeredStates(layer, window, per_window, horizon)
+    assert states.slots == -(-window // per_window)  # model steps per frame: 2 for half the window
+    for t, frame in enumerate(X):
+        prediction, error = states.push(frame)
+        if t >= horizon:  # earlier frames: nothing `horizon` frames before them to predict from
+            np.testing.assert_allclose(prediction, batch[t], atol=2e-5, err_msg=f"frame {t}")
+            np.testing.assert_allclose(error, batch_err[t], atol=2e-5, err_msg=f"frame {t}")
+
+
+def test_stateful_stream_scores_equal_the_batch_scores(trained, prepared):
+    from models.inference import load_predictor
+    from models.live import score_frames
+    from models.prednet import window_scorer
+    from models.streaming import score_stream
+
+    model, layer, _ = load_predictor(trained)
+    cal = Calibration.load(trained / "calibration.json")
+    X, sources = load_split(prepared, "test")
+    X, sources = X[24:48], sources[24:48]
+    df, _, _, _ = score_frames(model, X, sources, cal)
+    stateful = score_stream(layer, X, cal, stateful=True)
+    windows = score_stream(window_scorer(layer, cal.window, 1), X, cal)
+    for scores in (stateful, windows):
+        np.testing.assert_allclose([s.score for s in scores], df["score"], atol=1e-4, equal_nan=True)
+        np.testing.assert_allclose([s.copy_score for s in scores], df["copy_score"], atol=1e-4, equal_nan=True)
+        assert [s.alarm for s in scores] == df["alarm"].astype(bool).tolist()
+    assert np.isfinite([s.score for s in stateful]).sum() == df["score"].notna().sum() > 0
