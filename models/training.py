@@ -147,6 +147,7 @@ def copy_last_frame_loss(dataset: WindowDataset) -> float:
     total, count = 0.0, 0
     for i in range(len(dataset)):
         x, _ = dataset[i]
+        x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)  # uint8: as stored
         total += float(np.abs(x[:, 1:] - x[:, :-1]).sum())
         count += x[:, 1:].size
     return 0.5 * total / max(count, 1)

@@ -77,6 +77,9 @@ def test_copy_last_frame_loss_is_half_the_mean_absolute_step():
     the frame before; the mean absolute step is 1/3, its half 1/6."""
     x = np.array([0.0, 0.5, 0.5, 1.0], np.float32).reshape(1, 4, 1, 1, 1)
     assert copy_last_frame_loss([(x, None)]) == pytest.approx(1 / 6)
+    # Batches as stored (uint8, as training sends them to the device): the same loss, no wrap-around at 0 - 255.
+    stored = np.array([0, 128, 128, 255], np.uint8).reshape(1, 4, 1, 1, 1)
+    assert copy_last_frame_loss([(stored, None)]) == pytest.approx(0.5 * (128 + 0 + 127) / 255 / 3)
 
 
 def test_resume_continues(trained, prepared, tmp_path):
