@@ -1,4 +1,4 @@
-"""Throughput of PredNet training and scoring, its FLOPs per frame, and the fraction of the GPU's peak.
+r"""Throughput of PredNet training and scoring, its FLOPs per frame, and the fraction of the GPU's peak.
 
     python benchmarks/benchmark.py --config cpu --size 64x96x1                       # the CPU profile
     KERAS_BACKEND=jax python benchmarks/benchmark.py --config default --size 128x192x1 \
@@ -31,10 +31,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from models.cli import parser  # noqa: E402
+from models.cli import import_keras, parser  # noqa: E402
 from models.config import parse_with_config  # noqa: E402
 from models.inference import DEFAULT_HORIZON, default_per_window, score_videos  # noqa: E402
-from models.training import WindowDataset  # noqa: E402
 
 PEAK_BF16 = 790e12  # H100 SXM dense bf16 matrix throughput measured on the lent machine
 
@@ -70,6 +69,7 @@ def bench(args, batch_size: int, precision: str) -> dict:
 
     from models.prednet import build_training_model, predictor, prednet_kwargs
     from models.streaming import StaggeredStates
+    from models.training import WindowDataset
 
     keras.mixed_precision.set_dtype_policy(precision)
     h, w, c = args.shape
@@ -189,6 +189,7 @@ def main(argv=None) -> int:
     args = parse_with_config(p, argv)
     if args.score_batch is not None and args.score_batch < 1:
         p.error(f"--score_batch must be 1 or more windows; got {args.score_batch}")
+    import_keras()  # after argument errors, the native libraries' start-up lines hidden
     args.stack_sizes = [
         int(v) for v in (args.stack_sizes if isinstance(args.stack_sizes, list) else str(args.stack_sizes).split(","))
     ]

@@ -1,4 +1,4 @@
-"""Several trained models side by side on a prepared dataset's labelled test videos: one table.
+r"""Several trained models side by side on a prepared dataset's labelled test videos: one table.
 
     python benchmarks/compare_models.py --preprocessed_data data/preprocessed --dataset UCSDped2 \
         --model_dir outputs/models/prednet outputs/models/convlstm_ae [--out compare.md]

@@ -1,4 +1,4 @@
-"""Does the live score's calibration transfer? Both protocols on a prepared dataset's labelled test videos.
+r"""Does the live score's calibration transfer? Both protocols on a prepared dataset's labelled test videos.
 
     python benchmarks/live_protocol.py --preprocessed_data data/preprocessed --dataset UCSDped2 \
         --model_dir outputs/models/UCSDped2 [--out live_protocol.json]
