@@ -108,7 +108,7 @@ def score_frames(
     progress=None,
     maps: bool = False,
 ):
-    """Scores every frame: the metrics of `models.scoring.build_frame_table`, and the live columns.
+    """Scores every frame: the metrics of `models.scoring.frame_table`, and the live columns.
 
     The metrics are computed on the device (`models.inference.score_videos`); the predicted frames come back
     only with `maps`.

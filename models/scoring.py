@@ -52,12 +52,6 @@ def min_max_per_video(values: pd.Series, videos: pd.Series) -> pd.Series:
     return (values - lo) / (hi - lo).replace(0, np.nan)
 
 
-def score_frame(frames, predictions, predictable, prefix: str, patch: int) -> dict[str, np.ndarray]:
-    """`error_metrics` with a column prefix, NaN where the frame is not predictable."""
-    metrics = error_metrics(frames, predictions, patch)
-    return {f"{prefix}_{k}": np.where(predictable, v, np.nan) for k, v in metrics.items()}
-
-
 def regularity_source(df: pd.DataFrame, prefix: str) -> str:
     """The PSNR the regularity is made of: the context-corrected one (`<prefix>_psnr_ctx`, written by live
     scoring) when the table has it, else the raw PSNR."""
@@ -132,31 +126,14 @@ def add_smoothed(df: pd.DataFrame, window: int, prefixes=("model", "copy")) -> p
     return df
 
 
-def build_frame_table(
-    X, sources, y, predictions, layer_errors, patch: int, first_scored: int = 1, error_names=None
-) -> pd.DataFrame:
+def frame_table(sources, y, metrics: dict, layer_errors, first_scored: int = 1, error_names=None) -> pd.DataFrame:
     """One row per test frame: video, frame (1-based), label, predictable, model and baseline metrics.
 
-    The first `first_scored` frames of each video (at least the first, which nothing precedes) are kept
-    with `predictable = False` and NaN metrics: the model had too little of the video to predict them from.
-    The model's own errors per frame (`layer_errors`, n x k) become columns `model_<name>` for `error_names`
-    (default: PredNet's layer errors, E0, E1, ...).
-    (`frame_table` with the metrics computed here in NumPy; scoring computes them on the device:
-    `models.inference.score_videos`.)
-    """
-    from models.calibration import copy_predictions
-
-    frames = X.astype(np.float32) / 255.0
-    metrics = {
-        "model": error_metrics(frames, predictions, patch),
-        "copy": error_metrics(frames, copy_predictions(X, sources), patch),
-    }
-    return frame_table(sources, y, metrics, layer_errors, first_scored, error_names)
-
-
-def frame_table(sources, y, metrics: dict, layer_errors, first_scored: int = 1, error_names=None) -> pd.DataFrame:
-    """The table of `build_frame_table` from each frame's metrics: source ('model', 'copy') -> the arrays of
-    `error_metrics`; the model's own errors as columns `model_<name>` for `error_names`."""
+    `metrics`: source ('model', 'copy') -> the arrays of `error_metrics` (computed on the device by
+    `models.inference.score_videos`). The first `first_scored` frames of each video (at least the first,
+    which nothing precedes) are kept with `predictable = False` and NaN metrics: the model had too little of
+    the video to predict them from. The model's own errors per frame (`layer_errors`, n x k) become columns
+    `model_<name>` for `error_names` (default: PredNet's layer errors, E0, E1, ...)."""
     predictable = np.ones(len(sources), bool)
     frame_no = np.zeros(len(sources), int)
     for _, sl in video_slices(sources):
