@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -48,6 +49,20 @@ def trained(prepared, tmp_path_factory) -> Path:
 def run_script(*args) -> subprocess.CompletedProcess:
     """Runs one of the pipeline's scripts as a user would: `python SCRIPT ARGS...` from the repository root."""
     return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True)
+
+
+def run_on_jax(script: str, *args, **env) -> subprocess.CompletedProcess:
+    """Runs `python -c SCRIPT ARGS...` from the repository root on the JAX backend on the CPU (the tests'
+    own process runs TensorFlow), with `env` added to the environment."""
+    env = os.environ | {"KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"} | env
+    return subprocess.run(
+        [sys.executable, "-c", script, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def script_result(done: subprocess.CompletedProcess) -> dict:
+    """The JSON a script printed on its line starting with "RESULT "."""
+    return json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
 
 
 def tiny_settings(prepared: Path, model_dir: Path, **overrides):

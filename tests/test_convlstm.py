@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import run_script, tiny_settings
+from conftest import ROOT, run_on_jax, run_script, tiny_settings
 
 from models.convlstm_ae import (
     ConvLSTMAutoencoder,
@@ -389,12 +389,6 @@ def test_prednet_only_stages_refuse_the_autoencoder_in_one_line(trained_ae, tmp_
 
 
 def test_same_reconstructions_on_tensorflow_and_jax(tmp_path):
-    import os
-    import subprocess
-    import sys
-
-    from conftest import ROOT
-
     pytest.importorskip("jax")
     model = build_training_model(3, (8, 8, 2), **TINY)
     model.save(tmp_path / "m.keras")
@@ -408,9 +402,6 @@ def test_same_reconstructions_on_tensorflow_and_jax(tmp_path):
         "np.save(sys.argv[2] + '/r.npy', reconstructor(m).predict(np.load(sys.argv[2] + '/x.npy'), verbose=0))\n"
         "print(keras.backend.backend())\n"
     )
-    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
-    done = subprocess.run(
-        [sys.executable, "-c", script, str(ROOT), str(tmp_path)], env=env, capture_output=True, text=True
-    )
+    done = run_on_jax(script, ROOT, tmp_path)
     assert done.returncode == 0 and done.stdout.strip() == "jax", done.stderr[-2000:]
     np.testing.assert_allclose(np.load(tmp_path / "r.npy"), expected, atol=1e-5)

@@ -1,13 +1,8 @@
 """train.py --distribute: data-parallel on two virtual JAX CPU devices gives one device's losses."""
 
-import json
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
-from conftest import ROOT, tiny_settings
+from conftest import run_on_jax, script_result, tiny_settings
 
 from models.errors import PipelineError
 from models.training import train
@@ -44,21 +39,9 @@ RTOL = 1e-5
 
 
 def test_two_devices_give_the_losses_of_one(prepared, tmp_path):
-    env = os.environ | {
-        "KERAS_BACKEND": "jax",
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-        "JAX_PLATFORMS": "cpu",
-    }
-    done = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(prepared), str(tmp_path)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    done = run_on_jax(SCRIPT, prepared, tmp_path, XLA_FLAGS="--xla_force_host_platform_device_count=2")
     assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    result = script_result(done)
     assert "DataParallel" in result["sharding"]
     one, two = result["one"], result["two"]
     assert len(one["loss"]) == 3 and one["loss"][-1] < one["loss"][0]  # it trained

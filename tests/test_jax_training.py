@@ -10,13 +10,9 @@ the test keeps every body's trace alive, as the H100's JAX evidently did, and ch
 unaffected: the PredNet layer now hands the weights to a new loop body on every call.
 """
 
-import json
 import math
-import os
-import subprocess
-import sys
 
-from conftest import ROOT
+from conftest import run_on_jax, script_result
 
 SCRIPT = """
 import json, sys
@@ -70,17 +66,9 @@ print("RESULT " + json.dumps(result))
 
 
 def test_every_epoch_changes_every_weight_on_jax(prepared, tmp_path):
-    env = os.environ | {"KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
-    done = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(prepared), str(tmp_path)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    done = run_on_jax(SCRIPT, prepared, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    result = script_result(done)
     assert result["step_hits"] == []  # no trace of a step is reused from another call
     for name in ("float32", "bf16"):
         r = result[name]

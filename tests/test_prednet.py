@@ -1,16 +1,12 @@
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
+from conftest import ROOT, run_on_jax
 
 from models.prednet import PredNet, WeightedError, build_training_model, find_prednet, predictor, window_scorer
 
-ROOT = Path(__file__).resolve().parent.parent
 # Outputs of the constant-initialiser test below, checked by hand at step 0 and by the NumPy reference.
 PINNED_PRED = [0.13628924, 0.2045117, 0.2829188]
 PINNED_ERR = [0.22714797, 0.21782865, 0.22859615]
@@ -281,10 +277,7 @@ def test_same_outputs_on_tensorflow_and_jax(tmp_path):
         "np.save(sys.argv[2] + '/p.npy', out['prediction']); np.save(sys.argv[2] + '/e.npy', out['error'])\n"
         "print(keras.backend.backend())\n"
     )
-    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
-    done = subprocess.run(
-        [sys.executable, "-c", script, str(ROOT), str(tmp_path)], env=env, capture_output=True, text=True
-    )
+    done = run_on_jax(script, ROOT, tmp_path)
     assert done.returncode == 0 and done.stdout.strip() == "jax", done.stderr[-2000:]
     np.testing.assert_allclose(np.load(tmp_path / "p.npy"), expected["prediction"], atol=1e-5)
     np.testing.assert_allclose(np.load(tmp_path / "e.npy"), expected["error"], atol=1e-5)
