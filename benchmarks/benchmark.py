@@ -9,8 +9,10 @@ Scoring is timed three ways: `score_fps`, model steps per second over whole sequ
 frames, 180 by default; the raw rate, and the one `score_peak_frac` comes from); `scored_fps`, frames
 per second scored the way batch_scoring.py does by default (`score_videos`: `nt`-frame windows,
 --score_batch windows per call, the next frame, `default_per_window` frames scored per window, the
-metrics computed on the device); and `stream_fps`, frames per second of one live stream with the model's
-states carried along (`models.streaming.StaggeredStates`). Compilation is excluded from every rate and reported apart:
+metrics computed on the device); and `stream_fps`, frames per second of --streams live streams together
+with the model's states carried along, as the service runs them (`models.streaming.StateStepper`: one call
+per frame of every stream); `cameras_10fps` is how many 10 fps cameras that keeps up with. Compilation is
+excluded from every rate and reported apart:
 `train_compile_s` (the first epoch's time beyond a timed epoch's), `score_compile_s` (the first
 `score_videos` call's beyond the timed rate's) and `stream_compile_s` (the first frame's).
 With --prepare RAW_ROOT it also times data preparation of that dataset folder.
@@ -31,6 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from models.args import positive_int  # noqa: E402
 from models.cli import import_keras, parser  # noqa: E402
 from models.config import parse_with_config  # noqa: E402
 from models.inference import DEFAULT_HORIZON, default_per_window, score_videos  # noqa: E402
@@ -68,7 +71,7 @@ def bench(args, batch_size: int, precision: str) -> dict:
     import keras
 
     from models.prednet import build_training_model, predictor, prednet_kwargs
-    from models.streaming import StaggeredStates
+    from models.streaming import StateStepper
     from models.training import WindowDataset
 
     keras.mixed_precision.set_dtype_policy(precision)
@@ -116,15 +119,16 @@ def bench(args, batch_size: int, precision: str) -> dict:
     first_call = time.perf_counter() - start
     scored_fps = score_videos(pred, X, sources, *scoring)["fps"]
     score_compile_s = first_call - n / scored_fps
-    stream = StaggeredStates(model, args.nt, per_window)
+    stepper = StateStepper(model, args.nt, per_window)
+    streams = [stepper.new_stream() for _ in range(args.streams)]
+    cameras = [X[k :: args.streams] for k in range(args.streams)]  # a different video for each stream
     start = time.perf_counter()
-    stream.push(X[0])  # compile
+    stepper.step(streams, [c[0] for c in cameras])  # compile
     stream_compile_s = time.perf_counter() - start
-    frames = X[1 : 1 + args.stream_frames]
     start = time.perf_counter()
-    for frame in frames:
-        stream.push(frame)
-    stream_fps = len(frames) / (time.perf_counter() - start)
+    for i in range(1, 1 + args.stream_frames):
+        stepper.step(streams, [c[i % len(c)] for c in cameras])
+    stream_fps = args.streams * args.stream_frames / (time.perf_counter() - start)
     flops = flops_per_frame(kwargs["stack_sizes"], kwargs["R_stack_sizes"], h, w)
     keras.mixed_precision.set_dtype_policy("float32")
     return {
@@ -138,8 +142,10 @@ def bench(args, batch_size: int, precision: str) -> dict:
         "score_fps": score_fps,
         "scored_fps": scored_fps,
         "score_compile_s": score_compile_s,
+        "streams": args.streams,
         "stream_fps": stream_fps,
-        "stream_slots": stream.slots,
+        "cameras_10fps": int(stream_fps // 10),
+        "stream_slots": stepper.slots,
         "stream_compile_s": stream_compile_s,
         "score_batch": score_batch,
         "horizon": horizon,
@@ -164,7 +170,8 @@ def main(argv=None) -> int:
     p.add_argument("--frames", type=int, default=720, help="random frames to sample windows from")
     p.add_argument("--score_videos", type=int, default=6, help="sequences per raw scoring call")
     p.add_argument("--score_length", type=int, default=180, help="frames per sequence of the raw scoring rate")
-    p.add_argument("--stream_frames", type=int, default=30, help="frames of the timed live stream")
+    p.add_argument("--stream_frames", type=positive_int, default=30, help="frames of each timed live stream")
+    p.add_argument("--streams", type=positive_int, default=1, help="live streams whose frames share each model call")
     p.add_argument(
         "--score_batch", type=int, default=None, help="windows per call for scored_fps (default: the training batch)"
     )

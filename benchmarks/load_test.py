@@ -250,8 +250,8 @@ async def load(args, url: str, pid: int | None) -> int:
         print(summary("clips", clips, seconds))
     print(f"all: {(streams.frames + clips.frames) / seconds:.1f} frames/s, errors {streams.errors + clips.errors}")
     print(
-        f"shared model calls: {health['model_calls']} for {health['windows']} stream frames "
-        f"(mean batch {health['mean_batch']})"
+        f"shared model calls: {health['model_calls']} for {health['batched_frames']} stream frames "
+        f"(mean batch {health['mean_batch']} streams, {health['steps_per_frame']} model steps per frame)"
     )
     if before is not None and after is not None:
         print(f"server memory (RSS): {before:.0f} MB -> {after:.0f} MB, growth {after - before:+.1f} MB")

@@ -7,10 +7,11 @@
     GET  /docs          OpenAPI documentation
 
 A clip is scored by `models.live.score_frames`, the function behind `batch_scoring.py --input`, on the
-frames its reader gives (`models.uploads`), so a file gets the same numbers from both. A stream keeps a
-`models.streaming.StreamScorer` per connection, whose scores equal the batch scores of the same frames;
-the windows of all open streams share model calls through one `WindowBatcher`. Limits (`Limits`) bound
-every request, and each refusal is a 4xx with a JSON body {"error": ..., "limit": ...} naming the limit.
+frames its reader gives (`models.uploads`), so a file gets the same numbers from both. A stream keeps the
+model's states (`models.streaming.StreamState`, two model steps per frame) and a `StreamScorer` per
+connection, whose scores equal the batch scores of the same frames; the frames of all open streams share
+model calls through one `StateBatcher`. Limits (`Limits`) bound every request, and each refusal is a 4xx
+with a JSON body {"error": ..., "limit": ...} naming the limit.
 """
 
 from __future__ import annotations
@@ -54,8 +55,8 @@ class ServiceSettings:
         calibration: a calibration.json to use instead of the model folder's (a camera recalibrated with
             `batch_scoring.py --calibrate_on`).
         batch_size: windows per model call when scoring a clip (batch_scoring.py's default: the same numbers).
-        max_batch: stream windows per shared model call at most.
-        max_wait_ms: how long a stream's window waits for others to share its call.
+        max_batch: streams per shared model call at most.
+        max_wait_ms: how long a stream's frame waits for others to share its call.
         clip_workers: clips scored at once; more wait, within their request time.
         warm_up: compile the model paths at startup, so the first requests are not slow.
     """
@@ -103,7 +104,7 @@ class ErrorResponse(BaseModel):
 
 
 class ScoringModel:
-    """The model folder loaded once: the predicting model, its config, the calibration, the stream scorer.
+    """The model folder loaded once: the predicting model, its config, the calibration, the stream stepper.
 
     Raises:
         PipelineError: no model folder, no model file, no calibration, or one that cannot score streams.
@@ -123,14 +124,15 @@ class ScoringModel:
         if not self.calibration.window:
             raise PipelineError(f"{cal_path} scores whole videos (window 0); the service needs a windowed one.")
         from models.inference import load_predictor  # Keras, once the folder is known to be usable
-        from models.prednet import find_prednet, window_scorer
         from models.registry import model_name, require_prednet
+        from models.streaming import StateStepper
 
         self.model, trained, self.config = load_predictor(self.model_dir)
-        require_prednet(model_name(self.config), "The service")  # its stream scorer is PredNet's window scorer
+        require_prednet(model_name(self.config), "The service")  # streams carry PredNet's states
         self.frame_shape = tuple(int(v) for v in trained.frame_shape)
         self.rule = AlarmRule(self.calibration.threshold, settings.alarm_min_frames, settings.alarm_gap)
-        self.stream_scorer = window_scorer(find_prednet(self.model), self.calibration.window, 1)
+        cal = self.calibration
+        self.stepper = StateStepper(trained, cal.window, cal.per_window, cal.horizon)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -251,12 +253,12 @@ def create_app(model_dir: str | Path, settings: ServiceSettings | None = None) -
     Raises:
         PipelineError: the model folder or its calibration cannot be used.
     """
-    from models.streaming import StreamScorer, WindowBatcher, WindowRequest
+    from models.streaming import StateBatcher, StreamScorer
 
     settings = settings or ServiceSettings()
     limits = settings.limits
     scoring = ScoringModel(model_dir, settings)
-    batcher = WindowBatcher(scoring.stream_scorer, settings.max_batch, settings.max_wait_ms)
+    batcher = StateBatcher(scoring.stepper, settings.max_batch, settings.max_wait_ms)
     state = {"streams": 0, "stream_frames": 0, "clips": 0, "clip_frames": 0, "refused": 0}
     # Fixed threads for the work off the event loop: clips (decoding and scoring) and stream frames (decoding).
     # A new thread per task would let the C allocator open arena after arena (the RSS grew under load).
@@ -274,7 +276,7 @@ def create_app(model_dir: str | Path, settings: ServiceSettings | None = None) -
             window = scoring.calibration.window
             blank = np.zeros((window + scoring.calibration.per_window + 1, *scoring.frame_shape), np.uint8)
             scoring.score_clip(blank, "warm-up", settings.batch_size)
-            batcher.warm_up(WindowRequest(blank[:window], np.zeros(window, np.float32), window - 1))
+            batcher.warm_up(blank[0])
         app.state.clip_slots = asyncio.Semaphore(settings.clip_workers)
         await batcher.start()
         log.info("ready: %s", scoring.model_dir.name)
@@ -407,7 +409,8 @@ def create_app(model_dir: str | Path, settings: ServiceSettings | None = None) -
         state["streams"] += 1
         try:
             await websocket.accept()
-            await _serve_stream(websocket, StreamScorer(scoring.calibration, scoring.rule))
+            scorer = StreamScorer(scoring.calibration, scoring.rule)
+            await _serve_stream(websocket, scorer, scoring.stepper.new_stream())
         except WebSocketDisconnect:
             pass
         except Exception:  # a client gone mid-answer, or a model failure: this stream ends, the service goes on
@@ -417,7 +420,7 @@ def create_app(model_dir: str | Path, settings: ServiceSettings | None = None) -
         finally:
             state["streams"] -= 1
 
-    async def _serve_stream(websocket: WebSocket, scorer) -> None:
+    async def _serve_stream(websocket: WebSocket, scorer: StreamScorer, states) -> None:
         decoder = FrameDecoder(scoring.channels, scoring.size, limits.max_pixels)
         received = 0
         while True:
@@ -442,9 +445,9 @@ def create_app(model_dir: str | Path, settings: ServiceSettings | None = None) -
                 state["refused"] += 1
                 await websocket.send_json({"frame": None, "error": str(err)})
                 continue
-            request = scorer.prepare(frame)
-            prediction = None if request is None else await batcher.submit(request)
-            result = scorer.finish(prediction)
+            scored = scorer.prepare(frame)
+            prediction = await batcher.submit(states, frame)  # every frame moves the states on
+            result = scorer.finish(prediction if scored else None)
             state["stream_frames"] += 1
             await websocket.send_json(result.as_dict())
 

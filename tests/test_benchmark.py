@@ -33,6 +33,8 @@ def test_cli_prints_a_row_per_setting():
         "4",
         "--score_batch",
         "3",
+        "--streams",
+        "3",
     )
     assert done.returncode == 0, done.stderr[-2000:]
     row = next(line for line in done.stdout.splitlines() if line.startswith("backend="))
@@ -43,8 +45,10 @@ def test_cli_prints_a_row_per_setting():
     assert (values["horizon"], values["per_window"]) == ("1", "3")
     assert 0 < float(values["scored_fps"]) < float(values["score_fps"])
     assert values["score_batch"] == "3"
-    # a live stream with its states carried along: 2 model steps per frame (6-frame windows, 3 per window)
-    assert values["stream_slots"] == "2" and float(values["stream_fps"]) > 0
+    # live streams with their states carried along: 2 model steps per frame (6-frame windows, 3 per window),
+    # the 3 streams' frames in one call
+    assert values["stream_slots"] == "2" and values["streams"] == "3" and float(values["stream_fps"]) > 0
+    assert int(values["cameras_10fps"]) == int(float(values["stream_fps"]) // 10)
     for name in ("train_compile_s", "score_compile_s", "stream_compile_s"):  # compilation, reported apart
         assert np.isfinite(float(values[name])), name
     # the timed epoch trained: a rate is reported only for an epoch that changed the weights

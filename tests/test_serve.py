@@ -231,7 +231,7 @@ def test_stream_scores_equal_batch(server, media, batch):
     frames = [p.read_bytes() for p in sorted((media / "cam3").glob("*.png"))]
     expected = df[df["video"] == "cam3"]
 
-    async def two_at_once():  # the windows of concurrent streams share model calls; each keeps its own state
+    async def two_at_once():  # the frames of concurrent streams share model calls; each keeps its own states
         async def one(data):
             async with connect(url.replace("http", "ws") + "/v1/stream", additional_headers=AUTH) as ws:
                 out = []
@@ -249,7 +249,7 @@ def test_stream_scores_equal_batch(server, media, batch):
         np.testing.assert_allclose(_scores(out, "copy_score"), expected["copy_score"], atol=1e-4, equal_nan=True)
         assert [r["alarm"] for r in out] == expected["alarm"].tolist()
     health = _health_when_streams_closed(url)
-    assert health["windows"] >= 46  # 2 streams x 23 scored frames, in shared model calls
+    assert health["batched_frames"] >= 48 and health["steps_per_frame"] == 2  # 2 streams x 24 frames
 
 
 def test_window_position_is_window_rows():

@@ -26,10 +26,9 @@ def test_staggered_states_predict_as_the_windows(trained, prepared, per_window, 
             np.testing.assert_allclose(error, batch_err[t], atol=2e-5, err_msg=f"frame {t}")
 
 
-def test_stateful_stream_scores_equal_the_batch_scores(trained, prepared):
+def test_stream_scores_equal_the_batch_scores(trained, prepared):
     from models.inference import load_predictor
     from models.live import score_frames
-    from models.prednet import window_scorer
     from models.streaming import score_stream
 
     model, layer, _ = load_predictor(trained)
@@ -37,10 +36,36 @@ def test_stateful_stream_scores_equal_the_batch_scores(trained, prepared):
     X, sources = load_split(prepared, "test")
     X, sources = X[24:48], sources[24:48]
     df, _, _, _ = score_frames(model, X, sources, cal)
-    stateful = score_stream(layer, X, cal, stateful=True)
-    windows = score_stream(window_scorer(layer, cal.window, 1), X, cal)
-    for scores in (stateful, windows):
-        np.testing.assert_allclose([s.score for s in scores], df["score"], atol=1e-4, equal_nan=True)
-        np.testing.assert_allclose([s.copy_score for s in scores], df["copy_score"], atol=1e-4, equal_nan=True)
-        assert [s.alarm for s in scores] == df["alarm"].astype(bool).tolist()
-    assert np.isfinite([s.score for s in stateful]).sum() == df["score"].notna().sum() > 0
+    scores = score_stream(layer, X, cal)
+    np.testing.assert_allclose([s.score for s in scores], df["score"], atol=1e-4, equal_nan=True)
+    np.testing.assert_allclose([s.copy_score for s in scores], df["copy_score"], atol=1e-4, equal_nan=True)
+    assert [s.alarm for s in scores] == df["alarm"].astype(bool).tolist()
+    assert np.isfinite([s.score for s in scores]).sum() == df["score"].notna().sum() > 0
+
+
+def test_streams_sharing_model_calls_get_their_own_predictions(trained, prepared):
+    """Three streams that start at different frames, moved on together in calls padded with empty streams,
+    predict each frame as the same stream alone: no state leaks between streams or from the padding."""
+    from models.inference import load_predictor
+    from models.streaming import StaggeredStates, StateStepper
+
+    _, layer, _ = load_predictor(trained)
+    X, _ = load_split(prepared, "test")
+    videos = [X[:24], X[24:48], X[::-1][:24]]
+    alone = []
+    for frames in videos:
+        states = StaggeredStates(layer, 4, 2)
+        alone.append(np.stack([states.push(f)[0] for f in frames]))
+    stepper = StateStepper(layer, 4, 2)
+    streams = [stepper.new_stream() for _ in videos]
+    starts = [0, 3, 7]  # stream k joins at call starts[k]
+    shared = [[] for _ in videos]
+    for call in range(24 + max(starts)):
+        active = [k for k in range(3) if 0 <= call - starts[k] < 24]
+        frames = [videos[k][call - starts[k]] for k in active]
+        predictions, _ = stepper.step([streams[k] for k in active], frames, pad_to=4)
+        for k, p in zip(active, predictions, strict=True):
+            shared[k].append(p)
+    for k in range(3):
+        np.testing.assert_allclose(np.stack(shared[k]), alone[k], atol=2e-5, err_msg=f"stream {k}")
+    assert stepper.slots == 2  # model steps per frame with half the window scored
