@@ -1,7 +1,7 @@
 # make install: .venv with the pinned requirements (runtime and tests; reinstalled only when they change)
 # make demo:    the whole pipeline on the built-in synthetic dataset, on a CPU, in a few minutes, then one
 #               test video scored as a user's own (--input), with its overlay video
-# make test:    the test suite
+# make test:    the test suite, its files spread over the cores (pytest-xdist)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -19,7 +19,7 @@ $(STAMP): requirements.txt requirements-dev.txt
 	cat requirements.txt requirements-dev.txt > $(STAMP)
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadfile
 
 lint: install
 	$(VENV)/bin/ruff check .
