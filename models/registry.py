@@ -69,18 +69,23 @@ class PredNetSpec(ModelSpec):
     def check_settings(self, s, meta):
         from models.shapes import check_frame_size
 
-        check_frame_size(meta["height"], meta["width"], len(s.stack_sizes) + 1)
+        if not s.fine_tuning:  # a fine-tuned model brings its own layers: `build` checks against them
+            check_frame_size(meta["height"], meta["width"], len(s.stack_sizes) + 1)
 
     def build(self, s, frame_shape):
         from models.prednet import build_training_model, find_prednet, load_model, prednet_kwargs
 
         kwargs = prednet_kwargs(frame_shape[2], s.stack_sizes, s.filter_sizes, s.R0_channels)
-        if s.fine_tuning:
+        if s.fine_tuning:  # its weights are convolutions: they fit any frame size its layers divide
+            from models.shapes import check_frame_size
+
             base = find_prednet(load_model(Path(s.fine_tuning) / "model.keras"))
-            if base.frame_shape != frame_shape:
+            if base.frame_shape[2] != frame_shape[2]:
                 raise PipelineError(
-                    f"Model in {s.fine_tuning} takes frames {base.frame_shape}, the data has {frame_shape}."
+                    f"Model in {s.fine_tuning} takes frames of {base.frame_shape[2]} channels, the data has "
+                    f"{frame_shape[2]}: prepare it with --channels {base.frame_shape[2]}."
                 )
+            check_frame_size(frame_shape[0], frame_shape[1], base.nb_layers)
             keep = ("stack_sizes", "R_stack_sizes", "A_filt_sizes", "Ahat_filt_sizes", "R_filt_sizes", "pixel_max")
             kwargs = {k: v for k, v in base.get_config().items() if k in keep}
         try:
