@@ -152,8 +152,7 @@ class StreamState:
     def __init__(self, window: int, per_window: int, horizon: int, state):
         self.window, self.per_window, self.horizon = window, per_window, horizon
         self.slots = slots_for(window, per_window, horizon)
-        self.starts = np.full(self.slots, -(10**9))  # each slot's first frame and the frame of its last step
-        self.lasts = np.full(self.slots, -(10**9))
+        self.lasts = np.full(self.slots, -(10**9))  # the frame of each slot's last step
         self.state = state
         self.t = -1
 
@@ -166,12 +165,12 @@ class StreamState:
         if self.horizon == 1:
             if t % per_window == 0:  # a window starts here (the first at frame 0)
                 slot = (t // per_window) % self.slots
-                reset[slot], self.starts[slot], self.lasts[slot] = 1.0, t, t + window - 1
+                reset[slot], self.lasts[slot] = 1.0, t + window - 1
             scoring = (window_position(t, window, per_window)[0] // per_window) % self.slots
         else:
             rows = range(window) if t == 0 else [t + window - 1]  # the rows that start at frame t
             for f in rows:
-                reset[f % window], self.starts[f % window], self.lasts[f % window] = 1.0, t, f
+                reset[f % window], self.lasts[f % window] = 1.0, f
             scoring = t % window
         # The frames after last - horizon and before last are replaced by the model's prediction.
         fed = ((t > self.lasts - self.horizon) & (t < self.lasts)).astype(np.float32)
@@ -208,7 +207,7 @@ class StateStepper:
         self.window, self.per_window, self.horizon = window, per_window, horizon
         self.slots = slots_for(window, per_window, horizon)
         self._step = _compiled_step(self.layer, self.slots)
-        self._padding = None  # a stream that pads calls to a fixed size; its states are never kept
+        self._padding = None  # the zero states that pad calls to a fixed number of streams (never moved on)
 
     def new_stream(self) -> StreamState:
         """The states of a new stream, before its first frame."""
@@ -234,10 +233,9 @@ class StateStepper:
         frames = list(frames)
         if pad_to and pad_to > n:
             if self._padding is None:
-                self._padding = self.new_stream()
-            pad = self._padding
+                self._padding = self.layer.initial_state(self.slots)
             zeros = np.zeros(self.slots, np.float32)
-            states += [pad.state] * (pad_to - n)
+            states += [self._padding] * (pad_to - n)
             frames += [np.zeros_like(frames[0])] * (pad_to - n)
             picks += [(zeros, zeros, 0)] * (pad_to - n)
         reset, fed, slot = (np.stack([p[i] for p in picks]) for i in range(3))
@@ -299,10 +297,7 @@ def _compiled_step(layer, slots: int):
         keep = ops.reshape(ops.cast(1 - ops.reshape(reset, (-1,)), layer.compute_dtype), (-1, 1, 1, 1))
 
         def joined(i):  # component i (r, c or e) of all streams, one batch of n * slots
-            return [
-                ops.concatenate([s[i][l] for s in states], axis=0) * keep if n > 1 else states[0][i][l] * keep
-                for l in range(len(states[0][i]))
-            ]
+            return [ops.concatenate([s[i][l] for s in states], axis=0) * keep for l in range(len(states[0][i]))]
 
         x = ops.cast(ops.repeat(frames, slots, axis=0), layer.compute_dtype) / 255.0
         fed = ops.cast(ops.reshape(fed, (-1,)), layer.compute_dtype)
@@ -355,7 +350,7 @@ class StateBatcher:
     the next `max_wait_ms` milliseconds (or until `max_batch`), moves their streams' states on in one call
     (`StateStepper.step`) on its own thread (the model never blocks the event loop) and answers each. While
     a call runs, the next batch gathers. A stream has at most one frame waiting (it sends the next after the
-    answer); one with two is refused.
+    answer): `submit` refuses a second.
 
     Args:
         stepper: the `StateStepper` of the model and calibration.
@@ -369,6 +364,7 @@ class StateBatcher:
         self._task: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="state-batcher")
         self._lock = threading.Lock()
+        self._waiting: set[int] = set()  # the streams (ids) with a frame waiting
         self.calls = 0
         self.frames = 0
 
@@ -392,9 +388,15 @@ class StateBatcher:
         """Moves `stream` on by `frame` in a shared call; returns the model's prediction (h, w, c) of it."""
         if self._queue is None:
             raise RuntimeError("StateBatcher.start() has not run")
-        future = asyncio.get_running_loop().create_future()
-        await self._queue.put((stream, frame, future))
-        return await future
+        if id(stream) in self._waiting:
+            raise PipelineError("A stream sent a frame before the answer to its last one: send them one at a time.")
+        self._waiting.add(id(stream))
+        try:
+            future = asyncio.get_running_loop().create_future()
+            await self._queue.put((stream, frame, future))
+            return await future
+        finally:
+            self._waiting.discard(id(stream))
 
     def _run(self, streams: list[StreamState], frames: list[np.ndarray]) -> np.ndarray:
         with self._lock:
@@ -412,13 +414,9 @@ class StateBatcher:
             live = [(s, x, f) for s, x, f in batch if not f.done()]
             if not live:
                 continue
-            streams = [s for s, _, _ in live]
-            if len({id(s) for s in streams}) < len(streams):
-                for _, _, f in live:
-                    f.set_exception(PipelineError("A stream sent a frame before the answer to its last one."))
-                continue
+            streams, frames = [s for s, _, _ in live], [x for _, x, _ in live]
             try:
-                predictions = await loop.run_in_executor(self._executor, self._run, streams, [x for _, x, _ in live])
+                predictions = await loop.run_in_executor(self._executor, self._run, streams, frames)
             except Exception as err:  # answer every waiting stream rather than leave them hanging
                 for _, _, f in live:
                     if not f.done():

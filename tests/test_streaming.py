@@ -69,3 +69,31 @@ def test_streams_sharing_model_calls_get_their_own_predictions(trained, prepared
     for k in range(3):
         np.testing.assert_allclose(np.stack(shared[k]), alone[k], atol=2e-5, err_msg=f"stream {k}")
     assert stepper.slots == 2  # model steps per frame with half the window scored
+
+
+def test_a_stream_with_a_frame_waiting_cannot_send_another(trained, prepared):
+    """Its states move on once per answered frame: a second frame before the answer is refused, the first
+    is answered as if alone."""
+    import asyncio
+
+    from models.errors import PipelineError
+    from models.inference import load_predictor
+    from models.streaming import StaggeredStates, StateBatcher, StateStepper
+
+    _, layer, _ = load_predictor(trained)
+    X, _ = load_split(prepared, "test")
+
+    async def run():
+        batcher = StateBatcher(StateStepper(layer, 4, 2), max_batch=4, max_wait_ms=20)
+        await batcher.start()
+        stream = batcher.stepper.new_stream()
+        try:
+            return await asyncio.gather(
+                batcher.submit(stream, X[0]), batcher.submit(stream, X[1]), return_exceptions=True
+            )
+        finally:
+            await batcher.stop()
+
+    first, second = asyncio.run(run())
+    assert isinstance(second, PipelineError) and "before the answer to its last one" in str(second)
+    np.testing.assert_allclose(first, StaggeredStates(layer, 4, 2).push(X[0])[0], atol=2e-5)
