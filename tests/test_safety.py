@@ -266,14 +266,32 @@ def test_train_refusals_leave_everything_as_it_was(prepared, other_size, tmp_pat
     print(f"{len(rows) + 1} refused train() calls")
 
 
+def _wait_for_lock(lock: Path, proc: subprocess.Popen) -> None:
+    """Waits until the flock of `lock` is held (/proc/locks names its inode), or `proc` ends.
+
+    The lock file exists a moment before its flock is taken: a run stopped in between holds nothing yet.
+    """
+    while proc.poll() is None:
+        try:
+            st = lock.stat()
+        except FileNotFoundError:
+            st = None
+        if st is not None:
+            inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+            for line in Path("/proc/locks").read_text().splitlines():
+                fields = line.split()
+                if "->" not in fields and fields[1] == "FLOCK" and fields[5] == inode:
+                    return
+        time.sleep(0.005)
+
+
 def test_second_run_into_one_target_refuses_at_once(bigger_root, tmp_path):
     """Two data_preparation.py runs at once: the second stops in about its start-up time, naming the lock."""
     target = tmp_path / "pre" / bigger_root.name
     cmd = _prep(bigger_root.parent, tmp_path / "pre", bigger_root.name)
     first = subprocess.Popen([sys.executable, *map(str, cmd)], cwd=ROOT, stderr=subprocess.PIPE, text=True)
     lock = sibling(target, ".lock")
-    while not lock.exists() and first.poll() is None:
-        time.sleep(0.005)
+    _wait_for_lock(lock, first)
     first.send_signal(signal.SIGSTOP)  # holds the lock as long as the second run needs
     try:
         assert first.poll() is None, first.stderr.read()
@@ -421,8 +439,7 @@ def _run_killed(cmd, target: Path, delay: float, log: Path, while_locked=None) -
     lock.unlink(missing_ok=True)  # a killed run's lock file: nothing holds it any more
     with open(log, "w") as err:
         proc = subprocess.Popen([sys.executable, *map(str, cmd)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
-        while not lock.exists() and proc.poll() is None:
-            time.sleep(0.005)
+        _wait_for_lock(lock, proc)
         locked = time.monotonic()
         if while_locked is not None and proc.poll() is None:
             proc.send_signal(signal.SIGSTOP)
