@@ -30,35 +30,40 @@ from urllib.parse import urlparse
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from models.args import float_in, int_at_least, int_in, positive_int  # noqa: E402
+from models.cli import parser  # noqa: E402
+
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
-    )
+    p = parser(__doc__)
     p.add_argument("--model_dir", default=None, help="start serve.py with this model folder (else --url)")
     p.add_argument("--url", default=None, help="a running service on this machine, e.g. http://127.0.0.1:8000")
-    p.add_argument("--server_pid", type=int, default=None, help="with --url: its process, for the memory figures")
-    p.add_argument("--api_key", default=os.environ.get("PREDNET_API_KEY"), help="the service's key, if it has one")
-    p.add_argument("--streams", type=int, default=8, help="concurrent WebSocket streams (default: 8)")
-    p.add_argument("--fps", type=float, default=10.0, help="frames per second per stream (0: as fast as answered)")
-    p.add_argument("--clip_clients", type=int, default=1, help="concurrent clients posting clips (default: 1)")
-    p.add_argument("--clip_frames", type=int, default=50, help="frames per posted clip (default: 50)")
-    p.add_argument("--seconds", type=float, default=30.0, help="how long the load runs (default: 30, at most 600)")
-    p.add_argument("--max_requests", type=int, default=100000, help="frames or clips per client at most")
+    p.add_argument("--server_pid", type=positive_int, help="with --url: its process, for the memory figures")
+    p.add_argument(
+        "--api_key",
+        default=os.environ.get("PREDNET_API_KEY") or None,
+        help="the service's key, if it has one; default: $PREDNET_API_KEY, else none",
+    )
+    p.add_argument("--streams", type=int_in(0, 256), default=8, help="concurrent WebSocket streams (0-256)")
+    p.add_argument(
+        "--fps", type=float_in(0), default=10.0, help="frames per second per stream (0: as fast as answered)"
+    )
+    p.add_argument("--clip_clients", type=int_in(0, 32), default=1, help="concurrent clients posting clips (0-32)")
+    p.add_argument("--clip_frames", type=int_at_least(2, "frames"), default=50, help="frames per posted clip")
+    p.add_argument("--seconds", type=float_in(0, 600, low_open=True), default=30.0, help="how long the load runs")
+    p.add_argument("--max_requests", type=positive_int, default=100000, help="frames or clips per client at most")
     p.add_argument("--serve_args", default="", help="with --model_dir: more serve.py arguments, e.g. '--max_batch 16'")
     args = p.parse_args(argv)
     if (args.model_dir is None) == (args.url is None):
         p.error("give --model_dir (start a server) or --url (a running one), not both")
     if args.url and urlparse(args.url).hostname not in LOCAL_HOSTS:
         p.error(f"--url must be on this machine ({', '.join(LOCAL_HOSTS)}); got {args.url}")
-    if not 0 < args.seconds <= 600:
-        p.error(f"--seconds must be in (0, 600]; got {args.seconds}")
-    if not (0 <= args.streams <= 256 and 0 <= args.clip_clients <= 32 and args.streams + args.clip_clients > 0):
-        p.error("--streams must be 0-256 and --clip_clients 0-32, not both 0")
-    if args.fps < 0 or args.clip_frames < 2 or args.max_requests < 1:
-        p.error("--fps must be 0 or more, --clip_frames 2 or more, --max_requests 1 or more")
+    if args.streams + args.clip_clients == 0:
+        p.error("--streams and --clip_clients are both 0: nothing to load the service with")
     return args
 
 

@@ -46,17 +46,24 @@ def _named(check: Callable, name: str) -> Callable:
     return check
 
 
-def int_at_least(minimum: int, unit: str = "") -> Callable[[object], int]:
-    """A whole number >= `minimum`; `unit` (e.g. 'frames') only words the message."""
-    words = f"{minimum} or more" + (f" {unit}" if unit else "")
+def int_in(minimum: int, maximum: int | None = None, unit: str = "") -> Callable[[object], int]:
+    """A whole number in [minimum, maximum] (no upper bound when `maximum` is None); `unit` (e.g. 'frames')
+    only words the message."""
+    words = f"{minimum} or more" if maximum is None else f"{minimum}-{maximum}"
+    words += f" {unit}" if unit else ""
 
     def check(value) -> int:
         number = _int(value)
-        if number < minimum:
+        if number < minimum or (maximum is not None and number > maximum):
             raise ArgumentTypeError(f"must be {words}. Received: {value}")
         return number
 
-    return _named(check, f"int_at_least_{minimum}")
+    return _named(check, f"int_in_{minimum}_{maximum}")
+
+
+def int_at_least(minimum: int, unit: str = "") -> Callable[[object], int]:
+    """A whole number >= `minimum`; `unit` (e.g. 'frames') only words the message."""
+    return _named(int_in(minimum, None, unit), f"int_at_least_{minimum}")
 
 
 positive_int = int_at_least(1)

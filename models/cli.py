@@ -28,7 +28,19 @@ PACKAGES = ("keras", "tensorflow-cpu", "tensorflow", "jax", "numpy", "hickle", "
 
 # Libraries whose INFO and DEBUG lines say nothing to a user of the pipeline; shown with --verbose only
 # (matplotlib and PIL stay at warnings even then: their debug lines are font and plugin searches).
-_CHATTY = ("absl", "tensorflow", "jax", "h5py", "urllib3", "asyncio", "numexpr", "optuna", "multipart")
+_CHATTY = (
+    "absl",
+    "tensorflow",
+    "jax",
+    "h5py",
+    "urllib3",
+    "asyncio",
+    "numexpr",
+    "optuna",
+    "multipart",
+    "httpx",
+    "httpcore",
+)
 _NEVER_DEBUG = ("matplotlib", "PIL")
 
 _quiet = False
@@ -51,6 +63,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
             "default" in text.lower()
             or default is None
             or default is False
+            or default == ""
             or default == argparse.SUPPRESS
             or (isinstance(default, (list, tuple)) and not default)
             or not action.option_strings

@@ -14,6 +14,7 @@ import batch_scoring
 import data_preparation
 import fit_anoms
 import train
+from models.args import int_at_least, int_in
 from models.cli import choose_dataset, configure_output, keras_verbose, parser, progress
 
 SCRIPTS = ["data_preparation", "train", "batch_scoring", "fit_anoms", "serve", "tune", "export_model"]
@@ -108,6 +109,26 @@ def test_choose_dataset_names_what_it_found(tmp_path, capsys):
         f"x.py: error: argument --dataset: none given and {tmp_path} holds no dataset (a folder with "
         "metadata.json); pass --dataset NAME\n"
     )
+
+
+def test_bounded_whole_numbers_and_empty_defaults(capsys):
+    p = parser("doc", prog="x.py")
+    p.add_argument("--streams", type=int_in(0, 256), default=8, help="streams (0-256)")
+    p.add_argument("--frames", type=int_at_least(2, "frames"), default=50, help="frames")
+    p.add_argument("--extra", default="", help="more arguments")
+    assert (p.parse_args(["--streams", "0"]).streams, p.parse_args(["--streams", "256"]).streams) == (0, 256)
+    for argv, message in [
+        (["--streams", "257"], "argument --streams: must be 0-256. Received: 257"),
+        (["--streams", "-1"], "argument --streams: must be 0-256. Received: -1"),
+        (["--streams", "2.5"], "argument --streams: expected a whole number. Received: '2.5'"),
+        (["--frames", "1"], "argument --frames: must be 2 or more frames. Received: 1"),
+    ]:
+        with pytest.raises(SystemExit) as done:
+            p.parse_args(argv)
+        assert done.value.code == 2 and capsys.readouterr().err == f"x.py: error: {message}\n"
+    text = p.format_help()
+    assert "streams (0-256) (default: 8)" in text and "frames (default: 50)" in text
+    assert "more arguments\n" in text  # an empty default says nothing, not "(default: )"
 
 
 def test_quiet_and_verbose_set_logging_progress_and_keras(capsys, monkeypatch):

@@ -407,6 +407,24 @@ def test_request_timeouts(server, media):
     assert httpx.get(f"{url}/health").json()["status"] == "ok" and proc.poll() is None
 
 
+def test_load_test_paces_its_clients_and_counts_what_came_back(server):
+    """benchmarks/load_test.py against the running service: a stream at 5 frames/s for 3 s sends at most 16
+    frames (its pace, not the server's speed, bounds it), every clip is counted whole, nothing fails."""
+    url, proc, _ = server
+    _health_when_streams_closed(url)  # the earlier tests' streams are closed: max_streams is 2
+    done = run_script(
+        "benchmarks/load_test.py", "--url", url, "--server_pid", proc.pid, "--api_key", KEY, "--streams", "1",
+        "--fps", "5", "--clip_clients", "1", "--clip_frames", "6", "--seconds", "3",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    lines = {line.split(":")[0]: line for line in done.stdout.splitlines()}
+    streamed = int(re.search(r"streams: (\d+) frames in (\d+) requests", lines["streams"]).group(1))
+    clipped, clips = map(int, re.search(r"clips: (\d+) frames in (\d+) requests", lines["clips"]).groups())
+    assert 1 <= streamed <= 16 and clips >= 1 and clipped == 6 * clips, done.stdout
+    assert lines["all"].endswith("errors 0") and "frames 24x16" in done.stdout
+    assert "server memory (RSS)" in done.stdout and "HTTP Request" not in done.stdout + done.stderr
+
+
 def test_startup_errors_are_one_line(trained, tmp_path):
     no_cal = tmp_path / "no_cal"
     no_cal.mkdir()
