@@ -171,6 +171,30 @@ class _Throughput(keras.callbacks.Callback):
             logs["frames_per_s"] = rate
 
 
+class _WeightsMustChange(keras.callbacks.Callback):
+    """Stops the run with an error after an epoch that left every trainable weight exactly as it was.
+
+    Such an epoch trained nothing (on the H100 a JAX trace that held the weights as constants did this,
+    silently; docs/model_development.md). It runs before the epoch is checkpointed, so the last epoch that
+    trained stays the run's state. A few weights that do not change (a frozen or unused one) are no fault.
+    """
+
+    def on_train_begin(self, logs=None):
+        self.last = self._values()
+
+    def on_epoch_end(self, epoch, logs=None):
+        now = self._values()
+        if now and all(np.array_equal(a, b) for a, b in zip(now, self.last, strict=True)):
+            raise PipelineError(
+                f"Epoch {epoch + 1} left all {len(now)} trainable weights exactly as they were: the training "
+                f"step did nothing (backend {keras.backend.backend()}). Stopped before saving that epoch."
+            )
+        self.last = now
+
+    def _values(self) -> list[np.ndarray]:
+        return [keras.ops.convert_to_numpy(w.value) for w in self.model.trainable_weights]
+
+
 class _TimeBudget(keras.callbacks.Callback):
     """Stops training after the last epoch that can finish within `minutes` of wall-clock time.
 
@@ -579,6 +603,7 @@ def _train_locked(
     callbacks = [
         keras.callbacks.LearningRateScheduler(lambda epoch: learning_rate(s, epoch)),
         throughput,
+        _WeightsMustChange(),
         checkpoints,
     ]
     budget = _TimeBudget(s.max_minutes) if s.max_minutes else None

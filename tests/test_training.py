@@ -162,6 +162,34 @@ def test_time_budget_stops_after_the_epoch_that_would_overrun(prepared, tmp_path
     assert (tmp_path / "m" / "model.keras").is_file()
 
 
+class _StillFrom(keras.callbacks.Callback):
+    """From epoch `first` on, a learning rate of 0: Adam's steps move no weight (as a training step that
+    holds the weights as constants)."""
+
+    def __init__(self, first: int):
+        super().__init__()
+        self.first = first
+
+    def on_epoch_begin(self, epoch, logs=None):  # after train()'s own scheduler has set the epoch's rate
+        if epoch >= self.first:
+            self.model.optimizer.learning_rate.assign(0.0)
+
+
+def test_an_epoch_that_moves_no_weight_stops_the_run_before_it_is_saved(prepared, tmp_path):
+    from models.training import staging_dir
+
+    with pytest.raises(PipelineError, match=r"Epoch 1 left all \d+ trainable weights exactly as they were"):
+        train(tiny_settings(prepared, tmp_path / "a", nb_epoch=2), [_StillFrom(0)])
+    assert not (tmp_path / "a").exists()
+
+    model_dir = tmp_path / "b"
+    with pytest.raises(PipelineError, match="Epoch 2 left all"):
+        train(tiny_settings(prepared, model_dir, nb_epoch=3), [_StillFrom(1)])
+    checkpoints = staging_dir(model_dir) / "checkpoints"
+    assert not model_dir.exists() and json.loads((checkpoints / "last.json").read_text())["epoch"] == 0
+    assert pd.read_csv(checkpoints / "history.csv")["epoch"].tolist() == [0]  # the epoch that trained, kept
+
+
 def test_training_frames_ahead(trained, prepared, tmp_path):
     model_dir = tmp_path / "ahead"
     config = train(tiny_settings(prepared, model_dir, fine_tuning=str(trained), horizon=2, nb_epoch=1))
