@@ -1,5 +1,11 @@
+import json
+import os
+import re
+import subprocess
+import sys
+
 import numpy as np
-from conftest import run_script
+from conftest import ROOT, run_script
 
 from benchmarks.benchmark import flops_per_frame
 from models.prednet import PredNet, prednet_kwargs
@@ -63,3 +69,34 @@ def test_cli_prints_a_row_per_setting():
 def test_bad_score_batch_is_refused():
     done = run_script("benchmarks/benchmark.py", "--score_batch", "0")
     assert done.returncode == 2 and "--score_batch must be 1 or more windows; got 0" in done.stderr
+
+
+def test_gpu_figures_runs_every_step_into_its_folder(prepared, tmp_path):
+    """benchmarks/gpu_figures.sh, at the tiny size on the CPU: the model folder, the scored test videos, the
+    protocol's AUCs and the benchmark's row, each step's exit code 0; a second run into the same folder and
+    a folder without prepared data are refused before any work."""
+    out = tmp_path / "gpu"
+    env = os.environ | {
+        "PYTHON": sys.executable,
+        "DATASET": prepared.name,
+        "CONFIG": "cpu",
+        "TRAIN_ARGS": "--precision float32 --nb_epoch 1 --samples_per_epoch 4 --nt 4 --batch_size 2",
+        "BENCH_ARGS": "--precisions float32 --batch_sizes 2 --steps 2 --frames 60 --score_videos 1 "
+        "--score_length 8 --score_batch 2 --nt 4",
+    }
+    script = ["bash", str(ROOT / "benchmarks" / "gpu_figures.sh")]
+    done = subprocess.run([*script, prepared.parent, out, "1"], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr[-2000:]
+    for name in ("train", "scoring", "live_protocol", "benchmark"):
+        assert re.search(rf"^{name}: exit 0 in \d+ s", done.stdout, re.M), done.stdout
+    config = json.loads((out / prepared.name / "config.json").read_text())
+    assert config["arguments"]["seed"] == 2 and config["arguments"]["max_minutes"] == 1
+    assert (out / "scored" / "df.pkl.gz").is_file()
+    assert "offline_raw_psnr" in json.loads((out / "live_protocol.json").read_text())
+    assert "size=16x24x1" in (out / "benchmark.log").read_text()
+
+    again = subprocess.run([*script, prepared.parent, out], env=env, capture_output=True, text=True)
+    assert again.returncode == 2
+    assert again.stderr == f"gpu_figures.sh: {out / prepared.name} exists: choose another OUT\n"
+    missing = subprocess.run([*script, tmp_path, tmp_path / "o2"], env=env, capture_output=True, text=True)
+    assert missing.returncode == 2 and "metadata.json not found" in missing.stderr and not (tmp_path / "o2").exists()
