@@ -148,6 +148,13 @@ def apply(args) -> int:
     with atomic_output_file(target, args.overwrite, stage="fit_anoms --apply", inputs=inputs) as tmp:
         out.to_csv(tmp, index=False)
     log.info("scored %d frames, %d called anomalous -> %s", len(out), int(out["anomalous"].sum()), target)
+    if bundle.get("normalize") == "video":
+        log.warning(
+            "this classifier scales each video to [0, 1] (it was fitted with --normalize video), so it assumes "
+            "every video holds both normal and anomalous frames: it calls part of an all-normal video anomalous. "
+            "For clips that may be all normal, use batch_scoring.py's live score and alarms (score, alarm), or "
+            "a classifier fitted with --normalize none."
+        )
     return 0
 
 

@@ -17,6 +17,11 @@ from models.alarms import event_metrics
 from models.scoring import evaluate, side_by_side
 
 
+def count(n: int, noun: str) -> str:
+    """The count and the noun: 1 video, 2 videos."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def protocol_columns(smooth: int) -> dict[str, tuple[str, str]]:
     """Protocol name -> (model column, copy column)."""
     offline = f"regularity_smooth{smooth}" if smooth > 1 else "regularity"
@@ -88,7 +93,7 @@ def markdown(
     """metrics.md: the protocols, the live alarm's events, pixel AUROC, the sawtooth and every metric's AUC."""
     lines = [f"# {title}", ""]
     lines.append(
-        f"{len(df)} frames of {df['video'].nunique()} videos, {int(df['predictable'].sum())} scored"
+        f"{len(df)} frames of {count(df['video'].nunique(), 'video')}, {int(df['predictable'].sum())} scored"
         + (f", {int(df['y'].sum())} anomalous." if "y" in df else ", no labels.")
     )
     lines += ["", "## Frame-level AUC, both protocols", ""]

@@ -16,6 +16,7 @@ from models.data import store
 from models.data.inputs import find_inputs, input_labels, read_input, resize, video_fps
 from models.errors import PipelineError
 from models.io import atomic_file
+from models.report import count
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ def _calibration(args, model, config, settings, dataset_dir):
     frame_shape = tuple(config["frame_shape"])
     if args.calibrate_on:
         _, X, sources, _, _ = _read_videos(args.calibrate_on, frame_shape[:2], frame_shape[2], False)
-        log.info("calibrating on %d frames of %s", len(X), _count(len(set(sources)), "normal video"))
+        log.info("calibrating on %d frames of %s", len(X), count(len(set(sources)), "normal video"))
         with progress(total=len(X), unit="frame", desc="calibrating") as bar:
             return calibrate(
                 model,
@@ -140,7 +141,7 @@ def load_scoring_inputs(args) -> ScoringInputs:
         videos, X, sources, native, rates = _read_videos(args.input, (h, w), c, keep)
         lengths = {v.name: int((sources == v.name).sum()) for v in videos}
         y = input_labels(videos, lengths, args.labels) if args.labels else None
-        fps, title = float(np.median(rates)), _count(len(videos), "input video")
+        fps, title = float(np.median(rates)), count(len(videos), "input video")
     else:
         dataset_dir = store.dataset_dir(args.preprocessed_data, args.dataset)
         meta = store.read_metadata(dataset_dir)
@@ -186,10 +187,10 @@ def run_scoring(args, inputs: ScoringInputs, out: Path) -> dict:
             maps=bool(args.save_prediction_error_video_frames),
         )  # fmt: skip
     log.info(
-        f"scored {len(X)} frames of {_count(len(set(sources)), 'video')} at {rate:.0f} frames/s "
+        f"scored {len(X)} frames of {count(len(set(sources)), 'video')} at {rate:.0f} frames/s "
         f"(compilation included), each from the frames before it ({cal.per_window} per {cal.window}-frame window)"
         if cal.window
-        else f"scored {len(X)} frames of {_count(len(set(sources)), 'video')} at {rate:.0f} frames/s (whole videos)"
+        else f"scored {len(X)} frames of {count(len(set(sources)), 'video')} at {rate:.0f} frames/s (whole videos)"
     )
     df = add_smoothed(df, args.smooth)
     settings = {
@@ -221,7 +222,7 @@ def run_scoring(args, inputs: ScoringInputs, out: Path) -> dict:
         "training": inputs.config.get("arguments"),
     }
     log.info(
-        f"{_count(len(events), 'alarm')} at score >= {cal.threshold:.2f} "
+        f"{count(len(events), 'alarm')} at score >= {cal.threshold:.2f} "
         f"(false-positive rate {cal.fpr:g} on normal frames)"
     )
     protocols = event_rows = results = None
@@ -270,13 +271,13 @@ def roc_columns(smooth: int) -> list[str]:
 
 
 def _write_overlays(args, inputs: ScoringInputs, df, heats, out: Path) -> None:
-    count = args.overlays if args.overlays is not None else (len(inputs.native) if args.input else 0)
-    if count <= 0:
+    n_videos = args.overlays if args.overlays is not None else (len(inputs.native) if args.input else 0)
+    if n_videos <= 0:
         return
     from models.overlay import write_overlay
 
     (out / "overlays").mkdir(exist_ok=True)
-    slices = store.video_slices(inputs.sources)[:count]
+    slices = store.video_slices(inputs.sources)[:n_videos]
     for name, sl in progress(slices, unit="video", desc="overlays"):
         frames = inputs.native.get(name, inputs.X[sl])
         write_overlay(
@@ -289,9 +290,4 @@ def _write_overlays(args, inputs: ScoringInputs, df, heats, out: Path) -> None:
             fps=inputs.fps,
             title=name,
         )
-    log.info("overlays of %s -> %s/overlays/", _count(len(slices), "video"), args.scored_data)
-
-
-def _count(n: int, noun: str) -> str:
-    """The count and the noun: 1 video, 2 videos."""
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+    log.info("overlays of %s -> %s/overlays/", count(len(slices), "video"), args.scored_data)

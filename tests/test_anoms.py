@@ -149,6 +149,14 @@ def test_cli_fits_saves_and_applies(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     scores = pd.read_csv(new / "anomaly_scores.csv")
     np.testing.assert_allclose(scores["anomaly_probability"], expected)
+    warning = [line for line in done.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and "assumes every video holds both normal and anomalous frames" in warning[0]
+
+    raw = tmp_path / "anoms_raw"  # raw levels: no per-video assumption, nothing to warn of
+    done = run_script("fit_anoms.py", "--scored_data", str(tmp_path), "--model_path", str(raw), "--normalize", "none")
+    assert done.returncode == 0, done.stderr[-2000:]
+    done = run_script("fit_anoms.py", "--apply", str(raw), "--scored_data", str(new), "--overwrite")
+    assert done.returncode == 0 and "warning:" not in done.stderr, done.stderr[-2000:]
 
 
 def test_cli_single_video_is_an_error(tmp_path):
