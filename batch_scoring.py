@@ -103,7 +103,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--overlays",
         type=int_at_least(0, "videos"),
         default=None,
-        help="videos to write overlays/<video>.mp4 for (default: all with --input, 0 without)",
+        help="how many videos (the first N) to write overlays/<video>.mp4 for (default: all with --input, 0 without)",
     )
     g = p.add_argument_group("model runs")
     g.add_argument(
@@ -164,6 +164,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--overwrite", action="store_true", help="replace --scored_data if an earlier batch_scoring.py run wrote it"
     )
     args = parse_with_config(p, argv)
+    if args.plot_videos and not args.save_prediction_error_video_frames:
+        p.error("argument --plot_videos: goes with --save_prediction_error_video_frames (the GIFs it names)")
     if args.labels and not args.input:
         p.error("argument --labels: goes with --input (a prepared dataset has its own labels)")
     if args.calibration and args.calibrate_on:

@@ -157,6 +157,7 @@ def load_scoring_inputs(args) -> ScoringInputs:
         mask_file = dataset_dir / "masks_test.hkl"
         masks = store.load(mask_file) if mask_file.is_file() else None
         fps, title = args.fps, args.dataset
+    _check_plot_videos(args.plot_videos, sources)
     calibration = _calibration(args, model, config, settings, dataset_dir)
     if args.fpr:
         calibration.fpr = args.fpr
@@ -169,6 +170,17 @@ def load_scoring_inputs(args) -> ScoringInputs:
             tail.frames or len(tail.values),
         )
     return ScoringInputs(X, sources, y, masks, fps, title, model, config, calibration, native, meta)
+
+
+def _check_plot_videos(names: str | None, sources: np.ndarray) -> None:
+    """--plot_videos names only videos that are scored (before any scoring)."""
+    if not names:
+        return
+    videos = list(dict.fromkeys(sources))
+    unknown = [name for name in names.split(",") if name not in videos]
+    if unknown:
+        shown = ", ".join(videos[:10]) + (", ..." if len(videos) > 10 else "")
+        raise PipelineError(f"--plot_videos names {', '.join(unknown)}: not among the videos scored ({shown}).")
 
 
 def run_scoring(args, inputs: ScoringInputs, out: Path) -> dict:

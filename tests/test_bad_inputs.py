@@ -321,6 +321,7 @@ ROWS = [
     Row("score-input-without-model", "batch_scoring", clip_and_model(), "argument --model_dir: required with --input"),
     Row("score-calibration-twice", "batch_scoring", clip_and_model("--model_dir", "m", "--calibration", "c.json", "--calibrate_on", "clip"), "argument --calibration: not allowed with --calibrate_on, which fits a new calibration"),
     Row("score-labels-without-input", "batch_scoring", args("--labels", "l.csv"), "argument --labels: goes with --input"),
+    Row("score-plot-videos-without-gifs", "batch_scoring", args("--plot_videos", "Test001"), "argument --plot_videos: goes with --save_prediction_error_video_frames"),
     Row("score-config-smooth-0", "batch_scoring", config_file({"smooth": 0}), "--smooth (from config my.json): must be 1 or more frames. Received: 0"),
     Row("anoms-config-unknown", "fit_anoms", config_file({"smoth": 3}), "fit_anoms.py: error: argument --config: my.json has unknown settings: ['smoth']"),
     Row("prep-config-size", "data_preparation", config_file({"size": "big"}), "--size (from config my.json): must look like HEIGHTxWIDTH"),

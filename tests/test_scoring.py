@@ -148,6 +148,20 @@ def test_outputs(scored):
     assert "| regularity" in (scored / "metrics.md").read_text()
 
 
+def test_gifs_of_a_video_that_is_not_scored_are_refused_before_scoring(prepared, trained, tmp_path):
+    out = tmp_path / "scored"
+    done = run_scoring(
+        str(prepared.parent), prepared.name, str(trained), str(out), "--save_prediction_error_video_frames",
+        "--plot_videos", "Test002,Test01",
+    )  # fmt: skip
+    assert done.returncode == 2 and not out.exists()
+    assert (
+        done.stderr.strip()
+        .splitlines()[-1]
+        .endswith("--plot_videos names Test01: not among the videos scored (Test001, Test002, Test003, Test004).")
+    )
+
+
 def test_model_and_data_of_different_size(trained, synthetic_root, tmp_path):
     from models.data.prepare import PrepareConfig, prepare
 
