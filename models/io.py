@@ -182,8 +182,6 @@ def check_output(
         return
     if not dest.is_dir():
         raise PipelineError(f"Output {dest} exists and is not a folder; choose another output.")
-    if not overwrite:
-        raise PipelineError(f"Output folder {dest} already exists; pass --overwrite to replace it.")
     marker = read_marker(dest)
     if marker is None:
         raise PipelineError(
@@ -199,6 +197,8 @@ def check_output(
             f"Refusing to replace {dest}: {dest / foreign[0]}{more} was not written by this pipeline; "
             "move it away first."
         )
+    if not overwrite:
+        raise PipelineError(f"Output folder {dest} already exists; pass --overwrite to replace it.")
 
 
 def check_output_file(
@@ -215,12 +215,12 @@ def check_output_file(
         return
     if not dest.is_file():
         raise PipelineError(f"Output {dest} exists and is not a file; choose another output.")
-    if not overwrite:
-        raise PipelineError(f"Output file {dest} already exists; pass --overwrite to replace it.")
     if not _file_is_ours(dest, stage):
         raise PipelineError(
             f"Refusing to replace {dest}: it was not written by {stage} (or was changed since); move it away first."
         )
+    if not overwrite:
+        raise PipelineError(f"Output file {dest} already exists; pass --overwrite to replace it.")
 
 
 # --- locks -----------------------------------------------------------------------------------------------

@@ -367,6 +367,7 @@ def _open_run(s: TrainSettings, model_dir: Path, inputs: list) -> tuple[Path | N
             "start over."
         )
     if exists and not s.overwrite:
+        check_output(model_dir, STAGE, True, inputs)  # a folder train.py did not write is refused as such
         raise PipelineError(f"{model_dir} already holds a trained model; pass --overwrite, or --resume to continue.")
     check_output(model_dir, STAGE, s.overwrite, inputs)
     return None, None

@@ -137,7 +137,11 @@ def _rows_data_preparation(ws: Path, synthetic_root: Path, prepared: Path):
     mine = ws / "pre" / "Ped"
     mine.mkdir(parents=True)
     (mine / "results.xlsx").write_text("a user's folder\n")
-    yield "prep: user folder, no --overwrite", _prep(ws / "data", ws / "pre", "Ped"), "already exists"
+    yield (  # the first refusal already says why: --overwrite would not help
+        "prep: user folder, no --overwrite",
+        _prep(ws / "data", ws / "pre", "Ped"),
+        "it was not written by this pipeline",
+    )
     yield "prep: user folder with --overwrite", _prep(ws / "data", ws / "pre", "Ped", "--overwrite"), "no .prednet"
     shutil.copytree(prepared, ws / "pre2" / "Ped")
     (ws / "pre2" / "Ped" / "notes.txt").write_text("added by a user\n")
@@ -184,7 +188,7 @@ def _rows_scoring_and_anoms(ws: Path, prepared: Path):
     yield (
         "anoms: --apply over a user's anomaly_scores.csv",
         ["fit_anoms.py", "--apply", anoms, "--scored_data", scored],
-        "anomaly_scores.csv already exists",
+        "not written by fit_anoms --apply",
     )
     yield (
         "anoms: --apply --overwrite over a user's anomaly_scores.csv",
@@ -245,6 +249,7 @@ def test_train_refusals_leave_everything_as_it_was(prepared, other_size, tmp_pat
         ("model folder holds the data", dict(model_dir=prepared.parent, overwrite=True), "holds the input"),
         ("a user's folder", dict(model_dir=mine, overwrite=True), "not written by this pipeline"),
         ("a user's folder, --resume", dict(model_dir=mine, resume=True), "not written by this pipeline"),
+        ("a user's folder, plain rerun", dict(model_dir=mine), "not written by this pipeline"),
         ("an interrupted run, plain rerun", dict(model_dir=interrupted), "pass --resume to continue it"),
         ("a finished model, plain rerun", dict(model_dir=done), "already holds a trained model"),
         ("nothing to resume", dict(model_dir=ws / "none", resume=True), "Nothing to resume"),
