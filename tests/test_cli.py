@@ -131,6 +131,24 @@ def test_bounded_whole_numbers_and_empty_defaults(capsys):
     assert "more arguments\n" in text  # an empty default says nothing, not "(default: )"
 
 
+def test_a_reader_that_stops_early_ends_no_run():
+    """`script | head -1`: the messages its reader no longer takes are dropped, without a traceback."""
+    code = (
+        "import logging, sys\n"
+        "from models.cli import parser\n"
+        "parser('doc', prog='x.py').parse_args([])\n"
+        "for i in range(20000):\n"
+        "    logging.getLogger('models.x').info('line %d', i)\n"
+        "print('done', file=sys.stderr)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert proc.stdout.readline() == "line 0\n"
+    proc.stdout.close()  # more than a pipe's buffer is still to come
+    assert proc.wait(60) == 0 and proc.stderr.read() == "done\n"
+
+
 def test_quiet_and_verbose_set_logging_progress_and_keras(capsys, monkeypatch):
     p = parser("doc", prog="x.py")
     log = logging.getLogger("models.test_cli")
