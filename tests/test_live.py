@@ -219,6 +219,9 @@ def test_recalibrate_on_normal_footage(trained, clips, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "calibrating on 48 frames of 2 normal videos" in done.stdout
     assert "\n24 frames of 1 video, 23 scored, no labels.\n" in (out / "metrics.md").read_text()
+    # 48 frames at --fpr 0.05 put 2.4 over the threshold: too few, and said so (10 need 200 frames)
+    assert "warning: 48 normal frames put about 2.4 over a threshold at --fpr 0.05" in done.stderr
+    assert "(200 frames or more)" in done.stderr
     cal = Calibration.load(out / "calibration.json")
     assert cal.fitted_on["frames"] == 48 and cal.threshold == pytest.approx(-np.log10(0.05))
     # Its tail is the normal footage's own: scored against it, about 5% of those frames pass the threshold.
