@@ -16,6 +16,7 @@ See docs/serving.md.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 
@@ -91,8 +92,14 @@ def main(argv=None) -> int:
         max_wait_ms=args.max_wait_ms,
     )
     sock = listen(args.host, args.port)  # before loading the model: a taken port fails at once
-    app = create_app(args.model_dir, settings)
     host, port = sock.getsockname()[:2]
+    if not args.api_key and not ipaddress.ip_address(host).is_loopback:
+        log.warning(
+            "listening on %s without an API key: anyone who can reach this machine can score video with it; "
+            "pass --api_key (or set PREDNET_API_KEY)",
+            host,
+        )
+    app = create_app(args.model_dir, settings)
     auth = "API key required on /v1/*" if args.api_key else "no API key"
     log.info("serving %s on http://%s:%s (%s; docs at /docs)", args.model_dir, host, port, auth)
     serve(app, sock, limits, args.log_level)

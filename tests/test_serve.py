@@ -446,6 +446,11 @@ def test_startup_errors_are_one_line(trained, tmp_path):
             assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     finally:
         taken.close()
+    # on every interface without a key: said at once (here before the model's own error ends the start)
+    done = run_script("serve.py", "--model_dir", no_cal, "--port", "0", "--host", "0.0.0.0")
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 2 and "No calibration" in lines[1], done.stderr
+    assert lines[0].startswith("warning: listening on 0.0.0.0 without an API key: anyone who can reach")
     for args, message in (
         (["--max_streams", "0"], "argument --max_streams: must be 1 or more"),
         (["--request_timeout_s", "-1"], "argument --request_timeout_s: must be greater than 0"),
