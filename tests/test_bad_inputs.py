@@ -313,6 +313,7 @@ ROWS = [
     Row("train-config-precision", "train", config_file({"precision": "fp8"}), "--precision (from config my.json): invalid choice 'fp8'"),
     Row("train-dataset-several", "train", stores("A", "B"), "argument --dataset: pre holds 2 datasets (A, B); pass --dataset NAME"),
     Row("train-dataset-none", "train", stores(), "argument --dataset: none given and pre does not exist"),
+    Row("train-dataset-case", "train", lambda t: [*stores("Ped2")(t), "--dataset", "ped2"], "No prepared dataset 'ped2' in pre; it holds Ped2 (names are case-sensitive).", parse=False),
     Row("train-prefix", "train", args("--model_d", "x"), "train.py: error: unrecognized arguments: --model_d x"),
     Row("train-quiet-and-verbose", "train", args("-q", "-v"), "argument -v/--verbose: not allowed with argument -q/--quiet"),
     # batch_scoring.py arguments

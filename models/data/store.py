@@ -54,6 +54,14 @@ def dataset_dir(preprocessed_data: str | Path, dataset: str) -> Path:
     """The folder `data_preparation.py` wrote, with a clear error if it is not there."""
     path = Path(preprocessed_data) / dataset
     if not (path / "metadata.json").is_file():
+        from models.cli import prepared_datasets
+
+        found = prepared_datasets(preprocessed_data)
+        if found:
+            raise PipelineError(
+                f"No prepared dataset {dataset!r} in {preprocessed_data}; it holds {', '.join(found)} (names are "
+                "case-sensitive)."
+            )
         raise PipelineError(
             f"No preprocessed data in {path} (metadata.json missing). Run data_preparation.py first, e.g. "
             f"python data_preparation.py --preprocessed_data {preprocessed_data} --dataset {dataset}"
