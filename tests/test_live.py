@@ -233,7 +233,12 @@ def test_recalibrate_on_normal_footage(trained, clips, tmp_path):
 def test_input_errors(trained, clips, tmp_path):
     folder, _ = clips
     (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "labels.csv").write_text("video,start_frame,end_frame\ntest001,3,9\n")  # a wrong case
     cases = [
+        (
+            ["--input", folder / "Test001.mp4", "--labels", tmp_path / "labels.csv"],
+            "names videos that are not among the inputs: ['test001'] (the inputs: Test001).",
+        ),
         (["--input", tmp_path / "missing.mp4"], "does not exist"),
         (["--input", tmp_path / "notes.txt"], "is not a video file"),
         (["--input", folder / "Test001.mp4", folder / "Test001.mp4"], "both named 'Test001'"),

@@ -117,7 +117,11 @@ def input_labels(videos: list[Video], lengths: dict[str, int], labels_csv: str |
     table = parse_labels_csv(labels_csv)
     unknown = sorted(set(table) - {v.name for v in videos})
     if unknown:
-        raise PipelineError(f"Label file {labels_csv} names videos that are not among the inputs: {unknown}.")
+        names = [v.name for v in videos]
+        shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
+        raise PipelineError(
+            f"Label file {labels_csv} names videos that are not among the inputs: {unknown} (the inputs: {shown})."
+        )
     out = []
     for v in videos:
         v.ranges = table.get(v.name, [])
