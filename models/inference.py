@@ -17,7 +17,7 @@ import numpy as np
 
 from models.data.store import video_slices
 from models.errors import PipelineError
-from models.io import read_json
+from models.io import read_json, read_marker
 
 # Frames ahead that batch_scoring.py predicts each frame from by default: the next frame, the task PredNet
 # is trained on. On Ped2 at 128x192 it beat 2 frames ahead (the model's own prediction standing in for the
@@ -53,6 +53,10 @@ def load_predictor(model_dir: str | Path, output_mode: str = "all"):
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise PipelineError(f"Model folder {model_dir} does not exist; run train.py first.")
+    if not (model_dir / "config.json").is_file():
+        marker = read_marker(model_dir)
+        what = f"the output of {marker['stage']}, not a model folder" if marker else "not a model folder"
+        raise PipelineError(f"{model_dir} is {what} (no config.json); pass the folder train.py wrote.")
     config = read_json(model_dir / "config.json")
     if model_name(config) != DEFAULT_MODEL:
         return (*load_frame_model(model_dir, config), config)

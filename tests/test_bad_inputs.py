@@ -320,6 +320,7 @@ ROWS = [
     Row("score-dataset-several", "batch_scoring", stores("A", "B"), "argument --dataset: pre holds 2 datasets (A, B); pass --dataset NAME"),
     Row("score-dataset-with-input", "batch_scoring", clip_and_model("--model_dir", "m", "--dataset", "UCSDped2"), "argument --dataset: not allowed with --input, which scores the videos given. Received: UCSDped2"),
     Row("score-input-without-model", "batch_scoring", clip_and_model(), "argument --model_dir: required with --input"),
+    Row("score-model-dir-not-a-model", "batch_scoring", clip_and_model("--model_dir", "m"), "m is not a model folder (no config.json); pass the folder train.py wrote.", parse=False),
     Row("score-calibration-twice", "batch_scoring", clip_and_model("--model_dir", "m", "--calibration", "c.json", "--calibrate_on", "clip"), "argument --calibration: not allowed with --calibrate_on, which fits a new calibration"),
     Row("score-labels-without-input", "batch_scoring", args("--labels", "l.csv"), "argument --labels: goes with --input"),
     Row("score-plot-videos-without-gifs", "batch_scoring", args("--plot_videos", "Test001"), "argument --plot_videos: goes with --save_prediction_error_video_frames"),
