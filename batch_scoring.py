@@ -49,7 +49,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--input", nargs="+", default=None, help="score these videos instead: files, frame folders, or folders of them"
     )
-    p.add_argument("--labels", default=None, help="with --input: video,start_frame,end_frame CSV, for evaluation")
+    p.add_argument(
+        "--labels",
+        default=None,
+        help="with --input: a video,start_frame,end_frame CSV, or a UCSD .m file (entries in the videos' name "
+        "order), for evaluation",
+    )
     p.add_argument("--fps", type=positive_float, default=10.0, help="frames per second of folders of frames")
     p.add_argument(
         "--model_dir",

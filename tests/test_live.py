@@ -266,3 +266,21 @@ def test_prepared_dataset_scores_carry_the_live_columns(trained, prepared, tmp_p
     assert set(summary["pixel_auroc"]) == {"model_heat", "copy_heat"}  # the synthetic set has masks
     # The calibration removes the context dependence of windowed scoring from the live score.
     assert summary["sawtooth"]["model_score"] < summary["sawtooth"]["model_psnr"]
+
+
+def test_labels_of_input_videos_from_a_ucsd_m_file(tmp_path):
+    """A UCSD .m file's entries go to the input videos in their names' natural order (Test2 before Test10),
+    as data_preparation.py reads it; a count that does not match is refused."""
+    from models.data.index import Video
+    from models.data.inputs import input_labels
+    from models.errors import PipelineError
+
+    videos = [Video("Test10", "test", tmp_path), Video("Test2", "test", tmp_path)]  # in the order given
+    lengths = {"Test10": 6, "Test2": 5}
+    m = tmp_path / "gt.m"
+    m.write_text("TestVideoFile{end+1}.gt_frame = [2:3];\nTestVideoFile{end+1}.gt_frame = [5:6];\n")
+    y = input_labels(videos, lengths, m)
+    assert y.tolist() == [0, 0, 0, 0, 1, 1] + [0, 1, 1, 0, 0]  # Test10 (2nd entry), then Test2 (1st)
+    m.write_text("TestVideoFile{end+1}.gt_frame = [2:3];\n")
+    with pytest.raises(PipelineError, match="has 1 entries but there are 2 input videos"):
+        input_labels(videos, lengths, m)

@@ -15,7 +15,16 @@ import numpy as np
 from PIL import Image
 
 from models.data import frames as frame_io
-from models.data.index import FRAME_SUFFIXES, VIDEO_SUFFIXES, Video, _frame_files, labels_for, parse_labels_csv
+from models.data.index import (
+    FRAME_SUFFIXES,
+    VIDEO_SUFFIXES,
+    Video,
+    _frame_files,
+    labels_for,
+    natural_key,
+    parse_labels_csv,
+    parse_m_file,
+)
 from models.errors import PipelineError
 
 DEFAULT_FPS = 10.0  # UCSD's frame rate, for folders of frames
@@ -109,12 +118,25 @@ def resized_frames(images, name: str, channels: int, size: tuple[int, int]):
 
 def input_labels(videos: list[Video], lengths: dict[str, int], labels_csv: str | Path) -> np.ndarray:
     """0/1 per frame of the videos, in order, from a `video,start_frame,end_frame` CSV (a video without rows
-    is all normal).
+    is all normal), or from a UCSD `.m` file, whose entries belong to the videos in their names' natural
+    order (Test001, Test002, ...), one to one.
 
     Raises:
-        PipelineError: the CSV names a video that is not among the inputs, or a range past a video's end.
+        PipelineError: the CSV names a video that is not among the inputs, the `.m` file has another number
+            of entries than there are videos, or a range lies past a video's end.
     """
-    table = parse_labels_csv(labels_csv)
+    if Path(labels_csv).suffix == ".m":
+        entries = parse_m_file(labels_csv)
+        ordered = sorted((v.name for v in videos), key=natural_key)
+        if len(entries) != len(ordered):
+            raise PipelineError(
+                f"Label file {labels_csv} has {len(entries)} entries but there are {len(ordered)} input videos "
+                f"({', '.join(ordered[:10])}{', ...' if len(ordered) > 10 else ''}); they must match one to one, "
+                "in the names' order."
+            )
+        table = dict(zip(ordered, entries, strict=True))
+    else:
+        table = parse_labels_csv(labels_csv)
     unknown = sorted(set(table) - {v.name for v in videos})
     if unknown:
         names = [v.name for v in videos]
