@@ -204,7 +204,7 @@ def test_training_frames_ahead(trained, prepared, tmp_path):
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        ({"dataset": "Nope"}, "Run data_preparation.py first"),
+        ({"dataset": "Nope"}, "No prepared dataset .Nope. in .*; it holds Synthetic"),
         ({"nt": 30}, "longer than the shortest train video"),
         ({"stack_sizes": (4, 8, 8, 8)}, "does not suit a 5-layer PredNet"),
         ({"lr_schedule": "cosine"}, "--lr_schedule must be one of"),
