@@ -40,6 +40,7 @@ _CHATTY = (
     "multipart",
     "httpx",
     "httpcore",
+    "tf2onnx",
 )
 _NEVER_DEBUG = ("matplotlib", "PIL")
 

@@ -20,6 +20,7 @@ refuses to load.
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -78,7 +79,9 @@ def export_scorer(
     with atomic_dir(out, overwrite, stage="export", inputs=[model_dir]) as tmp:
         artefact = tmp / ARTEFACT[fmt]
         try:
-            scorer.export(str(artefact), format=FORMATS[fmt], verbose=False)
+            with warnings.catch_warnings():  # Keras's tf2onnx patch probes np.object, which NumPy 2 warns of
+                warnings.filterwarnings("ignore", message="In the future `np.object`", category=FutureWarning)
+                scorer.export(str(artefact), format=FORMATS[fmt], verbose=False)
         except ImportError as err:
             raise PipelineError(f"Export to {fmt} needs a package that is not installed: {err}") from None
         shutil.copyfile(Path(model_dir) / FILENAME, tmp / FILENAME)
