@@ -354,17 +354,36 @@ def atomic_dir(
     dest = Path(dest)
     inputs = list(inputs)
     check_inputs(dest, inputs)
-    with output_lock(dest):
-        check_output(dest, stage, overwrite, inputs)
-        clean_leftovers(dest)
-        tmp = new_dir_beside(dest, stage)
-        try:
-            yield tmp
-            write_marker(tmp, stage)
-        except BaseException:
-            remove_output(tmp)
-            raise
-        replace_dir(tmp, dest)
+    created = _missing_parents(dest)
+    try:
+        with output_lock(dest):
+            check_output(dest, stage, overwrite, inputs)
+            clean_leftovers(dest)
+            tmp = new_dir_beside(dest, stage)
+            try:
+                yield tmp
+                write_marker(tmp, stage)
+            except BaseException:
+                remove_output(tmp)
+                raise
+            replace_dir(tmp, dest)
+    except BaseException:
+        for folder in created:  # the run's own, deepest first; one that something else wrote into stays
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
+
+
+def _missing_parents(path: Path) -> list[Path]:
+    """The folders above `path` that do not exist yet (a run creates them), deepest first."""
+    missing = []
+    for parent in path.absolute().parents:
+        if parent.exists():
+            break
+        missing.append(parent)
+    return missing
 
 
 @contextlib.contextmanager

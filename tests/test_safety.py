@@ -322,6 +322,15 @@ def test_atomic_dir_is_exclusive_and_leaves_nothing(tmp_path):
         raise RuntimeError("boom")
     assert (target / "a.txt").is_file() and not (target / "b.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    # a failed run into folders that did not exist removes those it made, unless something else wrote there
+    nested = tmp_path / "new" / "deeper" / "out"
+    with pytest.raises(RuntimeError), atomic_dir(nested, stage="demo"):
+        raise RuntimeError("boom")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    with pytest.raises(RuntimeError), atomic_dir(nested, stage="demo"):
+        (tmp_path / "new" / "mine.txt").write_text("a user's file, written meanwhile")
+        raise RuntimeError("boom")
+    assert [p.name for p in (tmp_path / "new").iterdir()] == ["mine.txt"]
 
 
 # --- Ctrl-C and kills ------------------------------------------------------------------------------------
@@ -423,7 +432,7 @@ def test_ctrl_c_prints_one_line(bigger_root, tmp_path):
             shutil.rmtree(out)
             continue
         assert proc.returncode == 130 and err.strip() == "interrupted", err
-        assert list(out.iterdir()) == [], list(out.iterdir())
+        assert not out.exists(), list(out.iterdir())  # nothing, not even the folder the run made for its output
         break
     else:
         pytest.fail("every run ended before Ctrl-C")
