@@ -87,14 +87,28 @@ def plot_roc(df: pd.DataFrame, columns: list[str], path: Path, aucs: dict[str, f
     _save(fig, path)
 
 
-def error_frames(frames: np.ndarray, predictions: np.ndarray) -> list[Image.Image]:
-    """Frame | prediction | error map side by side, as grey images."""
+def error_frames(frames: np.ndarray, predictions: np.ndarray, min_height: int = 240) -> list[Image.Image]:
+    """Frame | prediction | error map side by side, as grey images under a strip that names each panel and
+    the frame number; scaled up by a whole factor (nearest pixel) to at least `min_height` pixels of frame.
+    The error map is |frame - prediction|, scaled to the largest error of the whole video (white)."""
+    from PIL import ImageDraw, ImageFont
+
     err = np.abs(frames.astype(np.float32) - predictions).mean(axis=-1)
     err = err / max(float(err.max()), 1e-6)
+    h, w = err.shape[1:]
+    k = max(1, -(-min_height // h))
+    strip = max(16, h * k // 10)
+    font = ImageFont.load_default(size=int(strip * 0.7))
     images = []
-    for f, p, e in zip(frames, predictions, err, strict=True):
+    for t, (f, p, e) in enumerate(zip(frames, predictions, err, strict=True)):
         row = np.concatenate([f.mean(axis=-1), p.mean(axis=-1), e], axis=1)
-        images.append(Image.fromarray((np.clip(row, 0, 1) * 255).astype(np.uint8)))
+        row = np.repeat(np.repeat(np.clip(row, 0, 1), k, axis=0), k, axis=1)
+        image = Image.new("L", (row.shape[1], row.shape[0] + strip), 0)
+        image.paste(Image.fromarray((row * 255).astype(np.uint8)), (0, strip))
+        draw = ImageDraw.Draw(image)
+        for i, label in enumerate((f"frame {t + 1}", "prediction", "|error|, video max = white")):
+            draw.text(((i + 0.5) * w * k, strip / 2), label, fill=255, font=font, anchor="mm")
+        images.append(image)
     return images
 
 

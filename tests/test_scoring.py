@@ -4,6 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import run_script
+from PIL import Image
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from models.data.store import load_labels, load_split
@@ -145,6 +146,8 @@ def test_outputs(scored):
         assert summary["metrics"][col]["micro_auc"] == pytest.approx(expected)
     for name in ("metrics.md", "roc.png", "scores.png", "Test002_prediction_error.gif"):
         assert (scored / name).is_file(), name
+    gif = Image.open(scored / "Test002_prediction_error.gif")  # 16x24 frames, 3 panels, scaled 15x to 240
+    assert gif.size == (3 * 24 * 15, 240 + 24) and gif.n_frames > 1  # under a 24-pixel strip of labels
     assert "| regularity" in (scored / "metrics.md").read_text()
 
 
