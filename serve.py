@@ -101,7 +101,7 @@ def main(argv=None) -> int:
         )
     app = create_app(args.model_dir, settings)
     auth = "API key required on /v1/*" if args.api_key else "no API key"
-    log.info("serving %s on http://%s:%s (%s; docs at /docs)", args.model_dir, host, port, auth)
+    log.info("warming up %s on http://%s:%s (%s; docs at /docs)", args.model_dir, host, port, auth)
     serve(app, sock, limits, args.log_level)
     return 0
 

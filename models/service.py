@@ -279,7 +279,7 @@ def create_app(model_dir: str | Path, settings: ServiceSettings | None = None) -
             batcher.warm_up(blank[0])
         app.state.clip_slots = asyncio.Semaphore(settings.clip_workers)
         await batcher.start()
-        log.info("ready: %s", scoring.model_dir.name)
+        log.info("ready: %s answers", scoring.model_dir.name)
         yield
         await batcher.stop()
         clip_pool.shutdown(wait=False, cancel_futures=True)
