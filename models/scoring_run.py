@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.calibration import FILENAME, Calibration
+from models.calibration import DEFAULT_FPR, FILENAME, Calibration
 from models.cli import progress
 from models.data import store
 from models.data.inputs import find_inputs, input_labels, read_input, resize, video_fps
@@ -66,7 +66,7 @@ def _calibration(args, model, config, settings, dataset_dir):
     if args.calibrate_on:
         _, X, sources, _, _ = _read_videos(args.calibrate_on, frame_shape[:2], frame_shape[2], False)
         log.info("calibrating on %d frames of %s", len(X), count(len(set(sources)), "normal video"))
-        fpr = args.fpr or 0.01
+        fpr = args.fpr or DEFAULT_FPR
         if len(X) * fpr < MIN_FRAMES_OVER_THRESHOLD:
             log.warning(
                 "%d normal frames put about %.1f over a threshold at --fpr %g: its false-alarm rate rests on "
@@ -84,7 +84,7 @@ def _calibration(args, model, config, settings, dataset_dir):
                 None,
                 settings,
                 args.live_smooth,
-                args.fpr or 0.01,
+                fpr,
                 args.batch_size,
                 {"videos": [str(p) for p in args.calibrate_on], "frames": len(X)},
                 bar,
@@ -115,7 +115,7 @@ def _calibration(args, model, config, settings, dataset_dir):
             tail,
             settings,
             cal.smooth if cal else args.live_smooth,
-            args.fpr or (cal.fpr if cal else 0.01),
+            args.fpr or (cal.fpr if cal else DEFAULT_FPR),
             args.batch_size,
             {"dataset": str(dataset_dir), "frames": len(X)},
             bar,
