@@ -13,7 +13,7 @@ import numpy as np
 from models.calibration import DEFAULT_FPR, FILENAME, Calibration
 from models.cli import progress
 from models.data import store
-from models.data.inputs import find_inputs, input_labels, read_input, resize, video_fps
+from models.data.inputs import find_inputs, input_labels, listed, read_input, resize, video_fps
 from models.errors import PipelineError
 from models.io import atomic_file
 from models.report import count
@@ -194,8 +194,9 @@ def _check_plot_videos(names: str | None, sources: np.ndarray) -> None:
     videos = list(dict.fromkeys(sources))
     unknown = [name for name in names.split(",") if name not in videos]
     if unknown:
-        shown = ", ".join(videos[:10]) + (", ..." if len(videos) > 10 else "")
-        raise PipelineError(f"--plot_videos names {', '.join(unknown)}: not among the videos scored ({shown}).")
+        raise PipelineError(
+            f"--plot_videos names {', '.join(unknown)}: not among the videos scored ({listed(videos)})."
+        )
 
 
 def run_scoring(args, inputs: ScoringInputs, out: Path) -> dict:

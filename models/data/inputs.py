@@ -30,6 +30,12 @@ from models.errors import PipelineError
 DEFAULT_FPS = 10.0  # UCSD's frame rate, for folders of frames
 
 
+def listed(names, most: int = 10) -> str:
+    """Names for a message: the first `most`, comma-separated, then ', ...' if there are more."""
+    names = list(names)
+    return ", ".join(names[:most]) + (", ..." if len(names) > most else "")
+
+
 def _as_video(path: Path) -> Video | None:
     if path.name.startswith("."):
         return None
@@ -131,18 +137,16 @@ def input_labels(videos: list[Video], lengths: dict[str, int], labels_csv: str |
         if len(entries) != len(ordered):
             raise PipelineError(
                 f"Label file {labels_csv} has {len(entries)} entries but there are {len(ordered)} input videos "
-                f"({', '.join(ordered[:10])}{', ...' if len(ordered) > 10 else ''}); they must match one to one, "
-                "in the names' order."
+                f"({listed(ordered)}); they must match one to one, in the names' order."
             )
         table = dict(zip(ordered, entries, strict=True))
     else:
         table = parse_labels_csv(labels_csv)
     unknown = sorted(set(table) - {v.name for v in videos})
     if unknown:
-        names = [v.name for v in videos]
-        shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
         raise PipelineError(
-            f"Label file {labels_csv} names videos that are not among the inputs: {unknown} (the inputs: {shown})."
+            f"Label file {labels_csv} names videos that are not among the inputs: {unknown} (the inputs: "
+            f"{listed(v.name for v in videos)})."
         )
     out = []
     for v in videos:
