@@ -26,7 +26,7 @@ import logging
 from models.alarms import DEFAULT_GAP, DEFAULT_MIN_FRAMES
 from models.args import float_in, folder, int_at_least, positive_float, positive_int
 from models.calibration import DEFAULT_SMOOTH
-from models.cli import choose_dataset, import_keras, parser, prepared_datasets, run
+from models.cli import add_prepared_data_options, choose_prepared_dataset, import_keras, parser, run
 from models.config import add_config_option, parse_with_config
 from models.inference import DEFAULT_HORIZON
 from models.io import atomic_dir, check_output
@@ -37,15 +37,7 @@ log = logging.getLogger(__name__)
 def parse_args(argv=None) -> argparse.Namespace:
     p = parser(__doc__)
     add_config_option(p)
-    p.add_argument(
-        "--preprocessed_data", type=folder, default="data/preprocessed", help="without --input: the prepared data"
-    )
-    p.add_argument(
-        "--dataset",
-        default=None,
-        help="without --input: the dataset folder in --preprocessed_data to score the test videos of (default: "
-        "the only one there; required if it holds several)",
-    )
+    add_prepared_data_options(p, when="without --input: ")
     p.add_argument(
         "--input", nargs="+", default=None, help="score these videos instead: files, frame folders, or folders of them"
     )
@@ -184,8 +176,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error("argument --model_dir: required with --input (no dataset names the model folder)")
         args.scored_data = args.scored_data or "outputs/scored/clips"
         return args
-    found = prepared_datasets(args.preprocessed_data)
-    args.dataset = choose_dataset(p, args.dataset, args.preprocessed_data, found, "a folder with metadata.json")
+    args.dataset = choose_prepared_dataset(p, args)
     args.model_dir = args.model_dir or f"outputs/models/{args.dataset}"
     args.scored_data = args.scored_data or f"outputs/scored/{args.dataset}"
     return args

@@ -26,7 +26,7 @@ from models.args import (
     positive_float,
     positive_int,
 )
-from models.cli import choose_dataset, import_keras, keras_verbose, parser, prepared_datasets, run
+from models.cli import add_prepared_data_options, choose_prepared_dataset, import_keras, keras_verbose, parser, run
 from models.config import parse_with_config, training_defaults
 
 log = logging.getLogger(__name__)
@@ -48,14 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="the model to train: prednet (next-frame prediction, the default) or convlstm_ae (a ConvLSTM "
         "autoencoder of --nt-frame windows, Chong & Tay 2017); the model folder records it",
     )
-    p.add_argument(
-        "--preprocessed_data", type=folder, default="data/preprocessed", help="folder data_preparation.py wrote into"
-    )
-    p.add_argument(
-        "--dataset",
-        default=None,
-        help="dataset folder in --preprocessed_data (default: the only one there; required if it holds several)",
-    )
+    add_prepared_data_options(p)
     p.add_argument("--model_dir", type=folder, default=None, help="output folder (default: outputs/models/<dataset>)")
     p.add_argument(
         "--stack_sizes", type=ints_at_least(1), help="channels of the layers above the pixels, e.g. 48,96,192"
@@ -155,8 +148,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parse_with_config(p, argv)  # checks the config file's values with the same types
     args.model = args.model or "prednet"
     _check_together(p, args)
-    found = prepared_datasets(args.preprocessed_data)
-    args.dataset = choose_dataset(p, args.dataset, args.preprocessed_data, found, "a folder with metadata.json")
+    args.dataset = choose_prepared_dataset(p, args)
     args.model_dir = args.model_dir or f"outputs/models/{args.dataset}"
     return args
 

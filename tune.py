@@ -19,7 +19,7 @@ import logging
 from pathlib import Path
 
 from models.args import folder, int_at_least, non_negative_int, positive_float
-from models.cli import choose_dataset, import_keras, keras_verbose, parser, prepared_datasets, run
+from models.cli import add_prepared_data_options, choose_prepared_dataset, import_keras, keras_verbose, parser, run
 from models.config import resolve_config
 from models.errors import PipelineError
 
@@ -30,14 +30,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = parser(__doc__)
     p.add_argument("--config", default="default", help="train.py settings the trials start from (name or path)")
     p.add_argument("--space", default="config/tune.json", help="search-space file (docs/tuning.md)")
-    p.add_argument(
-        "--preprocessed_data", type=folder, default="data/preprocessed", help="folder data_preparation.py wrote into"
-    )
-    p.add_argument(
-        "--dataset",
-        default=None,
-        help="dataset folder in --preprocessed_data (default: the only one there; required if it holds several)",
-    )
+    add_prepared_data_options(p)
     p.add_argument(
         "--n_trials",
         type=int_at_least(1, "trials"),
@@ -75,8 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not Path(args.space).is_file():
         raise PipelineError(f"Search-space file {args.space} not found (see config/tune.json).")
     resolve_config(args.config)
-    found = prepared_datasets(args.preprocessed_data)
-    args.dataset = choose_dataset(p, args.dataset, args.preprocessed_data, found, "a folder with metadata.json")
+    args.dataset = choose_prepared_dataset(p, args)
     args.study = args.study or args.dataset
     args.output_dir = Path(args.output_dir or f"outputs/tuning/{args.study}")
     args.storage = args.storage or f"sqlite:///{args.output_dir.resolve()}/study.db"

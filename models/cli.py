@@ -240,6 +240,30 @@ def choose_dataset(p: argparse.ArgumentParser, given: str | None, root: str | Pa
     p.error(f"argument --dataset: {root} holds {len(found)} datasets ({', '.join(found)}); pass --dataset NAME")
 
 
+def add_prepared_data_options(p: argparse.ArgumentParser, when: str = "") -> None:
+    """--preprocessed_data and --dataset, for a script that reads what data_preparation.py wrote; `when`
+    (e.g. "without --input: ") starts their help. `choose_prepared_dataset` resolves --dataset after parsing."""
+    from models.args import folder
+
+    p.add_argument(
+        "--preprocessed_data",
+        type=folder,
+        default="data/preprocessed",
+        help=f"{when}folder data_preparation.py wrote into",
+    )
+    p.add_argument(
+        "--dataset",
+        default=None,
+        help=f"{when}dataset folder in --preprocessed_data (default: the only one there; required if it holds several)",
+    )
+
+
+def choose_prepared_dataset(p: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """--dataset, or the only dataset prepared in --preprocessed_data (see `choose_dataset`)."""
+    found = prepared_datasets(args.preprocessed_data)
+    return choose_dataset(p, args.dataset, args.preprocessed_data, found, "a folder with metadata.json")
+
+
 def prepared_datasets(root: str | Path) -> list[str]:
     """Datasets prepared under `root` (--preprocessed_data): its folders holding metadata.json."""
     root = Path(root)
