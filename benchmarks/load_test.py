@@ -115,19 +115,22 @@ def mp4_bytes(frames: list[np.ndarray], fps: float = 10.0) -> bytes:
         return path.read_bytes()
 
 
-def start_server(model_dir: str, extra: str, log_path: Path) -> tuple[subprocess.Popen, str]:
-    """serve.py on a free localhost port; returns the process and its URL once /health answers."""
+def start_server(
+    serve_args: list[str], log_path: Path, env: dict | None = None, timeout_s: float = 300
+) -> tuple[subprocess.Popen, str]:
+    """`python serve.py SERVE_ARGS` on a free localhost port (--port 0), its output in `log_path`, `env` added to
+    the environment; returns the process and its URL once /health answers. Raises RuntimeError with the log's
+    end if it exits or does not answer within `timeout_s` (then it is killed)."""
     import httpx
 
-    args = [sys.executable, str(ROOT / "serve.py"), "--model_dir", model_dir, "--port", "0", "--log_level", "warning"]
-    args += extra.split()
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    args = [sys.executable, str(ROOT / "serve.py"), *map(str, serve_args), "--port", "0"]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
     with open(log_path, "w") as log:
         proc = subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
     url, start = None, time.monotonic()
-    while time.monotonic() - start < 300:
+    while time.monotonic() - start < timeout_s:
         if proc.poll() is not None:
-            raise SystemExit(f"serve.py exited: {log_path.read_text()[-2000:]}")
+            raise RuntimeError(f"serve.py exited: {log_path.read_text()[-2000:]}")
         found = url or re.search(r"on (http://[\d.]+:\d+) ", log_path.read_text())
         url = url or (found and found.group(1))
         if url:
@@ -137,8 +140,18 @@ def start_server(model_dir: str, extra: str, log_path: Path) -> tuple[subprocess
             except httpx.HTTPError:
                 pass
         time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("serve.py did not answer /health within 300 s")
+    stop_server(proc)
+    raise RuntimeError(f"serve.py did not answer /health within {timeout_s:g} s: {log_path.read_text()[-2000:]}")
+
+
+def stop_server(proc: subprocess.Popen, timeout_s: float = 30) -> None:
+    """Asks the server to stop (SIGTERM), kills it if it has not within `timeout_s`."""
+    proc.terminate()
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 class Tally:
@@ -271,16 +284,16 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         try:
             if args.model_dir:
-                proc, url = start_server(args.model_dir, args.serve_args, Path(tmp) / "serve.log")
+                serve_args = ["--model_dir", args.model_dir, "--log_level", "warning", *args.serve_args.split()]
+                try:
+                    proc, url = start_server(serve_args, Path(tmp) / "serve.log")
+                except RuntimeError as e:
+                    raise SystemExit(str(e)) from None
                 pid = proc.pid
             return asyncio.run(load(args, url.rstrip("/"), pid))
         finally:
             if proc is not None:
-                proc.terminate()
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+                stop_server(proc)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,6 @@ import json
 import os
 import re
 import socket
-import subprocess
-import sys
 import tarfile
 import time
 import zipfile
@@ -28,6 +26,7 @@ from PIL import Image
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from benchmarks.load_test import start_server, stop_server
 from models.streaming import window_position
 from models.uploads import Deadline, Limits, UploadError, archive_members, upload_kind
 
@@ -117,37 +116,17 @@ def server(trained, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("server_tmp")
     log_path = tmp_path_factory.mktemp("server_log") / "serve.log"
     args = [
-        sys.executable, "serve.py", "--model_dir", str(trained), "--port", "0", "--max_upload_mb", str(MAX_UPLOAD_MB),
-        "--max_frames", str(MAX_FRAMES), "--max_streams", "2", "--request_timeout_s", str(TIMEOUT_S),
-        "--log_level", "warning",
+        "--model_dir", trained, "--max_upload_mb", MAX_UPLOAD_MB, "--max_frames", MAX_FRAMES, "--max_streams", 2,
+        "--request_timeout_s", TIMEOUT_S, "--log_level", "warning",
     ]  # fmt: skip
-    env = {**os.environ, "PREDNET_API_KEY": KEY, "TMPDIR": str(tmp), "TF_CPP_MIN_LOG_LEVEL": "3"}
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
-    url, start = None, time.monotonic()
-    while time.monotonic() - start < 180:
-        assert proc.poll() is None, log_path.read_text()[-3000:]
-        if url is None:
-            found = re.search(r"on (http://[\d.]+:\d+) ", log_path.read_text())
-            url = found and found.group(1)
-        if url:
-            try:
-                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-        time.sleep(0.5)
-    else:
-        pytest.fail(f"server did not start: {log_path.read_text()[-3000:]}")
+    try:
+        proc, url = start_server(args, log_path, env={"PREDNET_API_KEY": KEY, "TMPDIR": str(tmp)}, timeout_s=180)
+    except RuntimeError as e:
+        pytest.fail(str(e))
     yield url, proc, tmp
     log = log_path.read_text()
     assert "Traceback" not in log and "unexpected error" not in log, log[-3000:]  # no request reached a 500
-    proc.terminate()
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    stop_server(proc, 20)
 
 
 def _scores(frames: list[dict], key: str = "score") -> np.ndarray:
