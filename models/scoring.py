@@ -16,7 +16,7 @@ from models.data.store import video_slices
 
 PERCENTILES = (50, 75, 90, 95, 99)
 # Metrics where a larger value means a more normal frame; evaluation negates them.
-HIGHER_IS_NORMAL = ("psnr", "regularity", "src_regularity")
+HIGHER_IS_NORMAL = ("psnr", "psnr_ctx", "regularity", "src_regularity")
 
 
 def error_metrics(frames: np.ndarray, predictions: np.ndarray, patch: int = 16) -> dict[str, np.ndarray]:

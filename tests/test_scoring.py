@@ -144,6 +144,11 @@ def test_outputs(scored):
         valid = data[data[col].notna()]  # every frame pooled, the score oriented so that higher is anomalous
         expected = roc_auc_score(valid["y"], anomaly_score(valid, col))
         assert summary["metrics"][col]["micro_auc"] == pytest.approx(expected)
+    # Oriented as the error: a PSNR is -10 log10 of the frame's mean squared error (the context-corrected one
+    # too, up to an offset per context length), the regularity its scaling within each video.
+    # (The smoothed ones keep their metric's orientation: test_smoothed_scores_are_centred_means_within_a_video.)
+    for col in ("model_psnr", "model_psnr_ctx", "model_regularity"):
+        assert anomaly_score(data, col).corr(data["model_mse"], method="spearman") > 0.5, col
     for name in ("metrics.md", "roc.png", "scores.png", "Test002_prediction_error.gif"):
         assert (scored / name).is_file(), name
     gif = Image.open(scored / "Test002_prediction_error.gif")  # 16x24 frames, 3 panels, scaled 15x to 240
