@@ -27,7 +27,7 @@ from models.args import (
     positive_int,
 )
 from models.cli import add_prepared_data_options, choose_prepared_dataset, import_keras, keras_verbose, parser, run
-from models.config import parse_with_config, training_defaults
+from models.config import given_options, parse_with_config, training_defaults
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         choices=["float32", "mixed_bfloat16", "mixed_float16"],
         help="float32, or mixed precision for a GPU",
     )
-    p.add_argument("--fine_tuning", type=folder, default=None, help="start from the model in this earlier model folder")
+    p.add_argument(
+        "--fine_tuning",
+        type=folder,
+        default=None,
+        help="start from the model in this earlier model folder (its layers: the layer options do not apply)",
+    )
     p.add_argument(
         "--freeze_layers",
         type=ints_at_least(0, allow_empty=True),
@@ -129,7 +134,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--resume",
         action="store_true",
-        help="continue an interrupted run (or a finished one, to more epochs) from its last epoch",
+        help="continue an interrupted run (or a finished one, to more epochs) from its last epoch, with its own "
+        "settings: only --nb_epoch, --patience and --max_minutes may change",
     )
     p.add_argument(
         "--overwrite", action="store_true", help="start over, replacing a model or interrupted run train.py wrote"
@@ -146,6 +152,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         model = pre.parse_known_args(argv)[0].model
         p.set_defaults(config="convlstm_ae" if model == "convlstm_ae" else "default")
     args = parse_with_config(p, argv)  # checks the config file's values with the same types
+    args.given = tuple(sorted(given_options(p, argv)))  # what --resume and --fine_tuning must not override
     args.model = args.model or "prednet"
     _check_together(p, args)
     args.dataset = choose_prepared_dataset(p, args)

@@ -39,6 +39,13 @@ def add_config_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def given_options(parser: argparse.ArgumentParser, argv=None) -> set[str]:
+    """The options given on the command line `argv` (`sys.argv[1:]` when None), by `dest`: {"batch_size"} for
+    `--batch_size 8` or `--batch_size=8`."""
+    tokens = {token.split("=")[0] for token in (sys.argv[1:] if argv is None else argv)}
+    return {a.dest for a in parser._actions if tokens & set(a.option_strings)}
+
+
 def parse_with_config(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
     """Parses `argv`, taking defaults from the `--config` file first.
 
@@ -62,10 +69,10 @@ def parse_with_config(parser: argparse.ArgumentParser, argv=None) -> argparse.Na
             unknown = sorted(set(values) - known)
             if unknown:
                 parser.error(f"argument --config: {path} has unknown settings: {unknown}")
-            given = {token.split("=")[0] for token in (sys.argv[1:] if argv is None else argv)}
+            given = given_options(parser, argv)
             for action in parser._actions:  # argparse would convert a text value itself, without the file's name
                 value = values.get(action.dest)
-                if isinstance(value, str) and not given & set(action.option_strings):
+                if isinstance(value, str) and action.dest not in given:
                     _check(parser, action, value, path)
             parser.set_defaults(**values)
     args = parser.parse_args(argv)

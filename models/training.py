@@ -10,7 +10,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import keras
@@ -423,6 +423,101 @@ class TrainSettings:
     ae_kernels: tuple[int, ...] = (11, 5)
     ae_strides: tuple[int, ...] = (4, 2)
     ae_lstm_filters: tuple[int, ...] = (64, 32, 64)
+    # The settings the caller chose, which a resumed run or the layers of a fine-tuned model never silently
+    # override (`_take`): train.py passes those given on its command line; None (a call from Python) means all.
+    given: tuple[str, ...] | None = None
+
+
+# Settings that say where and how a run goes, not what it trains: a resumed run never takes them from its
+# record, and the tuner never searches them.
+PLACE_AND_MANNER = ("preprocessed_data", "dataset", "model_dir", "resume", "overwrite", "verbose", "distribute")
+# Settings a resumed run may change when given on the command line: how long it goes on.
+_MAY_CHANGE_ON_RESUME = ("nb_epoch", "patience", "max_minutes")
+
+
+def recorded_settings(s: TrainSettings) -> dict:
+    """The settings as config.json, last.json and the tuner record them (JSON: lists for tuples)."""
+    values = {f.name: getattr(s, f.name) for f in fields(s) if f.name != "given"}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+
+
+def _text(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def _chosen(s: TrainSettings) -> set[str]:
+    return {f.name for f in fields(s)} if s.given is None else set(s.given)
+
+
+def _take(s: TrainSettings, theirs: dict, whose: str, remedy: str) -> TrainSettings:
+    """`s` with the settings `theirs` (those `whose` fixes), logged where they change a value; one of them
+    that the caller chose (`TrainSettings.given`) with another value is refused, with `remedy`."""
+    theirs = {k: tuple(v) if isinstance(v, list) else v for k, v in theirs.items()}
+    clash = [k for k, v in theirs.items() if k in _chosen(s) and getattr(s, k) != v]
+    if clash:
+        raise PipelineError(
+            f"{whose} fixes {', '.join(f'--{k} {_text(theirs[k])}' for k in clash)}; this run was given "
+            f"{', '.join(f'--{k} {_text(getattr(s, k))}' for k in clash)}: {remedy}"
+        )
+    changed = {k: v for k, v in theirs.items() if getattr(s, k) != v}
+    if changed:
+        log.info("%s: %s", whose, ", ".join(f"{k} {_text(v)}" for k, v in changed.items()))
+    return replace(s, **changed)
+
+
+def _recorded_arguments(model_dir: Path) -> dict | None:
+    """The settings of the run `resume` continues: an interrupted run's, recorded in its checkpoints'
+    last.json (none if it was killed before its first epoch ended), else the complete model folder's (its
+    last.json, or its config.json for a run from before last.json held them); None where nothing says."""
+    staging = staging_dir(model_dir)
+    if staging.is_dir():
+        places = [staging / "checkpoints" / "last.json"]
+    else:
+        places = [model_dir / "checkpoints" / "last.json", model_dir / "config.json"]
+    for path in places:
+        try:
+            recorded = json.loads(path.read_text()).get("arguments")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(recorded, dict):
+            return recorded
+    return None
+
+
+def _settings_of_resumed_run(s: TrainSettings) -> TrainSettings:
+    """With `resume`, the settings of the run it continues, except its place and manner (`PLACE_AND_MANNER`) and
+    what the command line gives of `_MAY_CHANGE_ON_RESUME`; another setting given with another value is refused."""
+    recorded = _recorded_arguments(Path(s.model_dir)) if s.resume else None
+    if recorded is None:
+        return s
+    keep = set(recorded_settings(s)) - set(PLACE_AND_MANNER) - (set(_MAY_CHANGE_ON_RESUME) & _chosen(s))
+    theirs = {k: v for k, v in recorded.items() if k in keep}
+    return _take(s, theirs, "--resume: the run continues with its own settings", _RESUME_REMEDY)
+
+
+_RESUME_REMEDY = (
+    "drop these options to continue the run as it was (only --nb_epoch, --patience and --max_minutes may change), "
+    "or start a new run (--overwrite, or another --model_dir)"
+)
+
+
+def _fine_tuned_layers(s: TrainSettings) -> TrainSettings:
+    """With `fine_tuning` (PredNet), the layer settings of the model it starts from, as its config.json records
+    its layer: the recorded settings and the model agree."""
+    path = Path(s.fine_tuning or "") / "config.json"
+    if not s.fine_tuning or s.model != "prednet" or not path.is_file():
+        return s  # (a folder without config.json is refused when the model is built)
+    try:
+        layer = json.loads(path.read_text())["prednet"]
+        theirs = {
+            "stack_sizes": layer["stack_sizes"][1:],
+            "R0_channels": layer["R_stack_sizes"][0],
+            "filter_sizes": [layer[k][0] for k in ("A_filt_sizes", "Ahat_filt_sizes", "R_filt_sizes")],
+        }
+    except (ValueError, KeyError, IndexError, TypeError):
+        return s  # an older model folder: its layer is read from model.keras when the model is built
+    remedy = "drop these options (the layers come with the weights), or train a new model without --fine_tuning"
+    return _take(s, theirs, f"--fine_tuning {s.fine_tuning}: the layers of that model", remedy)
 
 
 def learning_rate(s: TrainSettings, epoch: int) -> float:
@@ -440,9 +535,7 @@ def freeze(model: keras.Model, layers) -> None:
     for l in layers:
         if not 0 <= l < prednet.nb_layers:
             raise PipelineError(f"--freeze_layers names layer {l}, but the model has layers 0-{prednet.nb_layers - 1}.")
-        for convs in (prednet.lstm_convs, prednet.ahat_convs, prednet.a_convs):
-            if l < len(convs):
-                convs[l].trainable = False
+    prednet.freeze(layers)
 
 
 def fit_normal_calibration(model, s: TrainSettings, X_train, src_train, X_val, src_val):
@@ -494,6 +587,7 @@ def train(s: TrainSettings, extra_callbacks: list[keras.callbacks.Callback] | No
     """
     data_dir = dataset_dir(s.preprocessed_data, s.dataset)
     meta = read_metadata(data_dir)
+    s = _fine_tuned_layers(_settings_of_resumed_run(s))
     get(s.model).check_settings(s, meta)
     if s.lr_schedule not in LR_SCHEDULES:
         raise PipelineError(f"--lr_schedule must be one of {list(LR_SCHEDULES)}. Received: {s.lr_schedule!r}")
@@ -560,7 +654,7 @@ def _train_locked(
 
     initial_epoch, rows = 0, []
     state = {"epoch": -1, "best": None, "best_epoch": None, "wait": 0, "monitor": monitor}
-    state |= {"frame_shape": list(frame_shape), "nt": s.nt, MODEL_KEY: s.model}
+    state |= {"frame_shape": list(frame_shape), "nt": s.nt, MODEL_KEY: s.model, "arguments": recorded_settings(s)}
     if resume_from is not None:
         state = _read_state(resume_from, frame_shape, s.nt)
         if state[MODEL_KEY] != s.model:
@@ -571,6 +665,7 @@ def _train_locked(
             raise PipelineError(
                 f"Cannot resume from {resume_from}: that run monitored {state['monitor']}, this data gives {monitor}."
             )
+        state["arguments"] = recorded_settings(s)  # the run's, with what may change on resume (nb_epoch, ...)
         model = load_model(resume_from / "last.keras", compile=True)
         initial_epoch = state["epoch"] + 1
         rows = _read_history(resume_from / "history.csv", state["epoch"])
@@ -646,7 +741,7 @@ def _train_locked(
     )
     steady = throughput.rates[1:] or throughput.rates
     config = {
-        "arguments": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(s).items()},
+        "arguments": recorded_settings(s),
         MODEL_KEY: s.model,
         "frame_shape": list(frame_shape),
         s.model: spec.core(model).get_config(),

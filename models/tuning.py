@@ -28,10 +28,10 @@ from models.io import atomic_file, read_json, write_json
 from models.prednet import find_prednet, predictor
 from models.registry import require_prednet
 from models.shapes import check_frame_size
-from models.training import TrainSettings, WindowDataset, next_frame_mse, train
+from models.training import PLACE_AND_MANNER, TrainSettings, WindowDataset, next_frame_mse, recorded_settings, train
 
 # Settings that say where and how a run happens, not what it learns: never searched.
-NOT_SEARCHABLE = {"preprocessed_data", "dataset", "model_dir", "resume", "overwrite", "verbose", "distribute"}
+NOT_SEARCHABLE = {*PLACE_AND_MANNER, "given"}  # where and how a run goes, and what its caller chose
 ENTRY_KEYS = {
     "float": {"type", "low", "high", "log", "step", "help"},
     "int": {"type", "low", "high", "log", "step", "help"},
@@ -180,7 +180,7 @@ def config_path(model_dir: str | Path) -> Path:
 
 def trial_config(s: TrainSettings, number: int) -> dict:
     """A trial's settings as a config file for `train.py --config`, to train them again or --resume the trial."""
-    values = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(s).items() if k not in NOT_SEARCHABLE}
+    values = {k: v for k, v in recorded_settings(s).items() if k not in NOT_SEARCHABLE}
     comment = f"Settings of tuning trial {number}: python train.py --config {config_path(s.model_dir)} ..."
     return {"_comment": comment, **values}
 
@@ -213,7 +213,7 @@ class Tuner:
             raise PipelineError(
                 f"The space no longer matches study {name!r}: {err} New choices need a new --study."
             ) from None
-        trial.set_user_attr("settings", {k: list(v) if isinstance(v, tuple) else v for k, v in vars(s).items()})
+        trial.set_user_attr("settings", recorded_settings(s))
         trial.set_user_attr("model_dir", s.model_dir)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         # first, so that even the folder of a trial whose worker died can be resumed with it; beside the model

@@ -156,6 +156,60 @@ def test_fine_tuning_keeps_frozen_layers(trained, prepared, tmp_path):
     assert any(changed)
 
 
+def _tiny_config(path: Path, **changes) -> str:
+    """A --config file of the tiny settings of `tiny_settings`, as a user keeps one."""
+    values = dict(stack_sizes=[4, 8], R0_channels=3, nt=4, batch_size=2, nb_epoch=1, samples_per_epoch=8)
+    values |= dict(val_samples=4, learning_rate=0.01, strides=[1, 2], precision="float32") | changes
+    path.write_text(json.dumps(values))
+    return str(path)
+
+
+def test_resume_continues_the_run_with_its_own_settings(trained, prepared, tmp_path):
+    """`train.py --resume` without the first command's options trains on as that run did (here: its config
+    file, fine-tuned with layer 0 frozen), not with the default config; an option that contradicts the run
+    is refused before anything is written."""
+    import train as train_script
+
+    data = ["--preprocessed_data", str(prepared.parent), "--dataset", prepared.name, "-q"]
+    model_dir = tmp_path / "m"
+    first = ["--config", _tiny_config(tmp_path / "tiny.json"), "--model_dir", str(model_dir)]
+    train_script.main([*first, *data, "--fine_tuning", str(trained), "--freeze_layers", "0"])
+    train_script.main(["--model_dir", str(model_dir), *data, "--resume", "--nb_epoch", "2"])
+
+    arguments = json.loads((model_dir / "config.json").read_text())["arguments"]
+    assert (arguments["batch_size"], arguments["stack_sizes"], arguments["learning_rate"]) == (2, [4, 8], 0.01)
+    assert (arguments["fine_tuning"], arguments["freeze_layers"], arguments["nb_epoch"]) == (str(trained), [0], 2)
+    assert pd.read_csv(model_dir / "history.csv")["epoch"].tolist() == [0, 1]
+    base = find_prednet(load_model(trained / "model.keras")).lstm_convs[0].get_weights()
+    tuned = find_prednet(load_model(model_dir / "model.keras")).lstm_convs[0].get_weights()
+    for a, b in zip(base, tuned, strict=True):  # layer 0 stayed frozen through the resumed epoch
+        np.testing.assert_array_equal(a, b)
+    last = load_model(model_dir / "checkpoints" / "last.keras", compile=True)
+    assert int(last.optimizer.iterations) == 8  # 4 steps an epoch: the optimizer went on from the first epoch's
+
+    before = (model_dir / "config.json").read_bytes()
+    with pytest.raises(PipelineError, match=r"--resume.* fixes --batch_size 2; this run was given --batch_size 16"):
+        train_script.main(["--model_dir", str(model_dir), *data, "--resume", "--nb_epoch", "3", "--batch_size", "16"])
+    assert (model_dir / "config.json").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "tiny.json"]  # no staging folder or lock left
+
+
+def test_fine_tuning_takes_and_records_the_layers_of_its_model(trained, prepared, tmp_path):
+    """The layers of a fine-tuned model are its starting model's: config.json records those, not the config
+    file's, and a layer option that contradicts them is refused."""
+    import train as train_script
+
+    config = _tiny_config(tmp_path / "wide.json", stack_sizes=[16, 32], R0_channels=8)
+    args = ["--config", config, "--preprocessed_data", str(prepared.parent), "--dataset", prepared.name, "-q"]
+    args += ["--fine_tuning", str(trained)]
+    train_script.main([*args, "--model_dir", str(tmp_path / "ft")])
+    arguments = json.loads((tmp_path / "ft" / "config.json").read_text())["arguments"]
+    assert (arguments["stack_sizes"], arguments["R0_channels"], arguments["filter_sizes"]) == ([4, 8], 3, [3, 3, 3])
+    with pytest.raises(PipelineError, match="the layers of that model fixes --stack_sizes 4,8; this run was given"):
+        train_script.main([*args, "--model_dir", str(tmp_path / "ft2"), "--stack_sizes", "16,32"])
+    assert not (tmp_path / "ft2").exists()
+
+
 def test_time_budget_stops_after_the_epoch_that_would_overrun(prepared, tmp_path):
     config = train(tiny_settings(prepared, tmp_path / "m", nb_epoch=50, max_minutes=1e-4))
     assert config["results"]["epochs_run"] == 1 and config["results"]["stopped_by_time_budget"]

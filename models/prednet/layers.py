@@ -53,6 +53,8 @@ class PredNet(keras.layers.Layer):
         extrap_start_time: from this step on, the model's prediction of the step's frame replaces the
             input frame (closed-loop multi-step prediction; the reference implementation feeds the
             prediction of the step before, one frame behind). None to always read the input.
+        frozen_layers: layers (0 is the pixel layer) whose convolutions are not trained (`freeze`); part of
+            the config, so that a saved model loads with the same trainable weights as its optimizer's.
 
     Input: frames (batch, time, height, width, channels) in [0, pixel_max]; height and width must divide
     by 2^(layers-1). The prediction at step t is made from frames before t; step 0 predicts nothing useful.
@@ -74,6 +76,7 @@ class PredNet(keras.layers.Layer):
         LSTM_inner_activation="hard_sigmoid",
         output_mode="error",
         extrap_start_time=None,
+        frozen_layers=(),
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -107,6 +110,11 @@ class PredNet(keras.layers.Layer):
         if output_mode in layer_modes:
             self.output_unit, self.output_layer = output_mode[:-1], int(output_mode[-1])
         self.extrap_start_time = None if extrap_start_time is None else int(extrap_start_time)
+        self.frozen_layers = tuple(sorted({int(l) for l in frozen_layers}))
+        if any(not 0 <= l < self.nb_layers for l in self.frozen_layers):
+            raise ValueError(
+                f"`frozen_layers` must name layers 0-{self.nb_layers - 1}. Received: frozen_layers={frozen_layers}"
+            )
 
     def build(self, input_shape):
         if isinstance(input_shape[0], (list, tuple)):  # (frames, fed)
@@ -149,7 +157,16 @@ class PredNet(keras.layers.Layer):
                 a = keras.layers.Conv2D(self.stack_sizes[l + 1], self.A_filt_sizes[l], name=f"a_{l}", **conv)
                 a.build((None, h, w, 2 * self.stack_sizes[l]))
                 self.a_convs.append(a)
+        self.freeze(self.frozen_layers)
         self.built = True
+
+    def freeze(self, layers) -> None:
+        """Stops training the convolutions of these layers (on top of those frozen already); compile the model
+        again for it to take effect."""
+        self.frozen_layers = tuple(sorted({*self.frozen_layers, *(int(l) for l in layers)}))
+        for convs in (self.lstm_convs, self.ahat_convs, self.a_convs):
+            for l, conv in enumerate(convs):
+                conv.trainable = l not in self.frozen_layers
 
     def initial_state(self, batch):
         """The state before a sequence's first frame: zeros, and step 0."""
@@ -279,5 +296,6 @@ class PredNet(keras.layers.Layer):
             **self.activation_names,
             "output_mode": self.output_mode,
             "extrap_start_time": self.extrap_start_time,
+            "frozen_layers": list(self.frozen_layers),
         }
         return {**super().get_config(), **config}
