@@ -424,7 +424,8 @@ class TrainSettings:
     ae_strides: tuple[int, ...] = (4, 2)
     ae_lstm_filters: tuple[int, ...] = (64, 32, 64)
     # The settings the caller chose, which a resumed run or the layers of a fine-tuned model never silently
-    # override (`_take`): train.py passes those given on its command line; None (a call from Python) means all.
+    # override (`_take`): train.py passes those given on its command line. None (a call from Python): how long
+    # the run goes on (`_MAY_CHANGE_ON_RESUME`); the rest follows the resumed run or the starting model.
     given: tuple[str, ...] | None = None
 
 
@@ -446,7 +447,7 @@ def _text(value) -> str:
 
 
 def _chosen(s: TrainSettings) -> set[str]:
-    return {f.name for f in fields(s)} if s.given is None else set(s.given)
+    return set(_MAY_CHANGE_ON_RESUME) if s.given is None else set(s.given)
 
 
 def _take(s: TrainSettings, theirs: dict, whose: str, remedy: str) -> TrainSettings:
