@@ -8,6 +8,7 @@ Each frame's state depends on that frame and earlier ones only: the same rule ru
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -80,8 +81,9 @@ def alarm_events(df: pd.DataFrame, score: str = "score", alarm: str = "alarm") -
     return pd.DataFrame(rows, columns=EVENT_COLUMNS)
 
 
-def event_metrics(df: pd.DataFrame, alarm: str, fps: float) -> dict:
-    """Event-level figures of an alarm column against the labels `y`.
+def event_metrics(df: pd.DataFrame, alarm: str, fps: float | Mapping[str, float]) -> dict:
+    """Event-level figures of an alarm column against the labels `y`; `fps` the frame rate of every video, or
+    of each (by name), for the minutes of normal video.
 
     Returns:
         events (labelled anomalous ranges), detected (those with an alarm on at one of their frames),
@@ -99,7 +101,9 @@ def event_metrics(df: pd.DataFrame, alarm: str, fps: float) -> dict:
                 detected += 1
                 delays.append(int(hits[0]))
         false_alarms += sum(1 for s, e in label_ranges(on) if not y[s - 1 : e].any())
-    normal_minutes = float((df["y"] == 0).sum()) / fps / 60.0
+    normal = (df["y"] == 0).groupby(df["video"], sort=False).sum()
+    rates = pd.Series(fps if isinstance(fps, Mapping) else {v: fps for v in normal.index}, dtype=float)
+    normal_minutes = float((normal / rates.reindex(normal.index)).sum()) / 60.0
     return {
         "events": events,
         "detected": detected,

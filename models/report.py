@@ -87,8 +87,16 @@ def sawtooth_table(df: pd.DataFrame) -> dict[str, float]:
     return {col: sawtooth(df[col].to_numpy(), contexts, mask) for col in columns if col in df}
 
 
+def _rates(fps: dict[str, float]) -> str:
+    """'10 frames/s', or each video's rate where they differ."""
+    rates = sorted(set(fps.values()))
+    if len(rates) == 1:
+        return f"{rates[0]:g} frames/s"
+    return "frames/s: " + ", ".join(f"{name} {rate:g}" for name, rate in fps.items())
+
+
 def markdown(
-    title: str, df: pd.DataFrame, protocols, events, saw, pixel, threshold: float, fps: float, metrics=None
+    title: str, df: pd.DataFrame, protocols, events, saw, pixel, threshold: float, fps: dict[str, float], metrics=None
 ) -> str:
     """metrics.md: the protocols, the live alarm's events, pixel AUROC, the sawtooth and every metric's AUC."""
     lines = [f"# {title}", ""]
@@ -100,7 +108,7 @@ def markdown(
     lines.append(protocols.round(4).to_markdown() if protocols is not None else "No labels with both classes.")
     lines += [
         "",
-        f"## Live alarm at the calibrated threshold (score >= {threshold:.2f}, {fps:g} frames/s)",
+        f"## Live alarm at the calibrated threshold (score >= {threshold:.2f}, {_rates(fps)})",
         "",
         events.round(3).to_markdown() if events is not None else "No labels.",
     ]

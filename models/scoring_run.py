@@ -12,8 +12,10 @@ import numpy as np
 
 from models.calibration import DEFAULT_FPR, FILENAME, Calibration
 from models.cli import progress
+from models.data import frames as frame_io
 from models.data import store
-from models.data.inputs import find_inputs, input_labels, listed, read_input, resize, video_fps
+from models.data.index import Video
+from models.data.inputs import find_inputs, input_labels, listed, video_fps
 from models.errors import PipelineError
 from models.io import atomic_file
 from models.report import count
@@ -29,27 +31,27 @@ class ScoringInputs:
     sources: np.ndarray
     y: np.ndarray | None
     masks: np.ndarray | None
-    fps: float
+    fps: dict[str, float]  # video -> frames per second
     title: str
     model: object
     config: dict
     calibration: Calibration
-    native: dict = field(default_factory=dict)  # video -> frames at the input's own size (--input)
+    videos: dict[str, Video] = field(default_factory=dict)  # video -> where its frames are (--input)
     metadata: dict = field(default_factory=dict)
 
 
-def _read_videos(paths, size, channels, keep_native: bool):
-    """Frames of the videos at `paths`, resized to `size`; their names; the native frames; frames/s."""
+def _read_videos(paths, size, channels, folder_fps: float):
+    """The videos at `paths`, their frames resized to `size` (decoded one at a time: a video is never held at
+    its own size), the video of each frame, and each video's frames per second (`folder_fps` for a folder of
+    frames)."""
     videos = find_inputs(paths)
-    xs, names, native, rates = [], [], {}, []
+    xs, names, rates = [], [], {}
     for video in progress(videos, unit="video", desc="reading"):
-        frames = read_input(video, channels)
-        if keep_native:
-            native[video.name] = frames
-        xs.append(resize(frames, size))
+        frames = frame_io.read_video(video, size, channels)
+        xs.append(frames)
         names.append(np.full(len(frames), video.name))
-        rates.append(video_fps(video))
-    return videos, np.concatenate(xs), np.concatenate(names), native, rates
+        rates[video.name] = video_fps(video, folder_fps)
+    return videos, np.concatenate(xs), np.concatenate(names), rates
 
 
 # Normal calibration frames expected over the threshold, at least, for its false-alarm rate to be measured
@@ -64,7 +66,7 @@ def _calibration(args, model, config, settings, dataset_dir):
 
     frame_shape = tuple(config["frame_shape"])
     if args.calibrate_on:
-        _, X, sources, _, _ = _read_videos(args.calibrate_on, frame_shape[:2], frame_shape[2], False)
+        _, X, sources, _ = _read_videos(args.calibrate_on, frame_shape[:2], frame_shape[2], args.fps)
         log.info("calibrating on %d frames of %s", len(X), count(len(set(sources)), "normal video"))
         fpr = args.fpr or DEFAULT_FPR
         if len(X) * fpr < MIN_FRAMES_OVER_THRESHOLD:
@@ -150,13 +152,13 @@ def load_scoring_inputs(args) -> ScoringInputs:
     h, w, c = trained.frame_shape
     config.setdefault("frame_shape", [h, w, c])
     settings = scoring_settings(config, args.window, args.per_window, args.warmup, args.horizon)
-    native, meta, masks, dataset_dir = {}, {}, None, None
+    inputs, meta, masks, dataset_dir = {}, {}, None, None
     if args.input:
-        keep = args.overlays is None or args.overlays > 0
-        videos, X, sources, native, rates = _read_videos(args.input, (h, w), c, keep)
+        videos, X, sources, fps = _read_videos(args.input, (h, w), c, args.fps)
+        inputs = {v.name: v for v in videos}
         lengths = {v.name: int((sources == v.name).sum()) for v in videos}
         y = input_labels(videos, lengths, args.labels) if args.labels else None
-        fps, title = float(np.median(rates)), count(len(videos), "input video")
+        title = count(len(videos), "input video")
     else:
         dataset_dir = store.dataset_dir(args.preprocessed_data, args.dataset)
         meta = store.read_metadata(dataset_dir)
@@ -171,7 +173,7 @@ def load_scoring_inputs(args) -> ScoringInputs:
         y = store.load_labels(dataset_dir)
         mask_file = dataset_dir / "masks_test.hkl"
         masks = store.load(mask_file) if mask_file.is_file() else None
-        fps, title = args.fps, args.dataset
+        fps, title = dict.fromkeys(dict.fromkeys(sources), args.fps), args.dataset
     _check_plot_videos(args.plot_videos, sources)
     calibration = _calibration(args, model, config, settings, dataset_dir)
     if args.fpr:
@@ -184,7 +186,7 @@ def load_scoring_inputs(args) -> ScoringInputs:
             calibration.fpr,
             tail.frames or len(tail.values),
         )
-    return ScoringInputs(X, sources, y, masks, fps, title, model, config, calibration, native, meta)
+    return ScoringInputs(X, sources, y, masks, fps, title, model, config, calibration, inputs, meta)
 
 
 def _check_plot_videos(names: str | None, sources: np.ndarray) -> None:
@@ -234,7 +236,7 @@ def run_scoring(args, inputs: ScoringInputs, out: Path) -> dict:
         "fpr": cal.fpr,
         "alarm_min_frames": rule.min_frames,
         "alarm_gap": rule.gap,
-        "fps": inputs.fps,
+        "fps": _one_or_each(inputs.fps),
     }
     df.attrs = {**settings, "height": int(X.shape[1]), "width": int(X.shape[2])}
     portable(df).to_pickle(out / "df.pkl.gz")
@@ -292,6 +294,12 @@ def run_scoring(args, inputs: ScoringInputs, out: Path) -> dict:
     return summary
 
 
+def _one_or_each(fps: dict[str, float]) -> float | dict[str, float]:
+    """The frame rate of every video, or of each where they differ (metrics.json, df.attrs)."""
+    rates = set(fps.values())
+    return rates.pop() if len(rates) == 1 else dict(fps)
+
+
 def roc_columns(smooth: int) -> list[str]:
     """The headline score of each protocol, model and baseline."""
     offline = f"regularity_smooth{smooth}" if smooth > 1 else "regularity"
@@ -299,7 +307,7 @@ def roc_columns(smooth: int) -> list[str]:
 
 
 def _write_overlays(args, inputs: ScoringInputs, df, heats, out: Path) -> None:
-    n_videos = args.overlays if args.overlays is not None else (len(inputs.native) if args.input else 0)
+    n_videos = args.overlays if args.overlays is not None else (len(inputs.videos) if args.input else 0)
     if n_videos <= 0:
         return
     from models.overlay import write_overlay
@@ -307,7 +315,9 @@ def _write_overlays(args, inputs: ScoringInputs, df, heats, out: Path) -> None:
     (out / "overlays").mkdir(exist_ok=True)
     slices = store.video_slices(inputs.sources)[:n_videos]
     for name, sl in progress(slices, unit="video", desc="overlays"):
-        frames = inputs.native.get(name, inputs.X[sl])
+        video = inputs.videos.get(name)
+        # an input video decoded again, at its own size and colours; a prepared one as stored
+        frames = inputs.X[sl] if video is None else frame_io.frame_arrays(frame_io.frame_images(video), name, 3)
         write_overlay(
             out / "overlays" / f"{name}.mp4",
             frames,
@@ -315,7 +325,7 @@ def _write_overlays(args, inputs: ScoringInputs, df, heats, out: Path) -> None:
             df["score"].to_numpy()[sl],
             inputs.calibration.threshold,
             df["alarm"].to_numpy()[sl],
-            fps=inputs.fps,
+            fps=inputs.fps[name],
             title=name,
         )
     log.info("overlays of %s -> %s/overlays/", count(len(slices), "video"), args.scored_data)

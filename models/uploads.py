@@ -26,7 +26,7 @@ import numpy as np
 
 from models.data import frames as frame_io
 from models.data.index import FRAME_SUFFIXES, VIDEO_SUFFIXES, Video
-from models.data.inputs import DEFAULT_FPS, resized_frames, video_fps
+from models.data.inputs import DEFAULT_FPS, video_fps
 from models.errors import PipelineError
 
 VIDEO_TYPES = {
@@ -166,7 +166,7 @@ def read_video_bytes(
         path.write_bytes(data)
         video, meta = Video("upload", "test", path), {}
         images = frame_io.frame_images(video, meta)
-        frames = resized_frames(_limit_pixels(images, limits), "upload", channels, size)
+        frames = frame_io.frame_arrays(_limit_pixels(images, limits), "upload", channels, size)
         X = _collect(frames, limits, deadline)
         lost = frame_io.frames_lost(len(X), frame_io.reported_frame_count(path, meta))
         if lost:  # batch_scoring.py --input refuses it too
@@ -296,7 +296,7 @@ def read_archive_bytes(
     members = archive_members(data, kind, limits, deadline)
     images = ((name, frame_io.decode_image(content, name, limits.max_pixels)) for name, content in members)
     try:
-        X = _collect(resized_frames(images, "upload", channels, size), limits, deadline)
+        X = _collect(frame_io.frame_arrays(images, "upload", channels, size), limits, deadline)
     except UploadError:
         raise
     except PipelineError as err:
@@ -354,6 +354,6 @@ class FrameDecoder:
                 f"{name} is {image.size[0]}x{image.size[1]} pixels but the stream's frames are "
                 f"{self.native[0]}x{self.native[1]} (width x height); frame dropped."
             )
-        frame = next(resized_frames([(name, image)], "stream", self.channels, self.size))
+        frame = next(frame_io.frame_arrays([(name, image)], "stream", self.channels, self.size))
         self.native = image.size
         return frame

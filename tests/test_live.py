@@ -107,6 +107,8 @@ def test_events_and_event_metrics_on_a_hand_made_table():
     assert m["events"] == 1 and m["detected"] == 1 and m["median_delay_frames"] == 2  # frames 4 -> 6
     assert m["false_alarms"] == 1 and m["normal_minutes"] == pytest.approx(16 / 60)
     assert m["false_alarms_per_minute"] == pytest.approx(60 / 16)
+    m = event_metrics(df, "alarm", fps={"a": 1.0, "b": 2.0})  # each video's minutes at its own rate
+    assert m["normal_minutes"] == pytest.approx((6 / 1 + 10 / 2) / 60)
 
 
 def test_sawtooth_measures_dependence_on_context():
@@ -190,6 +192,33 @@ def test_score_any_video(trained, clips, tmp_path):
     assert "live: calibrated score, causal, one threshold" in summary["protocols"]
     for name in ("metrics.md", "scores.png", "roc.png", "calibration.json"):
         assert (out / name).is_file(), name
+
+
+def test_videos_of_different_frame_rates_keep_their_own(trained, clips, tmp_path):
+    """Each input's overlay plays at its own rate, and its normal minutes count at that rate."""
+    folder, _ = clips
+    fast = tmp_path / "fast"
+    fast.mkdir()
+    with imageio.get_reader(str(folder / "Test002.mp4")) as r:
+        _write_mp4(fast / "Test002.mp4", [f[..., :1] for f in r], fps=25)
+    out = tmp_path / "scored"
+    done = run_script(
+        "batch_scoring.py", "--model_dir", trained, "--input", folder / "Test001.mp4", fast / "Test002.mp4",
+        folder / "cam3", "--fps", "5", "--labels", folder / "labels.csv", "--scored_data", out,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    rates = {"Test001": 10.0, "Test002": 25.0, "cam3": 5.0}  # cam3: a folder of frames, at --fps
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["fps"] == rates
+    df = pd.read_pickle(out / "df.pkl.gz")
+    normal = df[df["y"] == 0].groupby("video").size()
+    minutes = sum(normal[v] / rates[v] for v in rates) / 60
+    assert summary["events"]["model"]["normal_minutes"] == pytest.approx(minutes)
+    for name, fps in rates.items():
+        with imageio.get_reader(str(out / "overlays" / f"{name}.mp4")) as r:
+            assert r.get_meta_data()["fps"] == pytest.approx(fps), name
+            assert r.get_data(0).shape[-1] == 3  # drawn on the frame in colour
+    assert "Test002 25" in (out / "metrics.md").read_text()
 
 
 def test_live_score_uses_no_later_frame(trained):

@@ -98,30 +98,6 @@ def video_fps(video: Video, default: float = DEFAULT_FPS) -> float:
     return fps if fps > 0 else default
 
 
-def resize(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """uint8 (n, H, W, c) frames resized to `size` (height, width), as data preparation resizes them."""
-    if frames.shape[1:3] == tuple(size):
-        return frames
-    out = np.empty((len(frames), *size, frames.shape[-1]), np.uint8)
-    for i, f in enumerate(frames):
-        image = Image.fromarray(f[..., 0] if f.shape[-1] == 1 else f)
-        out[i] = np.asarray(image.resize((size[1], size[0]), Image.Resampling.BILINEAR)).reshape(out.shape[1:])
-    return out
-
-
-def read_input(video: Video, channels: int) -> np.ndarray:
-    """All frames of one input video at their native size: uint8 (n, H, W, channels)."""
-    first = frame_io.first_image(video)
-    return frame_io.read_video(video, (first.size[1], first.size[0]), channels)
-
-
-def resized_frames(images, name: str, channels: int, size: tuple[int, int]):
-    """(path, image) pairs as uint8 (height, width, channels) frames of the model's `size`, one at a time:
-    the frames `read_input` and `resize` give, without holding a video at its native size."""
-    for frame in frame_io.frame_arrays(images, name, channels):
-        yield resize(frame[None], size)[0]
-
-
 def input_labels(videos: list[Video], lengths: dict[str, int], labels_csv: str | Path) -> np.ndarray:
     """0/1 per frame of the videos, in order, from a `video,start_frame,end_frame` CSV (a video without rows
     is all normal), or from a UCSD `.m` file, whose entries belong to the videos in their names' natural
