@@ -3,12 +3,13 @@
 The rule, kept by every stage through this module:
 
 - Every output folder carries a marker, `.prednet-output.json`, that names the stage that wrote it and lists
-  the files it wrote. A folder is built in a temporary folder beside its target and renamed into place
-  (swapped atomically with the old one where the system allows), so a kill leaves the target either as it
-  was or complete.
+  the files it wrote, with the SHA-256 of each. A folder is built in a temporary folder beside its target
+  and renamed into place (swapped atomically with the old one where the system allows), so a kill leaves
+  the target either as it was or complete.
 - `--overwrite` replaces only a folder whose marker names the same stage and that holds no file the marker
-  does not list (or that carries its own marker, as `fit_anoms.py --apply`'s `anomaly_scores.csv` does). A
-  folder without a marker is the user's, and is never replaced.
+  does not list (or that carries its own marker, as `fit_anoms.py --apply`'s `anomaly_scores.csv` does) and
+  no listed file changed since (a user's edit is theirs). A folder without a marker is the user's, and is
+  never replaced.
 - A target may never be, hold, or lie inside an input of the run (paths compared resolved).
 - One run at a time per target: an exclusive lock, `.<name>.lock` beside the target; a second run refuses
   at once.
@@ -80,7 +81,8 @@ def _files(folder: Path) -> list[str]:
 
 
 def write_marker(folder: str | Path, stage: str, complete: bool = True) -> None:
-    """Marks `folder` as the output of `stage`; a complete folder's marker also lists the files in it."""
+    """Marks `folder` as the output of `stage`; a complete folder's marker also lists the files in it, and the
+    SHA-256 of each (links: none), so that a later run can tell a file the user changed."""
     folder = Path(folder)
     marker = {
         "stage": stage,
@@ -90,6 +92,7 @@ def write_marker(folder: str | Path, stage: str, complete: bool = True) -> None:
     }
     if complete:
         marker["files"] = _files(folder)
+        marker["sha256"] = {rel: _sha256(folder / rel) for rel in marker["files"] if not (folder / rel).is_symlink()}
     write_json(folder / MARKER, marker)
 
 
@@ -119,13 +122,19 @@ _LEFTOVER = re.compile(r"\..+\.(lock|tmp-[a-z0-9_]{8}(\.[A-Za-z0-9]+)*)")
 
 
 def _foreign_files(folder: Path, marker: dict) -> list[str]:
-    """Files in a marked folder that the pipeline did not write: neither listed in its marker, nor self-marked,
-    nor a lock or temporary file of this module's making."""
+    """Files in a marked folder that are not as the pipeline wrote them: neither listed in its marker, nor
+    self-marked, nor a lock or temporary file of this module's making; or listed, and changed since (a marker
+    from before the markers held hashes lists names only)."""
     listed = set(marker.get("files") or ())
+    hashes = marker.get("sha256") if isinstance(marker.get("sha256"), dict) else {}
     foreign = []
     for rel in _files(folder):
         path = folder / rel
-        if rel in listed or _LEFTOVER.fullmatch(path.name):
+        if rel in listed:
+            if rel in hashes and (path.is_symlink() or _sha256(path) != hashes[rel]):
+                foreign.append(rel)
+            continue
+        if _LEFTOVER.fullmatch(path.name):
             continue
         if path.name.startswith(".") and path.name.endswith(MARKER):
             owner = path.with_name(path.name[1 : -len(MARKER)])
@@ -194,8 +203,8 @@ def check_output(
     if foreign:
         more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
         raise PipelineError(
-            f"Refusing to replace {dest}: {dest / foreign[0]}{more} was not written by this pipeline; "
-            "move it away first."
+            f"Refusing to replace {dest}: {dest / foreign[0]}{more} was not written by this pipeline, or was "
+            "changed since; move it away first."
         )
     if not overwrite:
         raise PipelineError(f"Output folder {dest} already exists; pass --overwrite to replace it.")

@@ -146,6 +146,14 @@ def _rows_data_preparation(ws: Path, synthetic_root: Path, prepared: Path):
     shutil.copytree(prepared, ws / "pre2" / "Ped")
     (ws / "pre2" / "Ped" / "notes.txt").write_text("added by a user\n")
     yield "prep: user file in a pipeline folder", _prep(ws / "data", ws / "pre2", "Ped", "--overwrite"), "notes.txt"
+    shutil.copytree(prepared, ws / "pre5" / "Ped")
+    with open(ws / "pre5" / "Ped" / "metadata.json", "a") as f:
+        f.write("\n")  # a user's edit of a file the pipeline wrote is theirs too
+    yield (
+        "prep: a user's edit of a file the pipeline wrote",
+        _prep(ws / "data", ws / "pre5", "Ped", "--overwrite"),
+        "metadata.json was not written by this pipeline, or was changed since",
+    )
     shutil.copytree(prepared, ws / "pre3" / "Ped")
     write_marker(ws / "pre3" / "Ped", "batch_scoring")
     yield (
