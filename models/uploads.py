@@ -36,6 +36,9 @@ VIDEO_TYPES = {
     "video/msvideo": ".avi",
     "video/quicktime": ".mov",
     "video/x-matroska": ".mkv",
+    "video/webm": ".webm",
+    "video/x-ms-wmv": ".wmv",
+    "video/mpeg": ".mpg",
 }
 ZIP_TYPES = ("application/zip", "application/x-zip-compressed")
 TAR_TYPES = ("application/x-tar", "application/gzip", "application/x-gzip", "application/x-gtar")

@@ -136,8 +136,9 @@ def test_training_writes_a_calibration(trained):
     assert len(cal.tails["model"].values) == config["data"]["frames"]["val"] - 1  # each val frame but the first
 
 
-def _write_mp4(path, frames, fps=10):
-    with imageio.get_writer(str(path), fps=fps, codec="libx264", quality=9, macro_block_size=4) as w:
+def _write_video(path, frames, fps=10):
+    codec = "libvpx-vp9" if str(path).endswith(".webm") else "libx264"
+    with imageio.get_writer(str(path), fps=fps, codec=codec, quality=9, macro_block_size=4) as w:
         for f in frames:
             w.append_data(np.repeat(f, 3, axis=-1) if f.shape[-1] == 1 else f)
 
@@ -151,7 +152,7 @@ def clips(synthetic_root, tmp_path_factory):
     test = synthetic_root / "Test"
     for name in ("Test001", "Test002"):
         frames = [np.asarray(Image.open(p).convert("L"))[..., None] for p in sorted((test / name).glob("*.tif"))]
-        _write_mp4(folder / f"{name}.mp4", frames)
+        _write_video(folder / f"{name}.mp4", frames)
     (folder / "cam3").mkdir()
     for p in sorted((test / "Test003").glob("*.tif")):
         Image.open(p).save(folder / "cam3" / f"{p.stem}.png")
@@ -161,7 +162,7 @@ def clips(synthetic_root, tmp_path_factory):
             np.asarray(Image.open(p).convert("L"))[..., None]
             for p in sorted((synthetic_root / "Train" / name).glob("*.tif"))
         ]
-        _write_mp4(normal / f"{name}.mp4", frames)
+        _write_video(normal / f"{name}.mp4", frames)
     (folder / "labels.csv").write_text("video,start_frame,end_frame\nTest001,10,24\nTest002,8,24\ncam3,7,24\n")
     return folder, normal
 
@@ -195,18 +196,21 @@ def test_score_any_video(trained, clips, tmp_path):
 
 
 def test_videos_of_different_frame_rates_keep_their_own(trained, clips, tmp_path):
-    """Each input's overlay plays at its own rate, and its normal minutes count at that rate."""
+    """Each input's overlay plays at its own rate, and its normal minutes count at that rate; a folder of
+    inputs says what it skipped."""
     folder, _ = clips
     fast = tmp_path / "fast"
     fast.mkdir()
     with imageio.get_reader(str(folder / "Test002.mp4")) as r:
-        _write_mp4(fast / "Test002.mp4", [f[..., :1] for f in r], fps=25)
+        _write_video(fast / "Test002.webm", [f[..., :1] for f in r], fps=25)  # a WebM (VP9) camera at 25 fps
+    (fast / "notes.txt").write_text("not a video\n")
     out = tmp_path / "scored"
     done = run_script(
-        "batch_scoring.py", "--model_dir", trained, "--input", folder / "Test001.mp4", fast / "Test002.mp4",
-        folder / "cam3", "--fps", "5", "--labels", folder / "labels.csv", "--scored_data", out,
+        "batch_scoring.py", "--model_dir", trained, "--input", folder / "Test001.mp4", fast, folder / "cam3",
+        "--fps", "5", "--labels", folder / "labels.csv", "--scored_data", out,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "skipped 1 entries of" in done.stderr and "notes.txt" in done.stderr
     rates = {"Test001": 10.0, "Test002": 25.0, "cam3": 5.0}  # cam3: a folder of frames, at --fps
     summary = json.loads((out / "metrics.json").read_text())
     assert summary["fps"] == rates

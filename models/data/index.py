@@ -40,7 +40,16 @@ import numpy as np
 from models.errors import PipelineError
 
 FRAME_SUFFIXES = (".tif", ".tiff", ".jpg", ".jpeg", ".png", ".bmp")
-VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv")
+VIDEO_SUFFIXES = (
+    ".mp4",
+    ".avi",
+    ".mov",
+    ".mkv",
+    ".webm",
+    ".wmv",
+    ".mpg",
+    ".mpeg",
+)  # those imageio's ffmpeg reader opens
 UCSD_URL = "http://www.svcl.ucsd.edu/projects/anomaly/dataset.htm"
 EXPECTED_TREE = """\
     <raw_data>/UCSD_Anomaly_Dataset.v1p2/<dataset>/Train/Train001/001.tif ...

@@ -9,12 +9,11 @@ frame files is one video, named by the folder; any other folder is searched one 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from models.data import frames as frame_io
 from models.data.index import (
     FRAME_SUFFIXES,
     VIDEO_SUFFIXES,
@@ -26,6 +25,8 @@ from models.data.index import (
     parse_m_file,
 )
 from models.errors import PipelineError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_FPS = 10.0  # UCSD's frame rate, for folders of frames
 
@@ -72,9 +73,20 @@ def find_inputs(paths) -> list[Video]:
                 f"Input {path} is not a video file ({', '.join(VIDEO_SUFFIXES)}) or a folder of frames "
                 f"({', '.join(FRAME_SUFFIXES)})."
             )
-        found = [v for v in (_as_video(p) for p in sorted(path.iterdir())) if v is not None]
+        entries = sorted(path.iterdir())
+        found = [v for v in map(_as_video, entries) if v is not None]
         if not found:
             raise PipelineError(f"Input folder {path} holds no video files, frames or folders of frames.")
+        used = {v.path for v in found} | {v.mask_dir for v in found}
+        skipped = [p.name for p in entries if p not in used and not p.name.startswith(".")]
+        if skipped:
+            log.warning(
+                "skipped %d entries of %s that are not video files (%s) or folders of frames: %s",
+                len(skipped),
+                path,
+                ", ".join(VIDEO_SUFFIXES),
+                listed(skipped),
+            )
         videos += found
     seen: dict[str, Path] = {}
     for v in videos:

@@ -77,8 +77,17 @@ class _Scene:
         if x is None:
             x = -0.03 * self.w if direction > 0 else 1.03 * self.w
         y = self.rng.uniform(self.walk_top + 0.04 * self.h, self.walk_bottom - 0.04 * self.h)
-        return _Obj("person", x, y, direction * speed, 0.0, 0.07 * self.h, 0.05 * self.h,
-                    self.rng.uniform(0.12, 0.3), self.rng.uniform(0, 6.28))
+        return _Obj(
+            "person",
+            x,
+            y,
+            direction * speed,
+            0.0,
+            0.07 * self.h,
+            0.05 * self.h,
+            self.rng.uniform(0.12, 0.3),
+            self.rng.uniform(0, 6.28),
+        )
 
     def anomaly(self, kind: str) -> _Obj:
         o = self.person()
@@ -104,10 +113,7 @@ class _Scene:
         half_y = (o.breadth if horizontal else o.length) / 2
         dx = (self.xx - o.x) / max(half_x, 0.5)
         dy = (self.yy - o.y - (sway if horizontal else 0)) / max(half_y, 0.5)
-        if o.kind == "cart":
-            d = np.maximum(np.abs(dx), np.abs(dy))
-        else:
-            d = np.sqrt(dx**2 + dy**2)
+        d = np.maximum(np.abs(dx), np.abs(dy)) if o.kind == "cart" else np.sqrt(dx**2 + dy**2)  # box or ellipse
         edge = 1.5 / max(min(half_x, half_y), 1.0)
         return np.clip((1 - d) / edge + 0.5, 0, 1)
 
@@ -133,7 +139,11 @@ class _Scene:
         for o in self.objects:
             o.x += o.vx + self.rng.normal(0, 0.04 * self.speed)
             o.y += o.vy + self.rng.normal(0, 0.02 * self.speed)
-            o.y = o.y if o.anomalous else float(np.clip(o.y, self.walk_top + 0.03 * self.h, self.walk_bottom - 0.03 * self.h))
+            o.y = (
+                o.y
+                if o.anomalous
+                else float(np.clip(o.y, self.walk_top + 0.03 * self.h, self.walk_bottom - 0.03 * self.h))
+            )
         self.objects = [o for o in self.objects if self.visible(o) or (o.anomalous and self._entering(o))]
         self.t += 1
 
