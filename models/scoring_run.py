@@ -216,12 +216,21 @@ def run_scoring(args, inputs: ScoringInputs, out: Path) -> dict:
             inputs.model, X, sources, cal, inputs.y, args.batch_size, args.patch, rule, bar,
             maps=bool(args.save_prediction_error_video_frames),
         )  # fmt: skip
+    frames = count(len(X), "frame")
     log.info(
-        f"scored {len(X)} frames of {count(len(set(sources)), 'video')} at {rate:.0f} frames/s "
-        f"(compilation included), each from the frames before it ({cal.per_window} per {cal.window}-frame window)"
+        f"scored {frames} of {count(len(set(sources)), 'video')} at {rate:.0f} frames/s (compilation included), "
+        f"each from the frames before it ({cal.per_window} per {cal.window}-frame window)"
         if cal.window
-        else f"scored {len(X)} frames of {count(len(set(sources)), 'video')} at {rate:.0f} frames/s (whole videos)"
+        else f"scored {frames} of {count(len(set(sources)), 'video')} at {rate:.0f} frames/s (whole videos)"
     )
+    unscored = df.groupby("video", sort=False)["predictable"].sum()
+    if (unscored == 0).any():
+        short = unscored.index[unscored == 0].tolist()
+        log.warning(
+            "too short for a score: %s (a video's first scored frame is frame %d)",
+            listed(short),
+            max(cal.first_scored, 1) + 1,
+        )
     df = add_smoothed(df, args.smooth)
     settings = {
         "model_dir": str(args.model_dir),
