@@ -8,6 +8,8 @@ calibration names (`models.inference.predict_videos`).
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pandas as pd
 
@@ -24,6 +26,12 @@ from models.calibration import (
 )
 from models.data.store import video_slices
 from models.inference import frame_contexts, score_videos
+
+log = logging.getLogger(__name__)
+
+# Normal calibration frames expected over the threshold, at least, for its false-alarm rate to be measured
+# rather than guessed (10 at a false-positive rate of 0.01: 1000 frames, under 2 minutes at 10 frames/s).
+MIN_FRAMES_OVER_THRESHOLD = 10
 
 
 def predictable_mask(sources: np.ndarray, first_scored: int) -> np.ndarray:
@@ -86,6 +94,15 @@ def calibrate(
     contexts = frame_contexts(sources, settings["window"], settings["per_window"], settings["horizon"])
     predictable = predictable_mask(sources, settings["first_scored"])
     tail = np.ones(len(X), bool) if tail_videos is None else np.isin(sources, list(tail_videos))
+    if tail.sum() * fpr < MIN_FRAMES_OVER_THRESHOLD:
+        log.warning(
+            "the alarm threshold rests on %d normal frames: at a false-positive rate of %g about %.1f of them lie "
+            "over it, too few to trust that rate; calibrate on a few minutes of normal footage (%d frames or more)",
+            tail.sum(),
+            fpr,
+            tail.sum() * fpr,
+            int(np.ceil(MIN_FRAMES_OVER_THRESHOLD / fpr)),
+        )
     return fit_calibration(
         {"model": out["model_cells"], "copy": out["copy_cells"]},
         contexts,

@@ -54,11 +54,6 @@ def _read_videos(paths, size, channels, folder_fps: float):
     return videos, np.concatenate(xs), np.concatenate(names), rates
 
 
-# Normal calibration frames expected over the threshold, at least, for its false-alarm rate to be measured
-# rather than guessed (10 at --fpr 0.01: 1000 frames, under 2 minutes at 10 frames/s).
-MIN_FRAMES_OVER_THRESHOLD = 10
-
-
 def _calibration(args, model, config, settings, dataset_dir):
     """The calibration asked for; fitted anew when it must be (--calibrate_on, a model without one, or
     other window settings on a prepared dataset)."""
@@ -69,15 +64,6 @@ def _calibration(args, model, config, settings, dataset_dir):
         _, X, sources, _ = _read_videos(args.calibrate_on, frame_shape[:2], frame_shape[2], args.fps)
         log.info("calibrating on %d frames of %s", len(X), count(len(set(sources)), "normal video"))
         fpr = args.fpr or DEFAULT_FPR
-        if len(X) * fpr < MIN_FRAMES_OVER_THRESHOLD:
-            log.warning(
-                "%d normal frames put about %.1f over a threshold at --fpr %g: its false-alarm rate rests on "
-                "too few to trust; calibrate on a few minutes of normal footage (%d frames or more)",
-                len(X),
-                len(X) * fpr,
-                fpr,
-                int(np.ceil(MIN_FRAMES_OVER_THRESHOLD / fpr)),
-            )
         with progress(total=len(X), unit="frame", desc="calibrating") as bar:
             return calibrate(
                 model,

@@ -255,7 +255,7 @@ def test_recalibrate_on_normal_footage(trained, clips, tmp_path):
     assert "calibrating on 48 frames of 2 normal videos" in done.stdout
     assert "\n24 frames of 1 video, 23 scored, no labels.\n" in (out / "metrics.md").read_text()
     # 48 frames at --fpr 0.05 put 2.4 over the threshold: too few, and said so (10 need 200 frames)
-    assert "warning: 48 normal frames put about 2.4 over a threshold at --fpr 0.05" in done.stderr
+    assert "the alarm threshold rests on 48 normal frames: at a false-positive rate of 0.05 about 2.4" in done.stderr
     assert "(200 frames or more)" in done.stderr
     cal = Calibration.load(out / "calibration.json")
     assert cal.fitted_on["frames"] == 48 and cal.threshold == pytest.approx(-np.log10(0.05))
