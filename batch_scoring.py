@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = parser(__doc__)
-    add_config_option(p)
+    add_config_option(p, '"fpr": 0.001')
     add_prepared_data_options(p, when="without --input: ")
     p.add_argument(
         "--input", nargs="+", default=None, help="score these videos instead: files, frame folders, or folders of them"

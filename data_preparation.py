@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = parser(__doc__)
-    add_config_option(p)
+    add_config_option(p, '"size": "128x192"')
     p.add_argument(
         "--raw_data", type=folder, default="data", help="folder holding the dataset (or UCSD_Anomaly_Dataset.v1p2/)"
     )

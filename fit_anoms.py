@@ -36,7 +36,7 @@ SCORED_ROOT = Path("outputs/scored")
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = parser(__doc__)
-    add_config_option(p)
+    add_config_option(p, '"classifier": "random_forest"')
     p.add_argument(
         "--scored_data",
         default=None,

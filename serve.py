@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = parser(__doc__)
-    add_config_option(p)
+    add_config_option(p, '"max_streams": 32')
     p.add_argument("--model_dir", required=True, help="folder train.py wrote (model.keras, config.json, calibration)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument(

@@ -52,14 +52,17 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Keeps the docstring's layout (its examples) and ends each option's help with its default, unless the
     help already says it; wide enough for the options' names and their help on one line each."""
 
-    def __init__(self, prog: str, **kwargs) -> None:
+    def __init__(self, prog: str, config_values: dict | None = None, **kwargs) -> None:
         kwargs.setdefault("max_help_position", 32)
         kwargs.setdefault("width", 110)
         super().__init__(prog, **kwargs)
+        self.config_values = config_values or {}
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
+        if action.dest in self.config_values and "default" in text.lower():  # the help explains the default
+            return f"{text} (the --config file: {_shown(default).replace('%', '%%')})"
         if (
             "default" in text.lower()
             or default is None
@@ -70,8 +73,11 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
             or not action.option_strings
         ):
             return text
-        shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
-        return f"{text} (default: {shown.replace('%', '%%')})"
+        return f"{text} (default: {_shown(default).replace('%', '%%')})"
+
+
+def _shown(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
 class Parser(argparse.ArgumentParser):
@@ -87,8 +93,15 @@ class Parser(argparse.ArgumentParser):
         if output_options:
             add_output_options(self)
 
+    config_values: dict = {}  # what a --config file set (`models.config.parse_with_config`), for --help
+
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+    def _get_formatter(self):
+        if isinstance(self.formatter_class, type) and issubclass(self.formatter_class, HelpFormatter):
+            return self.formatter_class(prog=self.prog, config_values=self.config_values)
+        return super()._get_formatter()
 
     def parse_args(self, args=None, namespace=None):
         parsed = super().parse_args(args, namespace)

@@ -28,13 +28,13 @@ def resolve_config(name_or_path: str) -> Path:
     raise PipelineError(f"Config {name_or_path!r} not found (neither a file nor config/{name_or_path}.json).")
 
 
-def add_config_option(parser: argparse.ArgumentParser) -> None:
+def add_config_option(parser: argparse.ArgumentParser, example: str) -> None:
     """--config for a script whose settings are many: a JSON file of its options' values, read by
-    `parse_with_config`."""
+    `parse_with_config`; `example` is one of the script's own settings, as the file gives it."""
     parser.add_argument(
         "--config",
         default=None,
-        help='JSON file of this script\'s settings by option name without "--" (e.g. {"batch_size": 32}); flags '
+        help=f'JSON file of this script\'s settings by option name without "--" (e.g. {{{example}}}); flags '
         "override it, and --help after it shows its values as the defaults",
     )
 
@@ -75,6 +75,7 @@ def parse_with_config(parser: argparse.ArgumentParser, argv=None) -> argparse.Na
                 if isinstance(value, str) and action.dest not in given:
                     _check(parser, action, value, path)
             parser.set_defaults(**values)
+            parser.config_values = values  # --help says which defaults the file set (models.cli.HelpFormatter)
     args = parser.parse_args(argv)
     for action in parser._actions:
         value = getattr(args, action.dest, None)

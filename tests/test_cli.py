@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import subprocess
 import sys
 
@@ -55,6 +56,17 @@ def test_help_shows_the_config_file_s_values():
     assert "--R0_channels R0_CHANNELS" in cpu and f"(default: {values['R0_channels']})" in cpu  # 4, not 16
     assert "(default: 8,16)" in cpu and "(default: 48,96,192)" in default
     assert "(default: 16)" in default and "(default: 200)" in default  # R0_channels and nb_epoch of default.json
+
+
+@pytest.mark.parametrize("script", ["data_preparation", "batch_scoring", "fit_anoms", "serve"])
+def test_the_config_file_example_of_each_script_is_one_of_its_settings(script, tmp_path):
+    """The e.g. of --config in --help is a file the script takes, and --help then shows its value."""
+    example = re.search(r"\(e\.g\. (\{.*?\})\)", " ".join(help_text(script).split())).group(1)
+    (tmp_path / "c.json").write_text(example)
+    [(name, value)] = json.loads(example).items()
+    text = help_text(script, "--config", str(tmp_path / "c.json"))
+    entry = re.search(rf"\n  --{name} .*?(?=\n  -)", text, re.S).group(0)  # the option's help, to the next one
+    assert f"{value})" in " ".join(entry.split()), entry
 
 
 def test_help_of_the_other_scripts_shows_their_defaults():
