@@ -41,6 +41,18 @@ def default_per_window(window: int | None, horizon: int) -> int:
     return max(window // 2, 1) if window and horizon == 1 else 1
 
 
+def check_model_dir(model_dir: str | Path) -> Path:
+    """`model_dir` if it is a folder train.py wrote (it holds config.json); else a PipelineError saying what it is."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise PipelineError(f"Model folder {model_dir} does not exist; run train.py first.")
+    if not (model_dir / "config.json").is_file():
+        marker = read_marker(model_dir)
+        what = f"the output of {marker['stage']}, not a model folder" if marker else "not a model folder"
+        raise PipelineError(f"{model_dir} is {what} (no config.json); pass the folder train.py wrote.")
+    return model_dir
+
+
 def load_predictor(model_dir: str | Path, output_mode: str = "all"):
     """The trained model of `model_dir` as a predicting model that outputs `output_mode` (the trained layer
     itself, run with those outputs: `models.prednet.predictor`), that layer, and its config.json.
@@ -50,13 +62,7 @@ def load_predictor(model_dir: str | Path, output_mode: str = "all"):
     from models.prednet import find_prednet, load_model, predictor
     from models.registry import DEFAULT_MODEL, load_frame_model, model_name
 
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise PipelineError(f"Model folder {model_dir} does not exist; run train.py first.")
-    if not (model_dir / "config.json").is_file():
-        marker = read_marker(model_dir)
-        what = f"the output of {marker['stage']}, not a model folder" if marker else "not a model folder"
-        raise PipelineError(f"{model_dir} is {what} (no config.json); pass the folder train.py wrote.")
+    model_dir = check_model_dir(model_dir)
     config = read_json(model_dir / "config.json")
     if model_name(config) != DEFAULT_MODEL:
         return (*load_frame_model(model_dir, config), config)

@@ -37,6 +37,7 @@ from models.alarms import DEFAULT_GAP, DEFAULT_MIN_FRAMES, AlarmRule, alarm_even
 from models.calibration import FILENAME, Calibration
 from models.cli import package_versions
 from models.errors import PipelineError
+from models.inference import check_model_dir
 from models.uploads import ACCEPTED, Deadline, FrameDecoder, Limits, UploadError, media_type, read_upload, safe_name
 
 log = logging.getLogger("prednet.service")
@@ -111,9 +112,7 @@ class ScoringModel:
     """
 
     def __init__(self, model_dir: str | Path, settings: ServiceSettings):
-        self.model_dir = Path(model_dir)
-        if not self.model_dir.is_dir():
-            raise PipelineError(f"Model folder {self.model_dir} does not exist; run train.py first.")
+        self.model_dir = check_model_dir(model_dir)
         cal_path = Path(settings.calibration) if settings.calibration else self.model_dir / FILENAME
         if not cal_path.is_file():
             raise PipelineError(

@@ -414,6 +414,7 @@ def test_startup_errors_are_one_line(trained, tmp_path):
     taken.listen(1)
     cases = [
         (["--model_dir", tmp_path / "missing", "--port", "0"], "does not exist"),
+        (["--model_dir", tmp_path, "--port", "0"], "is not a model folder (no config.json)"),  # a folder of yours
         (["--model_dir", no_cal, "--port", "0"], "No calibration"),
         (["--model_dir", trained, "--port", str(taken.getsockname()[1])], "Cannot listen on 127.0.0.1"),
         (["--model_dir", trained, "--port", "70000"], "--port must be 0 to 65535"),
