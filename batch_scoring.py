@@ -176,7 +176,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error("argument --model_dir: required with --input (no dataset names the model folder)")
         args.scored_data = args.scored_data or "outputs/scored/clips"
         return args
-    args.dataset = choose_prepared_dataset(p, args)
+    args.dataset = choose_prepared_dataset(p, args, ", or score videos of your own: --input VIDEO ... --model_dir M")
     args.model_dir = args.model_dir or f"outputs/models/{args.dataset}"
     args.scored_data = args.scored_data or f"outputs/scored/{args.dataset}"
     return args

@@ -88,7 +88,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     else:
         found = raw_datasets(args.raw_data)
         what = "a folder with Train/ or Test/, there or in UCSD_Anomaly_Dataset.v1p2/"
-        args.dataset = choose_dataset(p, args.dataset, args.raw_data, found, what)
+        root = Path(args.raw_data)
+        itself = (root / "Train").is_dir() or (root / "Test").is_dir()  # --raw_data names the dataset's own folder
+        hint = f" (it is a dataset itself: pass --raw_data {root.parent} --dataset {root.name})" if itself else ""
+        args.dataset = choose_dataset(p, args.dataset, args.raw_data, found, what, hint)
     return args
 
 

@@ -233,12 +233,15 @@ def keras_verbose(args: argparse.Namespace) -> int:
     return 1 if sys.stdout.isatty() else 2
 
 
-def choose_dataset(p: argparse.ArgumentParser, given: str | None, root: str | Path, found: list[str], what: str) -> str:
+def choose_dataset(
+    p: argparse.ArgumentParser, given: str | None, root: str | Path, found: list[str], what: str, hint: str = ""
+) -> str:
     """The dataset a script works on: `given` (--dataset) if any, else the only one under `root`.
 
     Args:
         found: the datasets under `root` (folder names).
         what: how a dataset is recognised there, for the message (e.g. "a folder with metadata.json").
+        hint: what else the user may mean, ending the message when `root` holds no dataset.
 
     Exits with a one-line error (code 2) when --dataset is missing and `root` holds none or several.
     """
@@ -249,7 +252,7 @@ def choose_dataset(p: argparse.ArgumentParser, given: str | None, root: str | Pa
         return found[0]
     if not found:
         where = f"{root} holds no dataset ({what})" if Path(root).is_dir() else f"{root} does not exist"
-        p.error(f"argument --dataset: none given and {where}; pass --dataset NAME")
+        p.error(f"argument --dataset: none given and {where}; pass --dataset NAME{hint}")
     p.error(f"argument --dataset: {root} holds {len(found)} datasets ({', '.join(found)}); pass --dataset NAME")
 
 
@@ -271,10 +274,10 @@ def add_prepared_data_options(p: argparse.ArgumentParser, when: str = "") -> Non
     )
 
 
-def choose_prepared_dataset(p: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+def choose_prepared_dataset(p: argparse.ArgumentParser, args: argparse.Namespace, hint: str = "") -> str:
     """--dataset, or the only dataset prepared in --preprocessed_data (see `choose_dataset`)."""
     found = prepared_datasets(args.preprocessed_data)
-    return choose_dataset(p, args.dataset, args.preprocessed_data, found, "a folder with metadata.json")
+    return choose_dataset(p, args.dataset, args.preprocessed_data, found, "a folder with metadata.json", hint)
 
 
 def prepared_datasets(root: str | Path) -> list[str]:

@@ -52,7 +52,7 @@ def scorer_for_export(model_dir: str | Path, per_window: int | None = None, unro
             f"per_window must be 1 to the window ({calibration.window}). Received: per_window={per_window}"
         )
     model, trained, config = load_predictor(model_dir)
-    require_prednet(model_name(config), "The export")
+    require_prednet(model_name(config), "The export", "score with batch_scoring.py")
     scorer = window_scorer(find_prednet(model), calibration.window, per_window, unroll)
     return scorer, calibration, config, per_window
 

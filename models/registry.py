@@ -247,12 +247,11 @@ def model_name(config: dict) -> str:
     return config.get(MODEL_KEY, DEFAULT_MODEL)
 
 
-def require_prednet(name: str, what: str) -> None:
-    """Refuses, in one line, a model other than PredNet where only PredNet is supported yet."""
+def require_prednet(name: str, what: str, instead: str) -> None:
+    """Refuses, in one line, a model other than PredNet where only PredNet is supported yet, saying what to do
+    `instead`."""
     if name != DEFAULT_MODEL:
-        raise PipelineError(
-            f"{what} supports PredNet models only; this one is {name!r} (score it with batch_scoring.py)."
-        )
+        raise PipelineError(f"{what} supports PredNet models only; this one is {name!r} ({instead}).")
 
 
 def load_frame_model(model_dir: str | Path, config: dict):

@@ -127,7 +127,8 @@ class ScoringModel:
         from models.streaming import StateStepper
 
         self.model, trained, self.config = load_predictor(self.model_dir)
-        require_prednet(model_name(self.config), "The service")  # streams carry PredNet's states
+        # streams carry PredNet's states
+        require_prednet(model_name(self.config), "The service", "score its videos with batch_scoring.py --input")
         self.frame_shape = tuple(int(v) for v in trained.frame_shape)
         self.rule = AlarmRule(self.calibration.threshold, settings.alarm_min_frames, settings.alarm_gap)
         cal = self.calibration

@@ -121,7 +121,8 @@ def base_settings(config: str, **overrides) -> tuple[dict, TrainSettings]:
         raise PipelineError(f"Config {config} has unknown settings: {unknown}.")
     typed = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     settings = TrainSettings(**(typed | overrides))
-    require_prednet(settings.model, "The tuner")  # its objective and pruning read PredNet's next-frame error
+    # its objective and pruning read PredNet's next-frame error
+    require_prednet(settings.model, "The tuner", "train it with train.py and set its settings by hand")
     return values, settings
 
 

@@ -104,6 +104,16 @@ def test_data_preparation_finds_its_dataset_in_either_layout(tmp_path):
     assert data_preparation.parse_args(["--make_synthetic"]).dataset == "Synthetic"
 
 
+def test_a_missing_dataset_says_what_the_user_may_mean(tmp_path, capsys):
+    (tmp_path / "raw" / "cam" / "Train").mkdir(parents=True)
+    with pytest.raises(SystemExit):  # the dataset's own folder as --raw_data: its parent is meant
+        data_preparation.parse_args(["--raw_data", str(tmp_path / "raw" / "cam")])
+    assert f"(it is a dataset itself: pass --raw_data {tmp_path / 'raw'} --dataset cam)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # nothing prepared: scoring one's own videos needs none
+        batch_scoring.parse_args(["--preprocessed_data", str(tmp_path / "none")])
+    assert "or score videos of your own: --input VIDEO ... --model_dir M" in capsys.readouterr().err
+
+
 def test_fit_anoms_names_its_output_after_the_scored_folder_and_keeps_model_path(tmp_path):
     args = fit_anoms.parse_args(["--scored_data", str(tmp_path / "scored" / "Cam3")])
     assert args.model_dir == "outputs/anoms/Cam3" and args.classifier == "best"
