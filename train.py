@@ -153,11 +153,29 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.set_defaults(config="convlstm_ae" if model == "convlstm_ae" else "default")
     args = parse_with_config(p, argv)  # checks the config file's values with the same types
     args.given = tuple(sorted(given_options(p, argv)))  # what --resume and --fine_tuning must not override
+    made_for = _config_model(p.config_values)
+    if made_for and args.model and args.model != made_for:
+        p.error(
+            f"argument --model: {args.model}, but --config {args.config} holds {made_for} settings; drop one, or "
+            f"pass a config of {args.model} (config/{'convlstm_ae_cpu' if args.model == 'convlstm_ae' else 'cpu'}.json "
+            "for a CPU)"
+        )
     args.model = args.model or "prednet"
     _check_together(p, args)
     args.dataset = choose_prepared_dataset(p, args)
     args.model_dir = args.model_dir or f"outputs/models/{args.dataset}"
     return args
+
+
+def _config_model(values: dict) -> str | None:
+    """The model a config file's settings are for: its `model`, else what its model-specific settings say."""
+    if "model" in values:
+        return values["model"]
+    if any(k.startswith("ae_") for k in values):
+        return "convlstm_ae"
+    if {"stack_sizes", "R0_channels", "filter_sizes", "layer_loss_weights"} & set(values):
+        return "prednet"
+    return None
 
 
 def _check_together(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -104,6 +104,17 @@ def test_data_preparation_finds_its_dataset_in_either_layout(tmp_path):
     assert data_preparation.parse_args(["--make_synthetic"]).dataset == "Synthetic"
 
 
+def test_a_config_of_one_model_with_the_other_model_is_refused(capsys):
+    for argv, message in [
+        (["--model", "convlstm_ae", "--config", "cpu"], "--config cpu holds prednet settings"),
+        (["--config", "convlstm_ae_cpu", "--model", "prednet"], "--config convlstm_ae_cpu holds convlstm_ae settings"),
+    ]:
+        with pytest.raises(SystemExit):
+            train.parse_args([*argv, "--dataset", "Ped2"])
+        assert message in capsys.readouterr().err
+    assert train.parse_args(["--model", "convlstm_ae", "--dataset", "Ped2"]).ae_filters  # its own default config
+
+
 def test_a_missing_dataset_says_what_the_user_may_mean(tmp_path, capsys):
     (tmp_path / "raw" / "cam" / "Train").mkdir(parents=True)
     with pytest.raises(SystemExit):  # the dataset's own folder as --raw_data: its parent is meant
