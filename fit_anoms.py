@@ -56,7 +56,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="output folder (default: outputs/anoms/<dataset>); --model_path is the same option",
     )
-    p.add_argument("--features", default=None, help="comma-separated metric columns (default: every model_ column)")
+    p.add_argument(
+        "--features",
+        default=None,
+        help="comma-separated metric columns (default: every model_ column but the smoothed *_smooth<N> ones: "
+        "--smooth smooths here)",
+    )
     p.add_argument(
         "--classifier",
         choices=["best", *CLASSIFIERS],
