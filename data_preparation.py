@@ -40,7 +40,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "if it holds several; Synthetic with --make_synthetic)",
     )
     p.add_argument(
-        "--size", type=frame_size(), default="152x232", help="HEIGHTxWIDTH to resize to (must divide by 2^(n_layers-1))"
+        "--size",
+        type=frame_size(),
+        default="128x192",
+        help="HEIGHTxWIDTH to resize to (must divide by 2^(n_layers-1)); the figures of docs/results.md and the "
+        "pretrained models are at 128x192",
     )
     p.add_argument("--n_layers", type=positive_int, default=4, help="PredNet layers the frame size must suit")
     p.add_argument(

@@ -70,9 +70,7 @@ def test_the_config_file_example_of_each_script_is_one_of_its_settings(script, t
 
 
 def test_help_of_the_other_scripts_shows_their_defaults():
-    assert "HEIGHTxWIDTH to resize to (must divide by 2^(n_layers-1)) (default: 152x232)" in help_text(
-        "data_preparation"
-    )
+    assert "(default: 128x192)" in help_text("data_preparation")
     scoring = help_text("batch_scoring")
     assert "(default: 15)" in scoring and "With labels, metrics.md also gives" in scoring
     anoms = help_text("fit_anoms")
