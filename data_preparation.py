@@ -86,7 +86,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     try:
         check_frame_size(*args.size, args.n_layers)
     except PipelineError as err:
-        p.error(f"argument --size: {err}")
+        p.error(f"argument --size: {err} (--n_layers {args.n_layers}: the layers of the model to train or fine-tune)")
     if args.make_synthetic:
         args.dataset = args.dataset or "Synthetic"
     else:
