@@ -138,6 +138,14 @@ def load_scoring_inputs(args) -> ScoringInputs:
     h, w, c = trained.frame_shape
     config.setdefault("frame_shape", [h, w, c])
     settings = scoring_settings(config, args.window, args.per_window, args.warmup, args.horizon)
+    nt = config.get("arguments", {}).get("nt")
+    if settings["window"] == 0 and nt:
+        log.warning(
+            "--window 0 runs whole videos through a model trained on %d-frame sequences: past them its predictions "
+            "drift and its scores are not those of its windows (the default, --window %d)",
+            nt,
+            nt,
+        )
     inputs, meta, masks, dataset_dir = {}, {}, None, None
     if args.input:
         videos, X, sources, fps = _read_videos(args.input, (h, w), c, args.fps)

@@ -185,6 +185,13 @@ def test_missing_model_folder(prepared, tmp_path):
     assert done.returncode == 2 and "run train.py first" in done.stderr and not (tmp_path / "s").exists()
 
 
+def test_whole_videos_through_a_model_of_short_windows_are_scored_with_a_warning(prepared, trained, tmp_path):
+    done = run_scoring(prepared.parent, prepared.name, trained, tmp_path / "s", "--window", "0")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "--window 0 runs whole videos through a model trained on 4-frame sequences" in done.stderr
+    assert json.loads((tmp_path / "s" / "metrics.json").read_text())["window"] == 0
+
+
 def test_negative_window_is_refused(prepared, trained, tmp_path):
     out = tmp_path / "s"
     done = run_scoring(prepared.parent, prepared.name, trained, out, "--window", "-3")
