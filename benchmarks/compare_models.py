@@ -12,7 +12,6 @@ alarms, the training time and frames/s from config.json, and the scoring frames/
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -21,17 +20,21 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from models.args import positive_float, positive_int  # noqa: E402
+from models.cli import add_prepared_data_options, choose_prepared_dataset, parser  # noqa: E402
+
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preprocessed_data", required=True)
-    p.add_argument("--dataset", required=True)
+    p = parser(__doc__)
+    add_prepared_data_options(p)
     p.add_argument("--model_dir", nargs="+", required=True, help="model folders train.py wrote")
-    p.add_argument("--fps", type=float, default=10.0, help="frames per second of the videos (UCSD: 10)")
-    p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--smooth", type=int, default=15, help="centred frames of the offline score")
+    p.add_argument("--fps", type=positive_float, default=10.0, help="frames per second of the videos (UCSD: 10)")
+    p.add_argument("--batch_size", type=positive_int, default=64, help="windows per model call")
+    p.add_argument("--smooth", type=positive_int, default=15, help="centred frames of the offline score")
     p.add_argument("--out", default=None, help="also write the tables to this markdown file")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.dataset = choose_prepared_dataset(p, args)
+    return args
 
 
 def score_model(model_dir, X, sources, y, args) -> dict:
@@ -57,6 +60,7 @@ def score_model(model_dir, X, sources, y, args) -> dict:
         "name": f"{Path(model_dir).name} ({spec.title})",
         "protocols": protocol_table(df, args.smooth),
         "facts": {
+            "frames scored (the AUCs' frames)": int(df["predictable"].sum()),
             "window / scored per window": f"{cal.window} / {cal.per_window}",
             "val error / copy-last-frame's": f"{r[spec.mse_key] / r['copy_last_frame_mse']:.3f} ({spec.mse_label})",
             "training: epochs, seconds": f"{r['epochs_run']}, {r['train_seconds']:.0f}",
@@ -89,7 +93,8 @@ def main(argv=None) -> int:
     y = load_labels(data)
     auc, facts = tables([score_model(m, X, sources, y, args) for m in args.model_dir])
     text = (
-        f"Frame-level micro AUC on {args.dataset} ({len(X)} test frames)\n\n{auc.round(3).to_markdown()}\n\n"
+        f"Frame-level micro AUC on {args.dataset} ({len(X)} test frames; each model's frames scored below)\n\n"
+        f"{auc.round(3).to_markdown()}\n\n"
         f"{facts.to_markdown()}\n"
     )
     print(text)

@@ -28,21 +28,23 @@ from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from models.cli import parser  # noqa: E402
+from models.args import positive_float, positive_int  # noqa: E402
+from models.cli import add_prepared_data_options, choose_prepared_dataset, parser  # noqa: E402
 
 WIDTHS = (1, 3, 5, 9, 15)
 
 
 def parse_args(argv=None):
     p = parser(__doc__)
-    p.add_argument("--preprocessed_data", required=True)
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--model_dir", required=True)
-    p.add_argument("--fps", type=float, default=10.0, help="frames per second of the videos (UCSD: 10)")
-    p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--smooth", type=int, default=15, help="centred frames of the offline score")
+    add_prepared_data_options(p)
+    p.add_argument("--model_dir", required=True, help="model folder train.py wrote")
+    p.add_argument("--fps", type=positive_float, default=10.0, help="frames per second of the videos (UCSD: 10)")
+    p.add_argument("--batch_size", type=positive_int, default=64, help="windows per model call")
+    p.add_argument("--smooth", type=positive_int, default=15, help="centred frames of the offline score")
     p.add_argument("--out", default=None, help="also write the figures to this JSON file")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.dataset = choose_prepared_dataset(p, args)
+    return args
 
 
 def cut_at_labels(X, sources, y):
