@@ -265,6 +265,19 @@ def test_recalibrate_on_normal_footage(trained, clips, tmp_path):
     assert "no labels" in done.stdout
 
 
+def test_inputs_of_one_name_in_different_folders_are_named_after_their_folder(tmp_path):
+    from models.data.inputs import find_inputs
+    from models.errors import PipelineError
+
+    for cam in ("cam1", "cam2", "x/cam1", "y/cam1"):
+        (tmp_path / cam).mkdir(parents=True)
+        (tmp_path / cam / "today.mp4").write_bytes(b"")  # (not opened to be found)
+    videos = find_inputs([tmp_path / "cam1" / "today.mp4", tmp_path / "cam2"])
+    assert [v.name for v in videos] == ["cam1_today", "cam2_today"]
+    with pytest.raises(PipelineError, match="both named 'cam1_today'"):  # their folders share a name too
+        find_inputs([tmp_path / "x" / "cam1", tmp_path / "y" / "cam1"])
+
+
 def test_input_errors(trained, clips, tmp_path):
     folder, _ = clips
     (tmp_path / "notes.txt").write_text("hello")
@@ -276,7 +289,7 @@ def test_input_errors(trained, clips, tmp_path):
         ),
         (["--input", tmp_path / "missing.mp4"], "does not exist"),
         (["--input", tmp_path / "notes.txt"], "is not a video file"),
-        (["--input", folder / "Test001.mp4", folder / "Test001.mp4"], "both named 'Test001'"),
+        (["--input", folder / "Test001.mp4", folder / "Test001.mp4"], "Test001.mp4 is given twice"),
         (["--input", folder / "Test001.mp4", "--fpr", "2"], "--fpr"),
         (["--labels", folder / "labels.csv"], "--labels: goes with --input"),
     ]

@@ -4,7 +4,8 @@
 
 A file with a video suffix (.mp4, .avi, .mov, .mkv) is one video, named by its stem; a folder that holds
 frame files is one video, named by the folder; any other folder is searched one level down for both
-(hidden entries and `*_gt` mask folders are skipped). Names must be unique.
+(hidden entries and `*_gt` mask folders are skipped). Videos of one name in different folders are named
+after their folder as well (cam1/today.mp4 -> cam1_today).
 """
 
 from __future__ import annotations
@@ -88,6 +89,28 @@ def find_inputs(paths) -> list[Video]:
                 listed(skipped),
             )
         videos += found
+    return _unique_names(videos)
+
+
+def _unique_names(videos: list[Video]) -> list[Video]:
+    """The videos, those of one name in different folders (cam1/today.mp4, cam2/today.mp4) named after their
+    folder as well (cam1_today, cam2_today).
+
+    Raises:
+        PipelineError: a video given twice, or names that stay the same.
+    """
+    paths: dict[Path, Path] = {}
+    for v in videos:
+        if v.path.resolve() in paths:
+            raise PipelineError(f"Input {v.path} is given twice (as {paths[v.path.resolve()]} before).")
+        paths[v.path.resolve()] = v.path
+    names = [v.name for v in videos]
+    for v in videos:
+        if names.count(v.name) > 1:
+            v.name = f"{v.path.parent.name}_{v.name}"
+    renamed = sorted({v.name for v, old in zip(videos, names, strict=True) if v.name != old})
+    if renamed:
+        log.info("inputs of one name in different folders, named after their folder too: %s", listed(renamed))
     seen: dict[str, Path] = {}
     for v in videos:
         if v.name in seen:
