@@ -126,7 +126,7 @@ def test_custom_layout_video_files_and_csv(tmp_path):
     assert X.shape == (12, 16, 24, 3)
 
 
-def test_custom_layout_frame_folders_jpg(tmp_path):
+def test_custom_layout_frame_folders_jpg(tmp_path, caplog):
     for split, name in (("Train", "walk1"), ("Train", "walk2"), ("Test", "walk3")):
         folder = tmp_path / split / name
         folder.mkdir(parents=True)
@@ -136,6 +136,8 @@ def test_custom_layout_frame_folders_jpg(tmp_path):
     meta = prepare(tmp_path, tmp_path / "out", PrepareConfig(size=(16, 24), n_layers=3, workers=1))
     assert meta["channels"] == 1  # grey stored as RGB is detected as grey
     assert load_labels(tmp_path / "out").sum() == 0
+    # two normal videos: the val one holds half the normal frames, far more than --val_fraction's 15%
+    assert "the val videos hold 50% of the normal frames (1 of 2 videos" in caplog.text
 
 
 def test_synthetic_is_deterministic(tmp_path):

@@ -129,6 +129,17 @@ def prepare(root: str | Path, out_dir: str | Path, config: PrepareConfig, overwr
             counts[split] = {str(n): int((src == n).sum()) for n in dict.fromkeys(src.tolist())}
         if labels:
             dump(np.concatenate(labels), tmp / "y_test.hkl")
+        n_train, n_val = sum(counts["train"].values()), sum(counts["val"].values())
+        if n_val > max(2 * config.val_fraction, 0.3) * (n_train + n_val):
+            log.warning(
+                "the val videos hold %d%% of the normal frames (%d of %d videos, split by video): training sees %d "
+                "frames; pass more normal videos, or --val_fraction 0 (then early stopping and the calibration use "
+                "the train videos)",
+                round(100 * n_val / (n_train + n_val)),
+                len(counts["val"]),
+                len(counts["train"]) + len(counts["val"]),
+                n_train,
+            )
         n_test = sum(counts["test"].values())
         if masks and sum(len(m) for m in masks) == n_test:
             dump(np.concatenate(masks), tmp / "masks_test.hkl", config.compression)
