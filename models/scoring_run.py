@@ -138,6 +138,8 @@ def load_scoring_inputs(args) -> ScoringInputs:
     h, w, c = trained.frame_shape
     config.setdefault("frame_shape", [h, w, c])
     settings = scoring_settings(config, args.window, args.per_window, args.warmup, args.horizon)
+    if args.patch >= min(h, w):
+        log.warning("--patch %d is not below the model's %dx%d frames: patch_max is the frame's mse", args.patch, h, w)
     nt = config.get("arguments", {}).get("nt")
     if settings["window"] == 0 and nt:
         log.warning(
