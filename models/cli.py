@@ -62,7 +62,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         text = action.help or ""
         default = action.default
         if action.dest in self.config_values and "default" in text.lower():  # the help explains the default
-            return f"{text} (the --config file: {_shown(default).replace('%', '%%')})"
+            return f"{text} (the --config file: {option_text(default).replace('%', '%%')})"
         if (
             "default" in text.lower()
             or default is None
@@ -73,10 +73,11 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
             or not action.option_strings
         ):
             return text
-        return f"{text} (default: {_shown(default).replace('%', '%%')})"
+        return f"{text} (default: {option_text(default).replace('%', '%%')})"
 
 
-def _shown(value) -> str:
+def option_text(value) -> str:
+    """A value as the command line writes it: lists and tuples comma-separated."""
     return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 

@@ -18,6 +18,7 @@ import numpy as np
 
 import models.convlstm_ae  # noqa: F401 (registers the autoencoder's layers, for load_model)
 from models.calibration import FILENAME as CALIBRATION_FILE
+from models.cli import option_text
 from models.config import training_defaults
 from models.data.store import dataset_dir, load_split, read_metadata, video_slices
 from models.errors import PipelineError
@@ -442,10 +443,6 @@ def recorded_settings(s: TrainSettings) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
 
 
-def _text(value) -> str:
-    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
-
-
 def _chosen(s: TrainSettings) -> set[str]:
     return set(_MAY_CHANGE_ON_RESUME) if s.given is None else set(s.given)
 
@@ -457,12 +454,12 @@ def _take(s: TrainSettings, theirs: dict, whose: str, remedy: str) -> TrainSetti
     clash = [k for k, v in theirs.items() if k in _chosen(s) and getattr(s, k) != v]
     if clash:
         raise PipelineError(
-            f"{whose} fixes {', '.join(f'--{k} {_text(theirs[k])}' for k in clash)}; this run was given "
-            f"{', '.join(f'--{k} {_text(getattr(s, k))}' for k in clash)}: {remedy}"
+            f"{whose} fixes {', '.join(f'--{k} {option_text(theirs[k])}' for k in clash)}; this run was given "
+            f"{', '.join(f'--{k} {option_text(getattr(s, k))}' for k in clash)}: {remedy}"
         )
     changed = {k: v for k, v in theirs.items() if getattr(s, k) != v}
     if changed:
-        log.info("%s: %s", whose, ", ".join(f"{k} {_text(v)}" for k, v in changed.items()))
+        log.info("%s: %s", whose, ", ".join(f"{k} {option_text(v)}" for k, v in changed.items()))
     return replace(s, **changed)
 
 
@@ -485,6 +482,12 @@ def _recorded_arguments(model_dir: Path) -> dict | None:
     return None
 
 
+_RESUME_REMEDY = (
+    "drop these options to continue the run as it was (only --nb_epoch, --patience and --max_minutes may change), "
+    "or start a new run (--overwrite, or another --model_dir)"
+)
+
+
 def _settings_of_resumed_run(s: TrainSettings) -> TrainSettings:
     """With `resume`, the settings of the run it continues, except its place and manner (`PLACE_AND_MANNER`) and
     what the command line gives of `_MAY_CHANGE_ON_RESUME`; another setting given with another value is refused."""
@@ -494,12 +497,6 @@ def _settings_of_resumed_run(s: TrainSettings) -> TrainSettings:
     keep = set(recorded_settings(s)) - set(PLACE_AND_MANNER) - (set(_MAY_CHANGE_ON_RESUME) & _chosen(s))
     theirs = {k: v for k, v in recorded.items() if k in keep}
     return _take(s, theirs, "--resume: the run continues with its own settings", _RESUME_REMEDY)
-
-
-_RESUME_REMEDY = (
-    "drop these options to continue the run as it was (only --nb_epoch, --patience and --max_minutes may change), "
-    "or start a new run (--overwrite, or another --model_dir)"
-)
 
 
 def _fine_tuned_layers(s: TrainSettings) -> TrainSettings:
@@ -655,7 +652,7 @@ def _train_locked(
 
     initial_epoch, rows = 0, []
     state = {"epoch": -1, "best": None, "best_epoch": None, "wait": 0, "monitor": monitor}
-    state |= {"frame_shape": list(frame_shape), "nt": s.nt, MODEL_KEY: s.model, "arguments": recorded_settings(s)}
+    state |= {"frame_shape": list(frame_shape), "nt": s.nt, MODEL_KEY: s.model}
     if resume_from is not None:
         state = _read_state(resume_from, frame_shape, s.nt)
         if state[MODEL_KEY] != s.model:
@@ -666,13 +663,13 @@ def _train_locked(
             raise PipelineError(
                 f"Cannot resume from {resume_from}: that run monitored {state['monitor']}, this data gives {monitor}."
             )
-        state["arguments"] = recorded_settings(s)  # the run's, with what may change on resume (nb_epoch, ...)
         model = load_model(resume_from / "last.keras", compile=True)
         initial_epoch = state["epoch"] + 1
         rows = _read_history(resume_from / "history.csv", state["epoch"])
     else:
         model = spec.build(s, frame_shape)
         model.compile(optimizer=keras.optimizers.Adam(s.learning_rate), loss="mae")
+    state["arguments"] = recorded_settings(s)  # what a resumed run takes (`_settings_of_resumed_run`)
     # Frames go to the device as stored (uint8) and are scaled there, unless the model takes floats (a
     # checkpoint from before that, or a model built without it).
     for data in (train_data, val_data):

@@ -250,7 +250,11 @@ def test_train_refusals_leave_everything_as_it_was(prepared, other_size, tmp_pat
     shutil.copytree(model_folder(ws / "a_model") / "checkpoints", staging_dir(interrupted) / "checkpoints")
     write_marker(staging_dir(interrupted), "train", complete=False)
     corrupt = model_folder(ws / "corrupt")
-    (corrupt / "checkpoints" / "last.json").write_text("{not json")
+    (corrupt / "checkpoints" / "last.json").write_text("{not json")  # a file the marker lists, changed
+    corrupt_run = ws / "corrupt_run"
+    shutil.copytree(model_folder(ws / "b_model") / "checkpoints", staging_dir(corrupt_run) / "checkpoints")
+    write_marker(staging_dir(corrupt_run), "train", complete=False)  # an interrupted run: no hashes yet
+    (staging_dir(corrupt_run) / "checkpoints" / "last.json").write_text("{not json")
     done = model_folder(ws / "done")
     rows = [
         ("model folder is the data", dict(model_dir=prepared, overwrite=True), "is the input"),
@@ -261,7 +265,8 @@ def test_train_refusals_leave_everything_as_it_was(prepared, other_size, tmp_pat
         ("an interrupted run, plain rerun", dict(model_dir=interrupted), "pass --resume to continue it"),
         ("a finished model, plain rerun", dict(model_dir=done), "already holds a trained model"),
         ("nothing to resume", dict(model_dir=ws / "none", resume=True), "Nothing to resume"),
-        ("corrupt last.json", dict(model_dir=corrupt, resume=True), "last.json: it is missing or corrupt"),
+        ("changed last.json", dict(model_dir=corrupt, resume=True), "last.json was not written by this pipeline, or"),
+        ("corrupt last.json", dict(model_dir=corrupt_run, resume=True), "last.json: it is missing or corrupt"),
         ("--nb_epoch 0", dict(model_dir=ws / "zero", nb_epoch=0), "--nb_epoch must be 1"),
     ]
     with output_lock(ws / "locked"):

@@ -11,6 +11,7 @@ from conftest import ROOT, run_script, tiny_settings
 import models
 from models.data.store import load_split
 from models.errors import PipelineError
+from models.io import write_marker
 from models.prednet import build_training_model, find_prednet, load_model, predictor
 from models.training import TrainSettings, WindowDataset, copy_last_frame_loss, train, window_starts
 
@@ -121,6 +122,7 @@ def test_resume_keeps_the_best_val_loss_so_far(trained, prepared, tmp_path):
     assert state["best"] == pytest.approx(val_loss.min())  # the best so far is the lowest val loss of the history
     state["best"] = 1e-9  # an earlier best that no epoch of the resumed run can beat
     (ckpt / "last.json").write_text(json.dumps(state))
+    write_marker(model_dir, "train")  # as train.py had written it (an edited file is the user's: refused)
     best_before = (ckpt / "best.keras").read_bytes()
     config = train(tiny_settings(prepared, model_dir, nb_epoch=3, resume=True))
     after = json.loads((ckpt / "last.json").read_text())
