@@ -41,12 +41,13 @@ def load(model_dir: str | Path, output_mode: str = "prediction"):
     Args:
         model_dir: the folder holding model.keras and config.json.
         output_mode: 'prediction' (the predicted frames), 'error' (the mean error of each layer and step),
-            'all' (a dict with both), or a unit such as 'R0' or 'E1'.
+            'all' (a dict with both), or a unit such as 'R0' or 'E1'. The ConvLSTM autoencoder has
+            'prediction' only: its reconstructions.
 
     Returns:
         A `keras.Model` taking frames (batch, time, height, width, channels) in [0, 1], of the model's frame
-        size, for sequences of any length: step t is predicted from the frames before t (step 0 predicts
-        nothing useful).
+        size, for sequences of any length: PredNet predicts step t from the frames before t (step 0 predicts
+        nothing useful); the autoencoder reconstructs the sequence.
 
     Raises:
         PipelineError: the folder or its model.keras is missing or unreadable.
@@ -56,9 +57,14 @@ def load(model_dir: str | Path, output_mode: str = "prediction"):
         >>> predicted = model.predict(frames / 255.0)
         >>> error = ((predicted[:, 1:] - frames[:, 1:] / 255.0) ** 2).mean()
     """
-    from models.inference import load_predictor
+    from models.inference import check_model_dir
+    from models.io import read_json
+    from models.prednet import load_model
+    from models.registry import get, model_name
 
-    return load_predictor(model_dir, output_mode)[0]
+    model_dir = check_model_dir(model_dir)
+    spec = get(model_name(read_json(model_dir / "config.json")))
+    return spec.predicting_model(load_model(model_dir / "model.keras"), output_mode)
 
 
 def _register() -> None:

@@ -58,6 +58,11 @@ class ModelSpec:
         """The frame model (see the module docstring) of a trained training model."""
         raise NotImplementedError
 
+    def predicting_model(self, model, output_mode: str):
+        """A `keras.Model` of the trained layer that outputs frames (`models.load`): frames (batch, time, h, w,
+        c) in [0, 1] -> `output_mode`."""
+        raise NotImplementedError
+
     def default_per_window(self, window: int | None, horizon: int) -> int:
         """Frames scored per window by default."""
         return 1
@@ -110,6 +115,11 @@ class PredNetSpec(ModelSpec):
         from models.prednet import predictor
 
         return predictor(model, "all")
+
+    def predicting_model(self, model, output_mode):
+        from models.prednet import predictor
+
+        return predictor(model, output_mode)
 
     def default_per_window(self, window, horizon):
         from models.inference import default_per_window
@@ -175,6 +185,16 @@ class ConvLSTMAESpec(ModelSpec):
 
     def frame_model(self, model):
         return AutoencoderFrames(self.core(model))
+
+    def predicting_model(self, model, output_mode):
+        if output_mode != "prediction":
+            raise PipelineError(
+                f"The autoencoder outputs its reconstructions of the frames only: output_mode 'prediction'. "
+                f"Received: {output_mode!r}"
+            )
+        from models.convlstm_ae import reconstructor
+
+        return reconstructor(model)
 
 
 def window_indices(sources: np.ndarray, window: int) -> np.ndarray:

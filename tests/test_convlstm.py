@@ -406,3 +406,19 @@ def test_same_reconstructions_on_tensorflow_and_jax(tmp_path):
     done = run_on_jax(script, ROOT, tmp_path)
     assert done.returncode == 0 and done.stdout.strip() == "jax", done.stderr[-2000:]
     np.testing.assert_allclose(np.load(tmp_path / "r.npy"), expected, atol=1e-5)
+
+
+def test_models_load_gives_the_autoencoder_as_a_keras_model_of_its_reconstructions(trained_ae, prepared):
+    import keras
+
+    import models
+    from models.data.store import load_split
+
+    model = models.load(trained_ae)
+    assert isinstance(model, keras.Model)
+    X, _ = load_split(prepared, "test")
+    frames = (X[None, :8] / 255.0).astype("float32")
+    expected = reconstructor(keras.saving.load_model(trained_ae / "model.keras")).predict(frames, verbose=0)
+    np.testing.assert_allclose(model.predict(frames, verbose=0), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(PipelineError, match="output_mode 'prediction'"):
+        models.load(trained_ae, "error")
