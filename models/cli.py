@@ -87,14 +87,14 @@ class Parser(argparse.ArgumentParser):
     block), the -q/--quiet and -v/--verbose pair, and the output set up (`configure_output`) as soon as the
     arguments are parsed, before any heavy import."""
 
+    config_values: dict = {}  # what a --config file set (`models.config.parse_with_config`), for --help
+
     def __init__(self, *args, output_options: bool = True, **kwargs) -> None:
         kwargs.setdefault("formatter_class", HelpFormatter)
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
         if output_options:
             add_output_options(self)
-
-    config_values: dict = {}  # what a --config file set (`models.config.parse_with_config`), for --help
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}\n")

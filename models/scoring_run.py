@@ -169,7 +169,7 @@ def load_scoring_inputs(args) -> ScoringInputs:
         y = store.load_labels(dataset_dir)
         mask_file = dataset_dir / "masks_test.hkl"
         masks = store.load(mask_file) if mask_file.is_file() else None
-        fps, title = dict.fromkeys(dict.fromkeys(sources), args.fps), args.dataset
+        fps, title = {video: args.fps for video in dict.fromkeys(sources)}, args.dataset
     _check_plot_videos(args.plot_videos, sources)
     calibration = _calibration(args, model, config, settings, dataset_dir)
     if args.fpr:
@@ -219,9 +219,9 @@ def run_scoring(args, inputs: ScoringInputs, out: Path) -> dict:
         if cal.window
         else f"scored {frames} of {count(len(set(sources)), 'video')} at {rate:.0f} frames/s (whole videos)"
     )
-    unscored = df.groupby("video", sort=False)["predictable"].sum()
-    if (unscored == 0).any():
-        short = unscored.index[unscored == 0].tolist()
+    scored_frames = df.groupby("video", sort=False)["predictable"].sum()
+    short = scored_frames.index[scored_frames == 0].tolist()
+    if short:
         log.warning(
             "too short for a score: %s (a video's first scored frame is frame %d)",
             listed(short),
