@@ -162,6 +162,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         )
     args.model = args.model or "prednet"
     _check_together(p, args)
+    if args.resume and args.model_dir and args.dataset is None:
+        return args  # the run's own data, from its record (models.training)
     args.dataset = choose_prepared_dataset(p, args)
     args.model_dir = args.model_dir or f"outputs/models/{args.dataset}"
     return args
@@ -180,6 +182,11 @@ def _config_model(values: dict) -> str | None:
 
 def _check_together(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Settings that are only wrong in combination, checked before Keras is imported."""
+    if args.resume and args.overwrite:
+        p.error("argument --overwrite: not allowed with --resume (continue the run, or start it over: one of them)")
+    ae_options = sorted(f"--{k}" for k in args.given if k.startswith("ae_"))
+    if args.model != "convlstm_ae" and ae_options:
+        p.error(f"argument {ae_options[0]}: the autoencoder's (--model convlstm_ae); this run trains {args.model}")
     weights = args.layer_loss_weights
     if args.stack_sizes and weights and not args.fine_tuning:  # a fine-tuned model brings its own layers
         n_layers = len(args.stack_sizes) + 1
@@ -204,6 +211,7 @@ def main(argv=None) -> int:
 
     # Settings neither the config file nor the command line gives keep TrainSettings' defaults.
     values = {k: v for k, v in vars(args).items() if k not in ("config", "quiet", "verbose") and v is not None}
+    values["dataset"] = args.dataset  # None with --resume: the run's own (models.training)
     config = train(TrainSettings(**values, verbose=keras_verbose(args)))
     log.info("model -> %s/model.keras; %s", args.model_dir, summary_line(config))
     return 0

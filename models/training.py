@@ -430,11 +430,14 @@ class TrainSettings:
     given: tuple[str, ...] | None = None
 
 
-# Settings that say where and how a run goes, not what it trains: a resumed run never takes them from its
-# record, and the tuner never searches them.
-PLACE_AND_MANNER = ("preprocessed_data", "dataset", "model_dir", "resume", "overwrite", "verbose", "distribute")
-# Settings a resumed run may change when given on the command line: how long it goes on.
-_MAY_CHANGE_ON_RESUME = ("nb_epoch", "patience", "max_minutes")
+# Settings that say how a run goes, not what it trains: a resumed run never takes them from its record.
+_MANNER = ("model_dir", "resume", "overwrite", "verbose", "distribute")
+# ... and with where its data is: the tuner never searches them.
+PLACE_AND_MANNER = ("preprocessed_data", "dataset", *_MANNER)
+# Settings a resumed run may change when given on the command line: how long it goes on, and where its data
+# now lies (the dataset itself may not change).
+_MAY_CHANGE_ON_RESUME = ("nb_epoch", "patience", "max_minutes", "preprocessed_data")
+_PATHS = ("preprocessed_data", "fine_tuning")  # compared as the folders they name
 
 
 def recorded_settings(s: TrainSettings) -> dict:
@@ -447,17 +450,23 @@ def _chosen(s: TrainSettings) -> set[str]:
     return set(_MAY_CHANGE_ON_RESUME) if s.given is None else set(s.given)
 
 
+def _same(name: str, a, b) -> bool:
+    if name in _PATHS and a is not None and b is not None:
+        return Path(a).resolve() == Path(b).resolve()
+    return a == b
+
+
 def _take(s: TrainSettings, theirs: dict, whose: str, remedy: str) -> TrainSettings:
-    """`s` with the settings `theirs` (those `whose` fixes), logged where they change a value; one of them
-    that the caller chose (`TrainSettings.given`) with another value is refused, with `remedy`."""
+    """`s` with the settings `theirs` (`whose`), logged where they change a value; one of them that the caller
+    chose (`TrainSettings.given`) with another value is refused, with `remedy`."""
     theirs = {k: tuple(v) if isinstance(v, list) else v for k, v in theirs.items()}
-    clash = [k for k, v in theirs.items() if k in _chosen(s) and getattr(s, k) != v]
+    changed = {k: v for k, v in theirs.items() if not _same(k, getattr(s, k), v)}
+    clash = [k for k in changed if k in _chosen(s)]
     if clash:
         raise PipelineError(
-            f"{whose} fixes {', '.join(f'--{k} {option_text(theirs[k])}' for k in clash)}; this run was given "
+            f"{whose} ({', '.join(f'--{k} {option_text(theirs[k])}' for k in clash)}); this run was given "
             f"{', '.join(f'--{k} {option_text(getattr(s, k))}' for k in clash)}: {remedy}"
         )
-    changed = {k: v for k, v in theirs.items() if getattr(s, k) != v}
     if changed:
         log.info("%s: %s", whose, ", ".join(f"{k} {option_text(v)}" for k, v in changed.items()))
     return replace(s, **changed)
@@ -483,8 +492,8 @@ def _recorded_arguments(model_dir: Path) -> dict | None:
 
 
 _RESUME_REMEDY = (
-    "drop these options to continue the run as it was (only --nb_epoch, --patience and --max_minutes may change), "
-    "or start a new run (--overwrite, or another --model_dir)"
+    "drop these options to continue the run as it was (only --nb_epoch, --patience, --max_minutes and, for data "
+    "that moved, --preprocessed_data may change), or start a new run (--overwrite, or another --model_dir)"
 )
 
 
@@ -494,9 +503,9 @@ def _settings_of_resumed_run(s: TrainSettings) -> TrainSettings:
     recorded = _recorded_arguments(Path(s.model_dir)) if s.resume else None
     if recorded is None:
         return s
-    keep = set(recorded_settings(s)) - set(PLACE_AND_MANNER) - (set(_MAY_CHANGE_ON_RESUME) & _chosen(s))
+    keep = set(recorded_settings(s)) - set(_MANNER) - (set(_MAY_CHANGE_ON_RESUME) & _chosen(s))
     theirs = {k: v for k, v in recorded.items() if k in keep}
-    return _take(s, theirs, "--resume: the run continues with its own settings", _RESUME_REMEDY)
+    return _take(s, theirs, "--resume continues the run with its own settings", _RESUME_REMEDY)
 
 
 def _fine_tuned_layers(s: TrainSettings) -> TrainSettings:
@@ -515,7 +524,7 @@ def _fine_tuned_layers(s: TrainSettings) -> TrainSettings:
     except (ValueError, KeyError, IndexError, TypeError):
         return s  # an older model folder: its layer is read from model.keras when the model is built
     remedy = "drop these options (the layers come with the weights), or train a new model without --fine_tuning"
-    return _take(s, theirs, f"--fine_tuning {s.fine_tuning}: the layers of that model", remedy)
+    return _take(s, theirs, f"--fine_tuning {s.fine_tuning} brings its model's layers", remedy)
 
 
 def learning_rate(s: TrainSettings, epoch: int) -> float:
@@ -533,6 +542,8 @@ def freeze(model: keras.Model, layers) -> None:
     for l in layers:
         if not 0 <= l < prednet.nb_layers:
             raise PipelineError(f"--freeze_layers names layer {l}, but the model has layers 0-{prednet.nb_layers - 1}.")
+    if set(layers) >= set(range(prednet.nb_layers)):
+        raise PipelineError(f"--freeze_layers {option_text(sorted(layers))} freezes every layer: nothing would train.")
     prednet.freeze(layers)
 
 
@@ -583,9 +594,11 @@ def train(s: TrainSettings, extra_callbacks: list[keras.callbacks.Callback] | No
     Raises:
         PipelineError: bad settings or data, a refused model folder, a corrupt or mismatched run to resume.
     """
+    s = _fine_tuned_layers(_settings_of_resumed_run(s))
+    if s.dataset is None:  # train.py --resume without --dataset, for a run that recorded none
+        raise PipelineError(f"The run in {s.model_dir} records no dataset: pass --preprocessed_data and --dataset.")
     data_dir = dataset_dir(s.preprocessed_data, s.dataset)
     meta = read_metadata(data_dir)
-    s = _fine_tuned_layers(_settings_of_resumed_run(s))
     get(s.model).check_settings(s, meta)
     if s.lr_schedule not in LR_SCHEDULES:
         raise PipelineError(f"--lr_schedule must be one of {list(LR_SCHEDULES)}. Received: {s.lr_schedule!r}")
@@ -663,6 +676,11 @@ def _train_locked(
             raise PipelineError(
                 f"Cannot resume from {resume_from}: that run monitored {state['monitor']}, this data gives {monitor}."
             )
+        if run_dir is None and state["epoch"] + 1 >= s.nb_epoch:  # a finished model folder: more epochs, or none
+            raise PipelineError(
+                f"The run in {resume_from.parent} has trained {state['epoch'] + 1} epochs, --nb_epoch {s.nb_epoch}: "
+                "pass a larger --nb_epoch to train on."
+            )
         model = load_model(resume_from / "last.keras", compile=True)
         initial_epoch = state["epoch"] + 1
         rows = _read_history(resume_from / "history.csv", state["epoch"])
@@ -676,6 +694,8 @@ def _train_locked(
         if data is not None:
             data.uint8 = model.inputs[0].dtype == "uint8"
     if s.freeze_layers:  # trainable flags take effect at compile time
+        if not s.fine_tuning:
+            log.warning("--freeze_layers without --fine_tuning keeps those layers at their random initial weights")
         freeze(model, s.freeze_layers)
         model.compile(optimizer=model.optimizer, loss="mae")
 

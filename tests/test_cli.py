@@ -113,6 +113,16 @@ def test_a_config_of_one_model_with_the_other_model_is_refused(capsys):
     assert train.parse_args(["--model", "convlstm_ae", "--dataset", "Ped2"]).ae_filters  # its own default config
 
 
+def test_options_that_contradict_each_other_are_refused(capsys):
+    for argv, message in [
+        (["--resume", "--overwrite"], "--overwrite: not allowed with --resume"),
+        (["--ae_filters", "8,4"], "--ae_filters: the autoencoder's (--model convlstm_ae); this run trains prednet"),
+    ]:
+        with pytest.raises(SystemExit):
+            train.parse_args([*argv, "--config", "cpu", "--dataset", "Ped2", "--model_dir", "m"])
+        assert message in capsys.readouterr().err
+
+
 def test_a_missing_dataset_says_what_the_user_may_mean(tmp_path, capsys):
     (tmp_path / "raw" / "cam" / "Train").mkdir(parents=True)
     with pytest.raises(SystemExit):  # the dataset's own folder as --raw_data: its parent is meant

@@ -280,7 +280,7 @@ def test_resume_refuses_another_model(trained_ae, prepared, tmp_path):
     model_dir = tmp_path / "m"
     shutil.copytree(trained_ae, model_dir)
     # (train.py --resume without --model continues the autoencoder: the run's own settings)
-    with pytest.raises(PipelineError, match="fixes --model convlstm_ae; this run was given --model prednet"):
+    with pytest.raises(PipelineError, match=r"\(--model convlstm_ae\); this run was given --model prednet"):
         train(tiny_settings(prepared, model_dir, nb_epoch=3, resume=True, given=("model",)))
 
 

@@ -176,7 +176,7 @@ def test_resume_continues_the_run_with_its_own_settings(trained, prepared, tmp_p
     model_dir = tmp_path / "m"
     first = ["--config", _tiny_config(tmp_path / "tiny.json"), "--model_dir", str(model_dir)]
     train_script.main([*first, *data, "--fine_tuning", str(trained), "--freeze_layers", "0"])
-    train_script.main(["--model_dir", str(model_dir), *data, "--resume", "--nb_epoch", "2"])
+    train_script.main(["--model_dir", str(model_dir), "--resume", "--nb_epoch", "2", "-q"])  # its data, too
 
     arguments = json.loads((model_dir / "config.json").read_text())["arguments"]
     assert (arguments["batch_size"], arguments["stack_sizes"], arguments["learning_rate"]) == (2, [4, 8], 0.01)
@@ -190,8 +190,14 @@ def test_resume_continues_the_run_with_its_own_settings(trained, prepared, tmp_p
     assert int(last.optimizer.iterations) == 8  # 4 steps an epoch: the optimizer went on from the first epoch's
 
     before = (model_dir / "config.json").read_bytes()
-    with pytest.raises(PipelineError, match=r"--resume.* fixes --batch_size 2; this run was given --batch_size 16"):
-        train_script.main(["--model_dir", str(model_dir), *data, "--resume", "--nb_epoch", "3", "--batch_size", "16"])
+    resume = ["--model_dir", str(model_dir), "--resume", "-q"]
+    for extra, message in [
+        (["--nb_epoch", "3", "--batch_size", "16"], r"\(--batch_size 2\); this run was given --batch_size 16"),
+        (["--nb_epoch", "3", "--dataset", "Other"], rf"\(--dataset {prepared.name}\); this run was given --dataset"),
+        ([], "has trained 2 epochs, --nb_epoch 2: pass a larger --nb_epoch"),  # a finished run: nothing to do
+    ]:
+        with pytest.raises(PipelineError, match=message):
+            train_script.main([*resume, *extra])
     assert (model_dir / "config.json").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "tiny.json"]  # no staging folder or lock left
 
@@ -207,9 +213,15 @@ def test_fine_tuning_takes_and_records_the_layers_of_its_model(trained, prepared
     train_script.main([*args, "--model_dir", str(tmp_path / "ft")])
     arguments = json.loads((tmp_path / "ft" / "config.json").read_text())["arguments"]
     assert (arguments["stack_sizes"], arguments["R0_channels"], arguments["filter_sizes"]) == ([4, 8], 3, [3, 3, 3])
-    with pytest.raises(PipelineError, match="the layers of that model fixes --stack_sizes 4,8; this run was given"):
+    with pytest.raises(PipelineError, match=r"brings its model's layers \(--stack_sizes 4,8\); this run was given"):
         train_script.main([*args, "--model_dir", str(tmp_path / "ft2"), "--stack_sizes", "16,32"])
     assert not (tmp_path / "ft2").exists()
+
+
+def test_freezing_every_layer_is_refused(trained, prepared, tmp_path):
+    with pytest.raises(PipelineError, match="--freeze_layers 0,1,2 freezes every layer: nothing would train"):
+        train(tiny_settings(prepared, tmp_path / "m", fine_tuning=str(trained), freeze_layers=(0, 1, 2)))
+    assert not (tmp_path / "m").exists()
 
 
 def test_time_budget_stops_after_the_epoch_that_would_overrun(prepared, tmp_path):
