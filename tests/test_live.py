@@ -274,6 +274,11 @@ def test_inputs_of_one_name_in_different_folders_are_named_after_their_folder(tm
         (tmp_path / cam / "today.mp4").write_bytes(b"")  # (not opened to be found)
     videos = find_inputs([tmp_path / "cam1" / "today.mp4", tmp_path / "cam2"])
     assert [v.name for v in videos] == ["cam1_today", "cam2_today"]
+    (tmp_path / "recordings").mkdir()  # a folder of camera folders: their videos
+    for cam in ("camA", "camB"):
+        (tmp_path / "recordings" / cam).mkdir()
+        (tmp_path / "recordings" / cam / "clip.mp4").write_bytes(b"")
+    assert [v.name for v in find_inputs([tmp_path / "recordings"])] == ["camA_clip", "camB_clip"]
     with pytest.raises(PipelineError, match="both named 'cam1_today'"):  # their folders share a name too
         find_inputs([tmp_path / "x" / "cam1", tmp_path / "y" / "cam1"])
 

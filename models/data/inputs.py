@@ -2,9 +2,10 @@
 
     batch_scoring.py --input cam1.mp4 cam2.avi frames_of_cam3/ folder_of_clips/
 
-A file with a video suffix (.mp4, .avi, .mov, .mkv) is one video, named by its stem; a folder that holds
-frame files is one video, named by the folder; any other folder is searched one level down for both
-(hidden entries and `*_gt` mask folders are skipped). Videos of one name in different folders are named
+A file with a video suffix (.mp4, .avi, .mov, .mkv, ...) is one video, named by its stem; a folder that
+holds frame files is one video, named by the folder; any other folder is searched one level down for both,
+and for video files in its folders (a folder per camera; hidden entries and `*_gt` mask folders are
+skipped). Videos of one name in different folders are named
 after their folder as well (cam1/today.mp4 -> cam1_today).
 """
 
@@ -75,10 +76,16 @@ def find_inputs(paths) -> list[Video]:
                 f"({', '.join(FRAME_SUFFIXES)})."
             )
         entries = sorted(path.iterdir())
-        found = [v for v in map(_as_video, entries) if v is not None]
+        found = []
+        for entry in entries:
+            video = _as_video(entry)
+            if video is not None:
+                found.append(video)
+            elif entry.is_dir() and not entry.name.startswith("."):  # a camera's folder of video files
+                found += [v for v in map(_as_video, sorted(entry.iterdir())) if v is not None and v.frames is None]
         if not found:
             raise PipelineError(f"Input folder {path} holds no video files, frames or folders of frames.")
-        used = {v.path for v in found} | {v.mask_dir for v in found}
+        used = {v.path for v in found} | {v.mask_dir for v in found} | {v.path.parent for v in found}
         skipped = [p.name for p in entries if p not in used and not p.name.startswith(".")]
         if skipped:
             log.warning(
