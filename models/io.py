@@ -138,7 +138,7 @@ def _foreign_files(folder: Path, marker: dict) -> list[str]:
             continue
         if path.name.startswith(".") and path.name.endswith(MARKER):
             owner = path.with_name(path.name[1 : -len(MARKER)])
-            if owner.is_file() and _file_is_ours(owner):
+            if owner.is_file():  # the file it marks is judged (and named) itself
                 continue
         elif _file_is_ours(path):
             continue

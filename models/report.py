@@ -16,6 +16,8 @@ import pandas as pd
 from models.alarms import event_metrics
 from models.scoring import evaluate, side_by_side
 
+MAX_ALARMS_LISTED = 50  # metrics.md lists this many alarms at most; alarms.csv has them all
+
 
 def count(n: int, noun: str) -> str:
     """The count and the noun: 1 video, 2 videos."""
@@ -96,9 +98,20 @@ def _rates(fps: dict[str, float]) -> str:
 
 
 def markdown(
-    title: str, df: pd.DataFrame, protocols, events, saw, pixel, threshold: float, fps: dict[str, float], metrics=None
+    title: str,
+    df: pd.DataFrame,
+    protocols,
+    events,
+    saw,
+    pixel,
+    threshold: float,
+    fps: dict[str, float],
+    metrics=None,
+    alarms: pd.DataFrame | None = None,
+    settings: dict | None = None,
 ) -> str:
-    """metrics.md: the protocols, the live alarm's events, pixel AUROC, the sawtooth and every metric's AUC."""
+    """metrics.md: the protocols, the live alarm's events and its alarms (`alarms.csv`'s rows), pixel AUROC, the
+    sawtooth, every metric's AUC, and the run's settings."""
     lines = [f"# {title}", ""]
     lines.append(
         f"{len(df)} frames of {count(df['video'].nunique(), 'video')}, {int(df['predictable'].sum())} scored"
@@ -110,8 +123,14 @@ def markdown(
         "",
         f"## Live alarm at the calibrated threshold (score >= {threshold:.2f}, {_rates(fps)})",
         "",
-        events.round(3).to_markdown() if events is not None else "No labels.",
+        events.round(3).to_markdown() if events is not None else "No labels: no event figures.",
     ]
+    if alarms is not None:
+        shown = alarms.head(MAX_ALARMS_LISTED)
+        more = f" (the first {len(shown)}; all in alarms.csv)" if len(alarms) > len(shown) else " (alarms.csv)"
+        lines += ["", f"{count(len(alarms), 'alarm')}{more}" + (":" if len(alarms) else "."), ""]
+        if len(alarms):
+            lines.append(shown.round(2).to_markdown(index=False))
     if pixel:
         lines += ["", "## Pixel-level AUROC of the heat maps (frames with masks)", ""]
         lines += [f"- {k}: {v:.4f}" for k, v in pixel.items()]
@@ -125,4 +144,7 @@ def markdown(
     if metrics is not None:
         lines += ["", "## Every metric: frame-level AUC and EER, model and copy-last-frame baseline", ""]
         lines.append(side_by_side(metrics).round(4).to_markdown())
+    if settings:
+        lines += ["", "## Settings", ""]
+        lines += [f"- {k}: {v}" for k, v in settings.items()]
     return "\n".join(lines) + "\n"

@@ -241,7 +241,7 @@ def run_scoring(args, inputs: ScoringInputs, out: Path) -> dict:
         "fpr": cal.fpr,
         "alarm_min_frames": rule.min_frames,
         "alarm_gap": rule.gap,
-        "fps": _one_or_each(inputs.fps),
+        "fps": dict(inputs.fps),  # each video's frames per second
     }
     df.attrs = {**settings, "height": int(X.shape[1]), "width": int(X.shape[2])}
     portable(df).to_pickle(out / "df.pkl.gz")
@@ -285,7 +285,19 @@ def run_scoring(args, inputs: ScoringInputs, out: Path) -> dict:
     else:
         log.info("no labels with both classes: scores and alarms written, evaluation skipped")
     (out / "metrics.md").write_text(
-        markdown(f"Scores: {inputs.title}", df, protocols, event_rows, saw, pixel, cal.threshold, inputs.fps, results)
+        markdown(
+            f"Scores: {inputs.title}",
+            df,
+            protocols,
+            event_rows,
+            saw,
+            pixel,
+            cal.threshold,
+            inputs.fps,
+            results,
+            alarms=events,
+            settings=settings,
+        )  # fmt: skip
     )
     plot_live_scores(df, out / "scores.png", cal.threshold, args.smooth, args.n_plot)
     _write_overlays(args, inputs, df, heats, out)
@@ -297,12 +309,6 @@ def run_scoring(args, inputs: ScoringInputs, out: Path) -> dict:
     with atomic_file(out / "metrics.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=2, default=float) + "\n")
     return summary
-
-
-def _one_or_each(fps: dict[str, float]) -> float | dict[str, float]:
-    """The frame rate of every video, or of each where they differ (metrics.json, df.attrs)."""
-    rates = set(fps.values())
-    return rates.pop() if len(rates) == 1 else dict(fps)
 
 
 def roc_columns(smooth: int) -> list[str]:

@@ -253,7 +253,10 @@ def test_recalibrate_on_normal_footage(trained, clips, tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert "calibrating on 48 frames of 2 normal videos" in done.stdout
-    assert "\n24 frames of 1 video, 23 scored, no labels.\n" in (out / "metrics.md").read_text()
+    report = (out / "metrics.md").read_text()
+    assert "\n24 frames of 1 video, 23 scored, no labels.\n" in report
+    alarms = pd.read_csv(out / "alarms.csv")  # without labels too, metrics.md lists the alarms and the settings
+    assert f"{len(alarms)} alarm" in report and "## Settings" in report and "- fpr: 0.05" in report
     # 48 frames at --fpr 0.05 put 2.4 over the threshold: too few, and said so (10 need 200 frames)
     assert "the alarm threshold rests on 48 normal frames: at a false-positive rate of 0.05 about 2.4" in done.stderr
     assert "(200 frames or more)" in done.stderr
