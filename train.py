@@ -135,7 +135,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--resume",
         action="store_true",
         help="continue an interrupted run (or a finished one, to more epochs) from its last epoch, with its own "
-        "settings: only --nb_epoch, --patience and --max_minutes may change",
+        "settings and data: only --nb_epoch, --patience, --max_minutes and (data moved) --preprocessed_data may "
+        "change",
     )
     p.add_argument(
         "--overwrite", action="store_true", help="start over, replacing a model or interrupted run train.py wrote"

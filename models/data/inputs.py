@@ -5,8 +5,8 @@
 A file with a video suffix (.mp4, .avi, .mov, .mkv, ...) is one video, named by its stem; a folder that
 holds frame files is one video, named by the folder; any other folder is searched one level down for both,
 and for video files in its folders (a folder per camera; hidden entries and `*_gt` mask folders are
-skipped). Videos of one name in different folders are named
-after their folder as well (cam1/today.mp4 -> cam1_today).
+skipped). Videos of one name in different folders are named after their folder as well (cam1/today.mp4 ->
+cam1_today).
 """
 
 from __future__ import annotations
