@@ -109,6 +109,19 @@ def test_frames_are_in_natural_order_and_hidden_files_skipped(tmp_path):
     assert [p.name for p in videos["Test1"].mask_frames] == ["0.bmp", "1.bmp", "2.bmp", "10.bmp"]
 
 
+def test_what_a_frame_folder_holds_besides_frames_is_named(tmp_path, caplog):
+    """Thumbs.db or a note among the frames is skipped with a warning naming it; hidden files silently."""
+    _touch(tmp_path / "Train" / "walk", "1.jpg", "2.jpg", "Thumbs.db", "notes.txt", ".DS_Store")
+    _touch(tmp_path / "Test" / "Test1", "1.png")
+    with caplog.at_level("WARNING"):
+        videos = {v.name: v for v in build_index(tmp_path)}
+    assert [p.name for p in videos["walk"].frames] == ["1.jpg", "2.jpg"]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"skipped 2 entries of frame folder {tmp_path / 'Train' / 'walk'} that are not frames "
+        "(.tif, .tiff, .jpg, .jpeg, .png, .bmp): Thumbs.db, notes.txt"
+    ]
+
+
 def test_videos_in_natural_order_and_hidden_video_files_skipped(tmp_path):
     for name in ("cam10", "cam2", "cam1"):
         _touch(tmp_path / "Test" / name, "1.png")

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,8 @@ from pathlib import Path
 import numpy as np
 
 from models.errors import PipelineError
+
+log = logging.getLogger(__name__)
 
 FRAME_SUFFIXES = (".tif", ".tiff", ".jpg", ".jpeg", ".png", ".bmp")
 VIDEO_SUFFIXES = (
@@ -233,8 +236,25 @@ def order_frames(folder: Path, files: list[Path]) -> list[Path]:
     return sorted(files, key=lambda p: keys[p][1])
 
 
+def listed(names, most: int = 10) -> str:
+    """Names for a message: the first `most`, comma-separated, then ', ...' if there are more."""
+    names = list(names)
+    return ", ".join(names[:most]) + (", ..." if len(names) > most else "")
+
+
 def _frame_files(folder: Path) -> list[Path]:
-    files = [p for p in _visible(folder) if p.is_file() and p.suffix.lower() in FRAME_SUFFIXES]
+    """The frame files of `folder` in frame order; what else it holds is warned of when it has frames."""
+    entries = _visible(folder)
+    files = [p for p in entries if p.is_file() and p.suffix.lower() in FRAME_SUFFIXES]
+    others = sorted(p.name for p in entries if p not in files)
+    if files and others:
+        log.warning(
+            "skipped %d entries of frame folder %s that are not frames (%s): %s",
+            len(others),
+            folder,
+            ", ".join(FRAME_SUFFIXES),
+            listed(others),
+        )
     return order_frames(folder, sorted(files))
 
 

@@ -22,6 +22,7 @@ from models.data.index import (
     Video,
     _frame_files,
     labels_for,
+    listed,
     natural_key,
     parse_labels_csv,
     parse_m_file,
@@ -31,12 +32,6 @@ from models.errors import PipelineError
 log = logging.getLogger(__name__)
 
 DEFAULT_FPS = 10.0  # UCSD's frame rate, for folders of frames
-
-
-def listed(names, most: int = 10) -> str:
-    """Names for a message: the first `most`, comma-separated, then ', ...' if there are more."""
-    names = list(names)
-    return ", ".join(names[:most]) + (", ..." if len(names) > most else "")
 
 
 def _as_video(path: Path) -> Video | None:
