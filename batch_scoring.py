@@ -9,7 +9,7 @@ which): metrics, the live anomaly score, alarms, evaluation.
         --scored_data outputs/scored/clips [--labels labels.csv] [--calibrate_on normal1.mp4 normal2.mp4]
 
 Writes <scored_data>/df.pkl.gz (one row per frame: video, frame, the metrics, `score` (the live anomaly
-score, calibrated on normal video: 2 = reached by 1 normal frame in 100) and `alarm`), alarms.csv (one row
+score, calibrated on normal video: 2 = an estimated rate of 1 normal frame in 100) and `alarm`), alarms.csv (one row
 per alarm), calibration.json (the calibration used), metrics.json, scores.png and, with --input (or
 --overlays), overlays/<video>.mp4 (the frame with the model's unusual error as a heat map, the score and the
 alarm), and metrics.md (the run's settings, alarms and sawtooth check). With labels, metrics.md also gives

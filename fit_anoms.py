@@ -284,7 +284,14 @@ def _markdown(summary: dict, rows: pd.DataFrame, table: pd.DataFrame, args) -> s
         f"{summary['frames']} frames, {summary['videos']} videos, {summary['anomalous']} anomalous; "
         f"{summary['cross_validation']}; features and probabilities averaged over {args.smooth} frames, "
         f"normalized per video: {args.normalize == 'video'}; threshold {args.threshold:g}.\n\n"
-        f"Saved: **{summary['saved_classifier']}** ({summary['selection']}), fitted on all frames.\n\n"
+        f"Saved: **{summary['saved_classifier']}** ({summary['selection']}), fitted on all frames."
+        + (
+            f" Chosen among {len(summary['models'])} on the same folds it is scored on, its figure is a little "
+            "optimistic."
+            if args.classifier == "best" and len(summary["models"]) > 1
+            else ""
+        )
+        + "\n\n"
         f"{baseline}\n\n{rows.round(4).to_markdown()}\n\n"
         f"## Feature importances\n\n{summary['importances'][0].upper()}{summary['importances'][1:]}; "
         "`_std` is the spread over folds.\n\n"

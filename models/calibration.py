@@ -17,8 +17,9 @@ The live score of a frame, for a source of predictions (the model, or copying th
    last `smooth` frames (trailing: no look-ahead).
 4. `score` = -log10 of the fraction of normal frames whose live value is at least as high, estimated on the
    normal val videos (held out from training, so their errors are those of new normal video), with an
-   exponential tail above their 90th percentile: a score of 2 is reached by 1 normal frame in 100, whatever
-   the video; the default alarm threshold is the score of a false-positive rate (`fpr`, 1%).
+   exponential tail above their 90th percentile: a score of 2 is where this estimate puts 1 normal frame in
+   100, on one scale for every video (an estimate from a sample of normal frames: other normal video reaches
+   it more or less often); the default alarm threshold is the score of a false-positive rate (`fpr`, 1%).
 
 `Calibration` is stored as `calibration.json` in the model folder (train.py writes it at the end of
 training); `batch_scoring.py --calibrate_on` fits a new one from a camera's normal footage.
@@ -172,7 +173,7 @@ class NormalTail:
         return 1.0 / ((self.frames or len(self.values)) + 1)
 
     def score(self, live: np.ndarray) -> np.ndarray:
-        """-log10 P(normal live value >= live): 2 means 1 normal frame in 100 scores as high."""
+        """-log10 P(normal live value >= live): 2 means an estimated 1 normal value in 100 is as high."""
         normal = np.asarray(self.values)
         n = len(normal)
         exceed = (n - np.arange(n)) / (n + 1)  # the share of normal values >= each sorted value

@@ -166,10 +166,10 @@ def plot_history(history_csv: Path, out_png: Path, copy_loss: float | None = Non
 
 
 def plot_live_scores(df: pd.DataFrame, path: Path, threshold: float, smooth: int, n_videos: int | None = None) -> None:
-    """Per video: the live score (left axis, calibrated: 2 = 1 normal frame in 100) with its threshold and
-    alarms, the offline score (right axis: 1 - the regularity averaged over `smooth` centred frames, the
-    score the README headlines; the regularity is scaled within each video) and, with labels, the anomalous
-    frames shaded."""
+    """Per video: the live score (left axis, calibrated: 2 = an estimated rate of 1 normal frame in 100) with
+    its threshold and alarms, the offline score (right axis: 1 - the regularity averaged over `smooth` centred
+    frames, the score the README headlines; the regularity is scaled within each video) and, with labels, the
+    anomalous frames shaded."""
     videos = list(dict.fromkeys(df["video"]))[:n_videos]
     offline = f"model_regularity_smooth{smooth}" if smooth > 1 else "model_regularity"
     labelled = "y" in df
@@ -217,7 +217,7 @@ def plot_live_scores(df: pd.DataFrame, path: Path, threshold: float, smooth: int
     fig.legend(handles, labels, loc="upper center", ncol=3, fontsize=8, frameon=False)
     what = "" if labelled else " (no labels)"
     axes[0, 0].set_title(
-        "live score: causal, calibrated on normal video (2 = reached by 1 normal frame in 100); offline: "
+        "live score: causal, calibrated on normal video (2 = an estimated 1 normal frame in 100); offline: "
         "regularity scaled within each video" + what,
         fontsize=9,
     )

@@ -146,5 +146,5 @@ def markdown(
         lines.append(side_by_side(metrics).round(4).to_markdown())
     if settings:
         lines += ["", "## Settings", ""]
-        lines += [f"- {k}: {v}" for k, v in settings.items()]
+        lines += [f"- {k}: {_rates(v) if k == 'fps' else v}" for k, v in settings.items()]
     return "\n".join(lines) + "\n"

@@ -169,7 +169,7 @@ def load_scoring_inputs(args) -> ScoringInputs:
         y = store.load_labels(dataset_dir)
         mask_file = dataset_dir / "masks_test.hkl"
         masks = store.load(mask_file) if mask_file.is_file() else None
-        fps, title = {video: args.fps for video in dict.fromkeys(sources)}, args.dataset
+        fps, title = {str(video): args.fps for video in dict.fromkeys(sources)}, args.dataset
     _check_plot_videos(args.plot_videos, sources)
     calibration = _calibration(args, model, config, settings, dataset_dir)
     if args.fpr:

@@ -197,6 +197,7 @@ def test_cli_saves_the_best_classifier_and_compares_with_the_copy_baseline(tmp_p
     assert report["saved_classifier"] == "random_forest" and report["selection"] == "highest cross-validated ROC AUC"
     assert "held-out permutation importance" in report["importances"]
     assert "auc_gain" in (out / "report.md").read_text() and "held-out videos" in (out / "report.md").read_text()
+    assert f"Chosen among {len(report['models'])} on the same folds" in (out / "report.md").read_text()
     named = tmp_path / "named"
     done = run_script(
         "fit_anoms.py", "--scored_data", tmp_path, "--model_dir", named, "--classifier", "logistic_regression"
@@ -206,3 +207,4 @@ def test_cli_saves_the_best_classifier_and_compares_with_the_copy_baseline(tmp_p
     assert bundle["classifier"] == "logistic_regression"
     assert type(bundle["pipeline"].named_steps["model"]).__name__ == "LogisticRegression"
     assert json.loads((named / "report.json").read_text())["selection"] == "named by --classifier"
+    assert "Chosen among" not in (named / "report.md").read_text()  # named beforehand, not picked on the folds

@@ -216,6 +216,7 @@ def test_videos_of_different_frame_rates_keep_their_own(trained, clips, tmp_path
     rates = {"Test001": 10.0, "Test002": 25.0, "short": 25.0, "cam3": 5.0}  # cam3: a folder of frames, at --fps
     summary = json.loads((out / "metrics.json").read_text())
     assert summary["fps"] == rates
+    assert "- fps: frames/s: Test001 10, Test002 25, short 25, cam3 5\n" in (out / "metrics.md").read_text()
     df = pd.read_pickle(out / "df.pkl.gz")
     normal = df[df["y"] == 0].groupby("video").size()
     minutes = sum(normal[v] / rates[v] for v in rates) / 60

@@ -153,7 +153,8 @@ def test_outputs(scored):
         assert (scored / name).is_file(), name
     gif = Image.open(scored / "Test002_prediction_error.gif")  # 16x24 frames, 3 panels, scaled 15x to 240
     assert gif.size == (3 * 24 * 15, 240 + 24) and gif.n_frames > 1  # under a 24-pixel strip of labels
-    assert "| regularity" in (scored / "metrics.md").read_text()
+    report = (scored / "metrics.md").read_text()
+    assert "| regularity" in report and "- fps: 10 frames/s\n" in report  # one rate for every video
 
 
 def test_gifs_of_a_video_that_is_not_scored_are_refused_before_scoring(prepared, trained, tmp_path):
