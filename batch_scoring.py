@@ -24,7 +24,7 @@ import argparse
 import logging
 
 from models.alarms import DEFAULT_GAP, DEFAULT_MIN_FRAMES
-from models.args import float_in, folder, int_at_least, positive_float, positive_int
+from models.args import existing_file, float_in, folder, int_at_least, positive_float, positive_int
 from models.calibration import DEFAULT_SMOOTH
 from models.cli import add_prepared_data_options, choose_prepared_dataset, import_keras, parser, run
 from models.config import add_config_option, parse_with_config
@@ -43,6 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument(
         "--labels",
+        type=existing_file,
         default=None,
         help="with --input: a video,start_frame,end_frame CSV, or a UCSD .m file (entries in the videos' name "
         "order), for evaluation",
@@ -63,6 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("live score and alarms")
     g.add_argument(
         "--calibration",
+        type=existing_file,
         default=None,
         help="calibration.json to use (default: the model folder's, which train.py writes)",
     )

@@ -20,7 +20,7 @@ import ipaddress
 import logging
 import os
 
-from models.args import float_in, non_negative_int, positive_float, positive_int
+from models.args import existing_file, float_in, non_negative_int, positive_float, positive_int
 from models.cli import import_keras, parser, run
 from models.config import add_config_option, parse_with_config
 from models.errors import PipelineError
@@ -41,7 +41,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=os.environ.get("PREDNET_API_KEY") or None,
         help="require this key (X-API-Key or Authorization: Bearer) on /v1/*; default: $PREDNET_API_KEY, else none",
     )
-    p.add_argument("--calibration", default=None, help="calibration.json to use instead of the model folder's")
+    p.add_argument(
+        "--calibration", type=existing_file, default=None, help="calibration.json to use instead of the model folder's"
+    )
     g = p.add_argument_group("limits (each refusal is a 4xx naming the limit)")
     g.add_argument(
         "--max_upload_mb", type=positive_float, default=100.0, help="largest upload or stream frame (default: 100)"

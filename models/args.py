@@ -145,6 +145,15 @@ def frame_size(minimum: int = 1) -> Callable[[object], tuple[int, int]]:
     return _named(check, "frame_size")
 
 
+def existing_file(value) -> str:
+    """A path that is an existing file."""
+    path = Path(str(value))
+    if not path.is_file():
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise ArgumentTypeError(f"must be a file, but {path} {what}. Received: {str(value)!r}")
+    return str(value)
+
+
 def folder(value) -> str:
     """A path that is a folder, or can become one: neither it nor a folder above it is a file."""
     path = Path(str(value))

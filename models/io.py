@@ -80,6 +80,11 @@ def _files(folder: Path) -> list[str]:
     return sorted(out)
 
 
+def _folders(folder: Path) -> list[str]:
+    """Every folder under `folder` (not links), as sorted relative POSIX paths."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_dir() and not p.is_symlink())
+
+
 def write_marker(folder: str | Path, stage: str, complete: bool = True) -> None:
     """Marks `folder` as the output of `stage`; a complete folder's marker also lists the files in it, and the
     SHA-256 of each (links: none), so that a later run can tell a file the user changed."""
@@ -93,6 +98,7 @@ def write_marker(folder: str | Path, stage: str, complete: bool = True) -> None:
     if complete:
         marker["files"] = _files(folder)
         marker["sha256"] = {rel: _sha256(folder / rel) for rel in marker["files"] if not (folder / rel).is_symlink()}
+        marker["folders"] = _folders(folder)
     write_json(folder / MARKER, marker)
 
 
@@ -117,24 +123,34 @@ def _file_is_ours(path: Path, stage: str | None = None) -> bool:
         return False
 
 
-# What a killed run of this module can leave in a folder: a lock file, an `atomic_file` temporary file.
-_LEFTOVER = re.compile(r"\..+\.(lock|tmp-[a-z0-9_]{8}(\.[A-Za-z0-9]+)*)")
+# What a killed run of this module can leave in a folder: an (empty) lock file, an `atomic_file` temporary file.
+_LOCK = re.compile(r"\..+\.lock")
+_TEMPORARY = re.compile(r"\..+\.tmp-[a-z0-9_]{8}(\.[A-Za-z0-9]+)*")
+
+
+def _leftover(path: Path) -> bool:
+    if path.is_symlink() or not path.is_file():
+        return False
+    return bool(_TEMPORARY.fullmatch(path.name)) or (bool(_LOCK.fullmatch(path.name)) and path.stat().st_size == 0)
 
 
 def _foreign_files(folder: Path, marker: dict) -> list[str]:
-    """Files in a marked folder that are not as the pipeline wrote them: neither listed in its marker, nor
-    self-marked, nor a lock or temporary file of this module's making; or listed, and changed since (a marker
-    from before the markers held hashes lists names only)."""
+    """Entries of a marked folder that are not as the pipeline wrote them: files neither listed in its marker,
+    nor self-marked, nor a lock or temporary file of this module's making; listed files changed since (a
+    marker from before the markers held hashes lists names only); folders it did not list (an empty one
+    too; markers from before they listed folders are not asked)."""
     listed = set(marker.get("files") or ())
     hashes = marker.get("sha256") if isinstance(marker.get("sha256"), dict) else {}
     foreign = []
+    if isinstance(marker.get("folders"), list):
+        foreign += [f"{rel}/" for rel in _folders(folder) if rel not in set(marker["folders"])]
     for rel in _files(folder):
         path = folder / rel
         if rel in listed:
             if rel in hashes and (path.is_symlink() or _sha256(path) != hashes[rel]):
                 foreign.append(rel)
             continue
-        if _LEFTOVER.fullmatch(path.name):
+        if _leftover(path):
             continue
         if path.name.startswith(".") and path.name.endswith(MARKER):
             owner = path.with_name(path.name[1 : -len(MARKER)])
@@ -187,7 +203,11 @@ def check_output(
     """
     dest = Path(dest)
     check_inputs(dest, inputs)
-    if not (dest.exists() or dest.is_symlink()):
+    if dest.is_symlink():
+        raise PipelineError(
+            f"Output {dest} is a symbolic link (to {os.readlink(dest)}); name the folder itself, or another output."
+        )
+    if not dest.exists():
         return
     if not dest.is_dir():
         raise PipelineError(f"Output {dest} exists and is not a folder; choose another output.")
@@ -203,8 +223,8 @@ def check_output(
     if foreign:
         more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
         raise PipelineError(
-            f"Refusing to replace {dest}: {dest / foreign[0]}{more} was not written by this pipeline, or was "
-            "changed since; move it away first."
+            f"Refusing to replace {dest}: {os.path.join(dest, foreign[0])}{more} was not written by this pipeline, "
+            "or was changed since; move it away first."
         )
     if not overwrite:
         raise PipelineError(f"Output folder {dest} already exists; pass --overwrite to replace it.")
@@ -320,6 +340,24 @@ def replace_dir(src: str | Path, dest: str | Path) -> None:
     remove_output(old)
 
 
+def commit_dir(src: str | Path, dest: str | Path, stage: str) -> None:
+    """`replace_dir`, after checking `dest` again: a file the user put or changed in it while the run worked (a
+    note, an annotated alarms.csv) keeps it from being replaced, and the finished `src` is set aside beside it,
+    as `<name>.new-<time>`, instead of being lost.
+
+    Raises:
+        PipelineError: `dest` changed during the run; naming it and where the run's output is.
+    """
+    src, dest = Path(src), Path(dest)
+    try:
+        check_output(dest, stage, overwrite=True)
+    except PipelineError as err:
+        kept = dest.with_name(f"{dest.name}.new-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+        src.rename(kept)
+        raise PipelineError(f"{err} It changed while this run worked: this run's output is in {kept}.") from None
+    replace_dir(src, dest)
+
+
 def clean_leftovers(dest: Path) -> None:
     """Removes the temporary folders of killed runs beside `dest` (only those this module made)."""
     pattern = glob.escape(str(sibling(dest, ".tmp-"))) + "*"
@@ -375,7 +413,7 @@ def atomic_dir(
             except BaseException:
                 remove_output(tmp)
                 raise
-            replace_dir(tmp, dest)
+            commit_dir(tmp, dest, stage)
     except BaseException:
         for folder in created:  # the run's own, deepest first; one that something else wrote into stays
             try:
@@ -448,11 +486,17 @@ def write_json(path: str | Path, obj) -> None:
 
 
 def read_json(path: str | Path) -> dict:
-    """Reads a JSON file, with a clear error naming the file when it is missing or broken."""
+    """Reads a JSON file that holds an object, with a clear error naming the file when it is missing, broken,
+    not UTF-8, or holds something else."""
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"Missing file {path}.")
     try:
-        return json.loads(path.read_text())
+        obj = json.loads(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError as err:
+        raise PipelineError(f"{path} is not UTF-8 text: {err.reason} at byte {err.start}.") from None
     except json.JSONDecodeError as err:
-        raise PipelineError(f"{path} is not valid JSON: {err}") from err
+        raise PipelineError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(obj, dict):
+        raise PipelineError(f"{path} must hold a JSON object ({{...}}). Received: {type(obj).__name__}.")
+    return obj

@@ -28,6 +28,7 @@ from models.io import (
     check_inputs,
     check_output,
     clean_leftovers,
+    commit_dir,
     new_dir_beside,
     output_lock,
     read_marker,
@@ -780,7 +781,7 @@ def _train_locked(
     }
     write_json(run_dir / "config.json", config)
     write_marker(run_dir, STAGE)  # complete: from here on the run folder is a finished model folder
-    replace_dir(run_dir, model_dir)
+    commit_dir(run_dir, model_dir, STAGE)
     return config
 
 

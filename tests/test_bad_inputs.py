@@ -154,10 +154,13 @@ def m_file(tmp):
     return prepare_args()
 
 
-def config_file(content: dict) -> Callable[[Path], list[str]]:
+def config_file(content, option: str = "--config", *before: str) -> Callable[[Path], list[str]]:
+    """A JSON file `my.json` of `content` (bytes as they are), given as `option` after `before`."""
+
     def build(tmp):
-        (tmp / "my.json").write_text(json.dumps(content))
-        return ["--config", "my.json"]
+        data = content if isinstance(content, bytes) else json.dumps(content).encode()
+        (tmp / "my.json").write_bytes(data)
+        return [*before, option, "my.json"]
 
     return build
 
@@ -311,6 +314,9 @@ ROWS = [
     Row("train-config-batch-size-0", "train", config_file({"batch_size": 0}), "--batch_size (from config my.json): must be 1 or more windows. Received: 0"),
     Row("train-config-stack-sizes", "train", config_file({"stack_sizes": [8, -16]}), "--stack_sizes (from config my.json): every value must be"),
     Row("train-config-precision", "train", config_file({"precision": "fp8"}), "--precision (from config my.json): invalid choice 'fp8'"),
+    Row("train-config-list", "train", config_file([1, 2]), "my.json must hold a JSON object ({...}). Received: list."),
+    Row("anoms-config-utf16", "fit_anoms", config_file("{}".encode("utf-16")), "my.json is not UTF-8 text: invalid start byte at byte 0."),
+    Row("tune-space-null", "tune", lambda t: [*stores("A")(t), *config_file(None, "--space")(t)], "my.json must hold a JSON object ({...}). Received: NoneType.", parse=False),
     Row("train-dataset-several", "train", stores("A", "B"), "argument --dataset: pre holds 2 datasets (A, B); pass --dataset NAME"),
     Row("train-dataset-none", "train", stores(), "argument --dataset: none given and pre does not exist"),
     Row("train-dataset-case", "train", lambda t: [*stores("Ped2")(t), "--dataset", "ped2"], "No prepared dataset 'ped2' in pre; it holds Ped2 (names are case-sensitive).", parse=False),
@@ -321,8 +327,10 @@ ROWS = [
     Row("score-dataset-with-input", "batch_scoring", clip_and_model("--model_dir", "m", "--dataset", "UCSDped2"), "argument --dataset: not allowed with --input, which scores the videos given. Received: UCSDped2"),
     Row("score-input-without-model", "batch_scoring", clip_and_model(), "argument --model_dir: required with --input"),
     Row("score-model-dir-not-a-model", "batch_scoring", clip_and_model("--model_dir", "m"), "m is not a model folder (no config.json); pass the folder train.py wrote.", parse=False),
-    Row("score-calibration-twice", "batch_scoring", clip_and_model("--model_dir", "m", "--calibration", "c.json", "--calibrate_on", "clip"), "argument --calibration: not allowed with --calibrate_on, which fits a new calibration"),
-    Row("score-labels-without-input", "batch_scoring", args("--labels", "l.csv"), "argument --labels: goes with --input"),
+    Row("score-calibration-twice", "batch_scoring", lambda t: clip_and_model("--model_dir", "m", "--calibration", a_file(t, "c.json"), "--calibrate_on", "clip")(t), "argument --calibration: not allowed with --calibrate_on, which fits a new calibration"),
+    Row("score-labels-without-input", "batch_scoring", lambda t: ["--labels", a_file(t, "l.csv")], "argument --labels: goes with --input"),
+    Row("score-labels-missing", "batch_scoring", clip_and_model("--model_dir", "m", "--labels", "l.csv"), "argument --labels: must be a file, but l.csv does not exist"),
+    Row("score-calibration-folder", "batch_scoring", clip_and_model("--model_dir", "m", "--calibration", "m"), "argument --calibration: must be a file, but m is a folder"),
     Row("score-plot-videos-without-gifs", "batch_scoring", args("--plot_videos", "Test001"), "argument --plot_videos: goes with --save_prediction_error_video_frames"),
     Row("score-config-smooth-0", "batch_scoring", config_file({"smooth": 0}), "--smooth (from config my.json): must be 1 or more frames. Received: 0"),
     Row("anoms-config-unknown", "fit_anoms", config_file({"smoth": 3}), "fit_anoms.py: error: argument --config: my.json has unknown settings: ['smoth']"),

@@ -203,6 +203,15 @@ def _rows_scoring_and_anoms(ws: Path, prepared: Path):
         ["fit_anoms.py", "--apply", anoms, "--scored_data", scored, "--overwrite"],
         "not written by fit_anoms --apply",
     )
+    old = ws / "scored_before"
+    (old / "overlays").mkdir(parents=True)
+    (old / "alarms.csv").write_text("video,start_frame\n")
+    write_marker(old, "batch_scoring")
+    (old / "my_annotations").mkdir()  # a user's folder, empty so far
+    score = [*base, "--model_dir", models / "Syn", "--scored_data"]
+    yield "score: a user's empty folder in the output", [*score, old], "my_annotations/ was not written"
+    (ws / "latest").symlink_to(old)
+    yield "score: output is a link", [*score, ws / "latest"], "is a symbolic link (to "
     yield (
         "train: --nb_epoch 0",
         ["train.py", "--nb_epoch", "0", "--model_dir", ws / "m0"],
@@ -344,6 +353,50 @@ def test_atomic_dir_is_exclusive_and_leaves_nothing(tmp_path):
         (tmp_path / "new" / "mine.txt").write_text("a user's file, written meanwhile")
         raise RuntimeError("boom")
     assert [p.name for p in (tmp_path / "new").iterdir()] == ["mine.txt"]
+
+
+def test_only_what_a_killed_run_leaves_is_taken_for_its_leftovers(tmp_path):
+    """An empty `.<name>.lock` or an `atomic_file` temporary file in an output folder is what a kill leaves; a
+    lock-named file with content, or a lock-named folder, is the user's."""
+    target = tmp_path / "out"
+    with atomic_dir(target, stage="demo") as tmp:
+        (tmp / "a.txt").write_text("a")
+    (target / ".a.txt.lock").write_bytes(b"")
+    (target / ".a.txt.tmp-ab12cd_3.txt").write_text("half")
+    with atomic_dir(target, True, stage="demo") as tmp:  # both taken for leftovers: replaced
+        (tmp / "a.txt").write_text("b")
+    for name, make in [(".notes.lock", lambda p: p.write_text("mine")), (".keep.lock", Path.mkdir)]:
+        make(target / name)
+        with pytest.raises(PipelineError, match=name), atomic_dir(target, True, stage="demo"):
+            pass
+        assert (target / name).exists() and (target / "a.txt").read_text() == "b"
+        shutil.rmtree(target / name) if (target / name).is_dir() else (target / name).unlink()
+
+
+@pytest.mark.parametrize(
+    "meanwhile",
+    [
+        lambda target: (target / "NOTES.txt").write_text("mine"),
+        lambda target: (target / "a.txt").write_text("annotated"),
+        lambda target: (target / "my_annotations").mkdir(),
+    ],
+    ids=["note added", "file edited", "folder made"],
+)
+def test_what_the_user_does_to_the_target_during_the_run_stops_the_replacement(tmp_path, meanwhile):
+    """The target is checked again when the run ends, not only when it starts (a scoring run can take an hour):
+    it stays as the user left it, and the run's output is set aside beside it, named in the error."""
+    target = tmp_path / "out"
+    with atomic_dir(target, stage="demo") as tmp:
+        (tmp / "a.txt").write_text("old")
+    changed = r"changed while this run worked: this run's output is in .*out\.new-"
+    with pytest.raises(PipelineError, match=changed), atomic_dir(target, True, stage="demo") as tmp:
+        (tmp / "a.txt").write_text("new")
+        meanwhile(target)
+    before = tree(target)
+    assert before and (target / MARKER).is_file()  # as the user left it
+    kept = [p for p in tmp_path.iterdir() if p.name != "out"]
+    assert len(kept) == 1 and kept[0].name.startswith("out.new-") and is_complete(kept[0], "demo")
+    assert (kept[0] / "a.txt").read_text() == "new"
 
 
 # --- Ctrl-C and kills ------------------------------------------------------------------------------------

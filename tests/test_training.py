@@ -11,7 +11,7 @@ from conftest import ROOT, run_script, tiny_settings
 import models
 from models.data.store import load_split
 from models.errors import PipelineError
-from models.io import write_marker
+from models.io import read_marker, write_marker
 from models.prednet import build_training_model, find_prednet, load_model, predictor
 from models.training import TrainSettings, WindowDataset, copy_last_frame_loss, train, window_starts
 
@@ -141,6 +141,25 @@ def test_overwrite_replaces_the_whole_folder(trained, prepared, tmp_path):
     assert config["results"]["epochs_total"] == 1 and len(pd.read_csv(model_dir / "history.csv")) == 1
     assert json.loads((model_dir / "checkpoints" / "last.json").read_text())["epoch"] == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no staging folder, lock or old folder left
+
+
+def test_a_note_put_in_the_model_folder_during_the_run_stays(trained, prepared, tmp_path):
+    """--overwrite checks the old folder again when the run ends: a note the user saved in it meanwhile (or an
+    edit) keeps it as it is, and the new model is set aside beside it instead of replacing it."""
+    model_dir = tmp_path / "m"
+    shutil.copytree(trained, model_dir)
+    history = (model_dir / "history.csv").read_bytes()
+
+    class UserWritesMeanwhile(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            (model_dir / "NOTES.txt").write_text("mine\n")
+
+    with pytest.raises(PipelineError, match=r"NOTES.txt was not written by this pipeline.*changed while this run"):
+        train(tiny_settings(prepared, model_dir, nb_epoch=1, overwrite=True), extra_callbacks=[UserWritesMeanwhile()])
+    assert (model_dir / "NOTES.txt").read_text() == "mine\n" and (model_dir / "history.csv").read_bytes() == history
+    kept = [p for p in tmp_path.iterdir() if p.name != "m"]
+    assert [p.name[: len("m.new-")] for p in kept] == ["m.new-"]  # no staging folder or lock left either
+    assert len(pd.read_csv(kept[0] / "history.csv")) == 1 and read_marker(kept[0])["complete"]
 
 
 def test_fine_tuning_keeps_frozen_layers(trained, prepared, tmp_path):
