@@ -71,6 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.dataset = choose_prepared_dataset(p, args)
     args.study = args.study or args.dataset
     args.output_dir = Path(args.output_dir or f"outputs/tuning/{args.study}")
+    args.local_storage = args.storage is None
     args.storage = args.storage or f"sqlite:///{args.output_dir.resolve()}/study.db"
     return args
 
@@ -79,6 +80,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import_keras()  # after argument errors, with the native libraries' start-up lines hidden
     from models import tuning  # imports Optuna too
+    from models.data.store import dataset_dir
 
     if args.distribute:
         from models.distribute import check_backend
@@ -97,15 +99,19 @@ def main(argv=None) -> int:
         **overrides,
     )
     tuning.check_space(space, base)
-    args.output_dir.mkdir(parents=True, exist_ok=True)
+    data = [dataset_dir(args.preprocessed_data, args.dataset)]
+    if args.local_storage:  # the study database is in the folder
+        tuning.claim_output_dir(args.output_dir, args.study, data)
     study = tuning.open_study(args.study, args.storage, args.sampler_seed, args.startup_trials, args.warmup_epochs)
+    if not args.local_storage:  # a shared database opened: only now the folder
+        tuning.claim_output_dir(args.output_dir, args.study, data)
     if args.enqueue_config:
         tuning.enqueue_config(study, space, config_values)
     study.optimize(tuning.Tuner(space, base, args.output_dir), n_trials=args.n_trials, catch=(tuning.TrialFailed,))
     log.info(
         "study %r in %s: %d trials in all, %d by this worker",
         args.study,
-        args.storage,
+        tuning.shown_url(args.storage),
         len(study.trials),
         args.n_trials,
     )

@@ -85,15 +85,17 @@ def _folders(folder: Path) -> list[str]:
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_dir() and not p.is_symlink())
 
 
-def write_marker(folder: str | Path, stage: str, complete: bool = True) -> None:
-    """Marks `folder` as the output of `stage`; a complete folder's marker also lists the files in it, and the
-    SHA-256 of each (links: none), so that a later run can tell a file the user changed."""
+def write_marker(folder: str | Path, stage: str, complete: bool = True, **fields) -> None:
+    """Marks `folder` as the output of `stage` (with `fields` besides); a complete folder's marker also lists
+    the files in it, and the SHA-256 of each (links: none), so that a later run can tell a file the user
+    changed."""
     folder = Path(folder)
     marker = {
         "stage": stage,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "version": MARKER_VERSION,
         "complete": complete,
+        **fields,
     }
     if complete:
         marker["files"] = _files(folder)
@@ -104,6 +106,19 @@ def write_marker(folder: str | Path, stage: str, complete: bool = True) -> None:
 
 def _file_marker(path: Path) -> Path:
     return path.with_name(f".{path.name}{MARKER}")
+
+
+def mark_file(path: str | Path, stage: str, content: str | Path | None = None) -> None:
+    """Marks the file `path` as `stage`'s: its own marker beside it, with the SHA-256 of its content (or of the
+    file `content`, which is about to become it)."""
+    path = Path(path)
+    marker = {
+        "stage": stage,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "version": MARKER_VERSION,
+        "sha256": _sha256(Path(content or path)),
+    }
+    write_json(_file_marker(path), marker)
 
 
 def _sha256(path: Path) -> str:
@@ -468,15 +483,7 @@ def atomic_output_file(
             yield tmp
             # The marker first: a kill before the rename leaves an old file whose hash no longer matches, which
             # is refused rather than replaced.
-            write_json(
-                _file_marker(dest),
-                {
-                    "stage": stage,
-                    "created": datetime.now(UTC).isoformat(timespec="seconds"),
-                    "version": MARKER_VERSION,
-                    "sha256": _sha256(tmp),
-                },
-            )
+            mark_file(dest, stage, content=tmp)
 
 
 def write_json(path: str | Path, obj) -> None:

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import random
+import re
 import socket
 import time
 import warnings
@@ -22,13 +24,104 @@ import keras
 import optuna
 
 from models.config import resolve_config
+from models.data.index import listed
 from models.data.store import dataset_dir, load_split, read_metadata
 from models.errors import PipelineError
-from models.io import atomic_file, read_json, write_json
+from models.io import (
+    atomic_output_file,
+    check_inputs,
+    mark_file,
+    output_lock,
+    read_json,
+    read_marker,
+    write_json,
+    write_marker,
+)
 from models.prednet import find_prednet, predictor
 from models.registry import require_prednet
 from models.shapes import check_frame_size
 from models.training import PLACE_AND_MANNER, TrainSettings, WindowDataset, next_frame_mse, recorded_settings, train
+
+log = logging.getLogger(__name__)
+
+STAGE = "tune"
+REPORTS = ("trials.md", "best_config.json", "history.png", "intermediate.png", "importances.png")
+# What tune.py writes in its folder: the study database, the reports, and per trial a model folder (train.py's
+# own) and its settings; of a run that a kill stopped, hidden locks, staging and temporary entries of those.
+_STUDY_ENTRY = re.compile(r"(study\.db|" + "|".join(map(re.escape, REPORTS)) + r"|trial_\d{4,}(\.json)?|\..*)")
+
+
+class _OneLineFailures(logging.Filter):
+    """Optuna logs a trial that failed with the error's traceback; a failure of ours says all in its message."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], PipelineError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+# Optuna's lines (a trial finished, a study created) go through the scripts' logging, so that --quiet hides them.
+optuna.logging.disable_default_handler()
+optuna.logging.enable_propagation()
+logging.getLogger("optuna").setLevel(logging.NOTSET)
+logging.getLogger("optuna").addFilter(_OneLineFailures())
+
+
+def shown_url(url: str) -> str:
+    """A storage URL for messages, its password hidden."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy can read: shown up to its credentials
+        return re.sub(r"//[^@/]*@", "//***@", url)
+
+
+def claim_output_dir(out: str | Path, study: str, inputs=()) -> None:
+    """Makes `out` the folder of `study`'s trials and reports, or checks that it is: tune.py writes only into a
+    folder it made for this study (marked with the study's name), or an empty one. A folder of an earlier
+    tune.py without a marker (its entries all tune.py's, a trial folder among them) is taken over, its reports
+    marked as they are.
+
+    Raises:
+        PipelineError: `out` is a file, holds what tune.py did not write, another stage's output, or another
+            study's trials (whose trial numbers and reports this study's would overwrite).
+    """
+    out = Path(out)
+    check_inputs(out, inputs)
+    if out.exists() and not out.is_dir():
+        raise PipelineError(f"--output_dir {out} is a file; choose a folder.")
+    with output_lock(out):
+        marker = read_marker(out) if out.is_dir() else None
+        if marker is None:
+            entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+            if entries and not _earlier_study(out, entries):
+                foreign = [e for e in entries if not _STUDY_ENTRY.fullmatch(e)] or entries
+                raise PipelineError(
+                    f"Refusing to use {out} for study {study!r}: it holds what tune.py did not write "
+                    f"({listed(foreign)}); choose another --output_dir."
+                )
+            out.mkdir(parents=True, exist_ok=True)
+            for name in REPORTS:
+                if (out / name).is_file():
+                    mark_file(out / name, STAGE)
+            write_marker(out, STAGE, complete=False, study=study)
+        elif marker["stage"] != STAGE:
+            raise PipelineError(f"Refusing to use {out}: it holds the output of {marker['stage']}, not of tune.py.")
+        elif marker.get("study") != study:
+            raise PipelineError(
+                f"{out} holds the trials of study {marker.get('study')!r}; study {study!r} needs its own --output_dir "
+                "(its trial numbers and reports would overwrite them)."
+            )
+
+
+def _earlier_study(out: Path, entries: list[str]) -> bool:
+    """Whether an unmarked folder is one an earlier tune.py wrote: only its entries, a trial folder among them."""
+    trials = [out / e for e in entries if re.fullmatch(r"trial_\d{4,}", e)]
+    return all(_STUDY_ENTRY.fullmatch(e) for e in entries) and any(
+        (read_marker(t) or {}).get("stage") == "train" for t in trials
+    )
+
 
 # Settings that say where and how a run happens, not what it learns: never searched.
 NOT_SEARCHABLE = {*PLACE_AND_MANNER, "given"}  # where and how a run goes, and what its caller chose
@@ -214,6 +307,13 @@ class Tuner:
             raise PipelineError(
                 f"The space no longer matches study {name!r}: {err} New choices need a new --study."
             ) from None
+        for path in (Path(s.model_dir), config_path(s.model_dir)):
+            if path.exists():
+                raise PipelineError(
+                    f"{path} is left from an earlier study of the name {trial.study.study_name!r} (a new study "
+                    "database numbers its trials from 0 again); move the trial folders away or choose another "
+                    "--output_dir."
+                )
         trial.set_user_attr("settings", recorded_settings(s))
         trial.set_user_attr("model_dir", s.model_dir)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
@@ -270,7 +370,8 @@ def _storage(url: str, attempts: int = 5) -> optuna.storages.RDBStorage:
                 )
         except Exception as err:  # a bad URL, an unreachable server, a table another worker just created
             if attempt == attempts - 1:
-                raise PipelineError(f"Cannot open the study storage {url!r}: {str(err).splitlines()[0]}") from None
+                first = str(err).splitlines()[0].replace(url, shown_url(url))
+                raise PipelineError(f"Cannot open the study storage {shown_url(url)!r}: {first}") from None
             time.sleep(1 + random.random())
     raise AssertionError("unreachable")
 
@@ -366,18 +467,28 @@ def write_reports(study: optuna.Study, space: dict[str, dict], config_values: di
     from optuna.visualization import matplotlib as ovm
 
     notes = []
-    with atomic_file(out / "trials.md") as tmp:
-        tmp.write_text(
-            f"# Optuna study {study.study_name}\n\nObjective: val next-frame MSE / copy-last-frame MSE "
-            "(lower is better; below 1 beats copying the last frame).\n\n" + trial_table(study)
-        )
-    notes.append(f"trials -> {out / 'trials.md'}")
+
+    def report(name: str, what: str, write) -> None:
+        """Writes the report `name` with `write(path)`, unless the user changed the one there (kept, noted)."""
+        try:
+            with atomic_output_file(out / name, True, stage=STAGE) as tmp:
+                write(tmp)
+        except PipelineError as err:
+            log.warning("%s", err)
+            notes.append(f"{name} not written: kept the one there, which was changed since tune.py wrote it")
+            return
+        notes.append(f"{what} -> {out / name}")
+
+    trials = (
+        f"# Optuna study {study.study_name}\n\nObjective: val next-frame MSE / copy-last-frame MSE "
+        "(lower is better; below 1 beats copying the last frame).\n\n" + trial_table(study)
+    )
+    report("trials.md", "trials", lambda path: path.write_text(trials))
     best = best_config(study, space, config_values, config_name)
     if best is None:
         notes.append("no complete trial yet: no best_config.json")
     else:
-        write_json(out / "best_config.json", best)
-        notes.append(f"best config -> {out / 'best_config.json'}")
+        report("best_config.json", "best config", lambda path: write_json(path, best))
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     target = "val MSE / copy-last-frame MSE"
     plots = [
@@ -403,8 +514,10 @@ def write_reports(study: optuna.Study, space: dict[str, dict], config_values: di
             fig = ax.get_figure()
             fig.set_size_inches(8, 5)
             fig.tight_layout()
-            with atomic_file(out / name) as tmp:
-                fig.savefig(tmp, dpi=100, format="png")
+            report(
+                name,
+                f"{name.removesuffix('.png')} plot",
+                lambda path, fig=fig: fig.savefig(path, dpi=100, format="png"),
+            )
             plt.close(fig)
-            notes.append(f"{name.removesuffix('.png')} plot -> {out / name}")
     return notes

@@ -2,8 +2,10 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import optuna
 import pandas as pd
@@ -12,8 +14,19 @@ from conftest import ROOT, run_script
 
 import train as train_script
 from models.errors import PipelineError
+from models.io import read_marker, write_marker
 from models.training import TrainSettings
-from models.tuning import TrialFailed, Tuner, check_space, decode, load_space, open_study, suggest
+from models.tuning import (
+    TrialFailed,
+    Tuner,
+    check_space,
+    claim_output_dir,
+    decode,
+    load_space,
+    open_study,
+    suggest,
+    write_reports,
+)
 
 # The tiny profile of conftest.tiny_settings, as the config file every trial starts from.
 TINY_CONFIG = {
@@ -80,20 +93,30 @@ def study_dir(prepared, tmp_path_factory):
         )
         for seed in (1, 2)
     ]
-    for w in workers:
+    for seed, w in zip((1, 2), workers, strict=True):
         out, _ = w.communicate(timeout=600)
         assert w.returncode == 0, out[-3000:]
+        (tmp_path / f"worker{seed}.log").write_text(out)
     storage = f"sqlite:///{tmp_path / 'study' / 'study.db'}"
     optuna.load_study(study_name="tiny", storage=storage).enqueue_trial({"learning_rate": BAD_RATE})
     rerun = subprocess.run(
-        tune_command(prepared, tmp_path, "--n_trials", 1, "--startup_trials", 2, "--warmup_epochs", 0),
+        tune_command(prepared, tmp_path, "--n_trials", 1, "--startup_trials", 2, "--warmup_epochs", 0, "-q"),
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
     )
     assert rerun.returncode == 0, rerun.stderr[-3000:]
+    (tmp_path / "rerun.log").write_text(rerun.stdout + rerun.stderr)
     return tmp_path / "study"
+
+
+def test_optuna_s_lines_are_the_script_s(study_dir):
+    """Optuna's progress comes through the script's logging: shown by default, hidden by --quiet."""
+    out = (study_dir.parent / "worker1.log").read_text()
+    assert "Trial 0 finished with value" in out or "Trial 1 finished with value" in out
+    assert "[I 20" not in out  # not Optuna's own handler
+    assert "finished with value" not in (study_dir.parent / "rerun.log").read_text()  # -q
 
 
 def _tuple(value):
@@ -151,6 +174,66 @@ def test_reports(study_dir):
     )
     rows = [line for line in table.splitlines() if line.startswith("| ")][1:]  # below the header
     assert rows[0].startswith(f"| {best.number} | complete")  # best first
+
+
+def test_a_report_the_user_changed_is_kept(study_dir, tmp_path):
+    folder = tmp_path / "study"
+    shutil.copytree(study_dir, folder)
+    (folder / "trials.md").write_text("my notes on the trials\n")
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{folder / 'study.db'}")
+    notes = write_reports(study, TINY_SPACE, TINY_CONFIG, "tiny.json", folder)
+    assert (folder / "trials.md").read_text() == "my notes on the trials\n"
+    assert "trials.md not written: kept the one there, which was changed since tune.py wrote it" in notes
+    assert f"best config -> {folder / 'best_config.json'}" in notes  # the others are written
+
+
+def test_the_folder_of_a_study_is_its_own(tmp_path):
+    """tune.py writes only into a folder it made for the study, or an empty one; a folder of an earlier tune.py
+    without a marker (all its entries tune.py's, a trial folder among them) is taken over."""
+    claim_output_dir(tmp_path / "new" / "s", "s")
+    assert read_marker(tmp_path / "new" / "s") | {"created": 0} == {
+        "stage": "tune",
+        "created": 0,
+        "version": 1,
+        "complete": False,
+        "study": "s",
+    }
+    claim_output_dir(tmp_path / "new" / "s", "s")  # a rerun, or another worker
+    with pytest.raises(PipelineError, match=r"holds the trials of study 's'; study 't' needs its own --output_dir"):
+        claim_output_dir(tmp_path / "new" / "s", "t")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "trials.md").write_text("mine")
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(
+        PipelineError, match=r"Refusing to use .*mine for study 's': it holds what tune.py did not write \(notes.txt\)"
+    ):
+        claim_output_dir(mine, "s")
+    (mine / "notes.txt").unlink()
+    with pytest.raises(PipelineError, match="did not write"):  # only names of tune.py's, but no trial of its
+        claim_output_dir(mine, "s")
+    assert read_marker(mine) is None and (mine / "trials.md").read_text() == "mine"
+    (mine / "trial_0000").mkdir()
+    write_marker(mine / "trial_0000", "train")
+    claim_output_dir(mine, "s")  # an earlier tune.py's folder
+    assert read_marker(mine)["study"] == "s" and (mine / ".trials.md.prednet-output.json").is_file()
+    write_marker(tmp_path / "scored", "batch_scoring", complete=False)
+    with pytest.raises(PipelineError, match="holds the output of batch_scoring, not of tune.py"):
+        claim_output_dir(tmp_path / "scored", "s")
+
+
+def test_a_trial_folder_of_an_earlier_study_stops_the_study(prepared, tmp_path):
+    """A new study database numbers its trials from 0: a trial folder of the study before it is never written
+    over (the study stops at once, naming it)."""
+    (tmp_path / "trial_0000").mkdir()
+    (tmp_path / "trial_0000" / "model.keras").write_text("an earlier study's model")
+    study = open_study("s", f"sqlite:///{tmp_path / 'study.db'}", 0, 1, 0)
+    base = TrainSettings(preprocessed_data=str(prepared.parent), dataset=prepared.name, model_dir="")
+    entries = {k: v for k, v in TINY_SPACE.items() if not k.startswith("_")}
+    with pytest.raises(PipelineError, match=r"trial_0000 is left from an earlier study of the name 's'"):
+        study.optimize(Tuner(entries, base, tmp_path), n_trials=1, catch=(TrialFailed,))
+    assert (tmp_path / "trial_0000" / "model.keras").read_text() == "an earlier study's model"
+    assert not Path(tmp_path / "trial_0000.json").exists()
 
 
 def test_best_config_trains_with_train_py(study_dir, prepared, tmp_path):
