@@ -47,7 +47,9 @@ def _read_videos(paths, size, channels, folder_fps: float):
     videos = find_inputs(paths)
     xs, names, rates = [], [], {}
     for video in progress(videos, unit="video", desc="reading"):
-        frames = frame_io.read_video(video, size, channels)
+        frames, lost = frame_io.decode_video(video, size, channels, allow_truncated=True)
+        if lost:
+            log.warning("video file %s: %s; scoring them", video.path, frame_io.lost_frames_note(len(frames), lost))
         xs.append(frames)
         names.append(np.full(len(frames), video.name))
         rates[video.name] = video_fps(video, folder_fps)

@@ -36,6 +36,7 @@ from starlette.websockets import WebSocketDisconnect
 from models.alarms import DEFAULT_GAP, DEFAULT_MIN_FRAMES, AlarmRule, alarm_events
 from models.calibration import FILENAME, Calibration
 from models.cli import package_versions
+from models.data import frames as frame_io
 from models.errors import PipelineError
 from models.inference import check_model_dir
 from models.uploads import ACCEPTED, Deadline, FrameDecoder, Limits, UploadError, media_type, read_upload, safe_name
@@ -92,6 +93,7 @@ class AlarmEvent(BaseModel):
 class ScoreResponse(BaseModel):
     video: str
     n_frames: int
+    frames_lost: int
     fps: float
     threshold: float
     frames: list[FrameResult]
@@ -372,8 +374,10 @@ def create_app(model_dir: str | Path, settings: ServiceSettings | None = None) -
             app.state.clip_slots.release()
 
     def _score_upload(body, content_type, filename, video, deadline: Deadline) -> dict:
-        X, fps, folder = read_upload(body, content_type, filename, scoring.channels, scoring.size, limits, deadline)
-        name = safe_name(video or folder or (Path(filename).stem if filename else None))
+        upload = read_upload(body, content_type, filename, scoring.channels, scoring.size, limits, deadline)
+        X, name = upload.frames, safe_name(video or upload.folder or (Path(filename).stem if filename else None))
+        if upload.frames_lost:
+            log.warning("clip %s: %s; scored them", name, frame_io.lost_frames_note(len(X), upload.frames_lost))
         deadline.check()
         df, events = scoring.score_clip(X, name, settings.batch_size, deadline)
         state["clips"] += 1
@@ -389,7 +393,8 @@ def create_app(model_dir: str | Path, settings: ServiceSettings | None = None) -
         return {
             "video": name,
             "n_frames": len(X),
-            "fps": fps,
+            "frames_lost": upload.frames_lost,
+            "fps": upload.fps,
             "threshold": scoring.rule.threshold,
             "frames": frames,
             "alarms": events.to_dict(orient="records"),

@@ -154,13 +154,25 @@ def _collect(frames: Iterator[np.ndarray], limits: Limits, deadline: Deadline) -
     return np.stack(out)
 
 
+@dataclass
+class Upload:
+    """An upload's frames (n, h, w, c) at the model's size, their rate, the name its archive folder gives the
+    video (None: the top, or a video file), and how many frames short of its container's count a video file
+    decoded to (a file cut off, or an audio track that outlasts the video: the frames that decode are scored)."""
+
+    frames: np.ndarray
+    fps: float
+    folder: str | None = None
+    frames_lost: int = 0
+
+
 def read_video_bytes(
     data: bytes, suffix: str, channels: int, size: tuple[int, int], limits: Limits, deadline: Deadline
-) -> tuple[np.ndarray, float]:
-    """Frames (n, h, w, c) of a video file's bytes at the model's `size`, and its frames per second.
+) -> Upload:
+    """The frames of a video file's bytes at the model's `size`, its frames per second, and the frames lost.
 
     Raises:
-        UploadError: not a video, a truncated one, too many frames or pixels, or out of time.
+        UploadError: not a video, too many frames or pixels, or out of time.
     """
     folder = Path(tempfile.mkdtemp(prefix="prednet-upload-"))  # mode 0700: this process alone
     path = folder / f"upload{suffix}"
@@ -172,11 +184,7 @@ def read_video_bytes(
         frames = frame_io.frame_arrays(_limit_pixels(images, limits), "upload", channels, size)
         X = _collect(frames, limits, deadline)
         lost = frame_io.frames_lost(len(X), frame_io.reported_frame_count(path, meta))
-        if lost:  # batch_scoring.py --input refuses it too
-            raise UploadError(
-                f"The uploaded video is truncated: {len(X)} frames decoded but its container reports {len(X) + lost}."
-            )
-        return X, video_fps(video)
+        return Upload(X, video_fps(video), None, lost)
     except UploadError:
         raise
     except PipelineError as err:
@@ -316,8 +324,8 @@ def read_upload(
     size: tuple[int, int],
     limits: Limits,
     deadline: Deadline,
-) -> tuple[np.ndarray, float, str | None]:
-    """Frames of any upload at the model's size, frames per second, and the name it gives its video.
+) -> Upload:
+    """The frames of any upload at the model's size, their rate, the name it gives its video, frames lost.
 
     Raises:
         UploadError: with the status to answer and the limit, if any.
@@ -326,10 +334,9 @@ def read_upload(
         raise UploadError("The request body is empty: send a video file or an archive of frames.")
     kind, suffix = upload_kind(content_type, filename, data)
     if kind == "video":
-        X, fps = read_video_bytes(data, suffix, channels, size, limits, deadline)
-        return X, fps, None
+        return read_video_bytes(data, suffix, channels, size, limits, deadline)
     X, folder = read_archive_bytes(data, kind, channels, size, limits, deadline)
-    return X, DEFAULT_FPS, folder
+    return Upload(X, DEFAULT_FPS, folder)
 
 
 class FrameDecoder:

@@ -85,3 +85,29 @@ def tiny_settings(prepared: Path, model_dir: Path, **overrides):
         verbose=0,
     )
     return TrainSettings(**(values | overrides))
+
+
+def video_with_longer_audio(path: Path, n_frames: int = 20, seconds: float = 5.0) -> Path:
+    """A real H.264 .mp4 of `n_frames` grey frames at 10 frames/s (2 s for 20) with an AAC tone of `seconds`:
+    its container's duration is the audio's, as a camera recording's can be."""
+    import math
+    import struct
+    import wave
+
+    import imageio.v2 as imageio
+    import numpy as np
+
+    wav = path.with_suffix(".wav")
+    with wave.open(str(wav), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(8000)
+        tone = (int(8000 * math.sin(2 * math.pi * 440 * i / 8000)) for i in range(int(8000 * seconds)))
+        w.writeframes(b"".join(struct.pack("<h", v) for v in tone))
+    with imageio.get_writer(
+        str(path), fps=10, codec="libx264", macro_block_size=4, audio_path=str(wav), audio_codec="aac"
+    ) as writer:
+        for i in range(n_frames):
+            writer.append_data(np.full((24, 32, 3), 10 * i, np.uint8))
+    wav.unlink()
+    return path

@@ -6,7 +6,7 @@ import imageio.v2 as imageio
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import run_script
+from conftest import run_script, video_with_longer_audio
 
 from models.alarms import AlarmRule, AlarmState, alarm_events, alarm_states, event_metrics
 from models.calibration import Calibration, LocalNorm, NormalTail, local_errors, threshold_for, trailing_mean
@@ -307,6 +307,25 @@ def test_input_errors(trained, clips, tmp_path):
         done = run_script("batch_scoring.py", "--model_dir", trained, "--scored_data", out, *extra)
         assert done.returncode == 2 and message in done.stderr, (extra, done.stderr[-500:])
         assert not out.exists()
+
+
+def test_a_cut_video_or_a_longer_audio_track_is_scored_with_a_warning(tmp_path, caplog):
+    """Frames short of the container's count (a file cut off, an audio track that outlasts the video): the
+    frames that decode are scored, and the warning says how many the container reports."""
+    from models.scoring_run import _read_videos
+
+    audio = video_with_longer_audio(tmp_path / "audio.mp4")  # 20 frames, 5 s of sound
+    noise = np.random.default_rng(0).integers(0, 256, (20, 32, 48, 3), np.uint8)  # every frame's data its own
+    _write_video(tmp_path / "cut.mkv", noise)
+    data = (tmp_path / "cut.mkv").read_bytes()
+    (tmp_path / "cut.mkv").write_bytes(data[: len(data) // 2])
+    with caplog.at_level("WARNING"):
+        _, X, sources, _ = _read_videos([audio, tmp_path / "cut.mkv"], (16, 24), 1, 10.0)
+    kept = int((sources == "cut").sum())
+    assert (sources == "audio").sum() == 20 and 0 < kept < 20 and len(X) == 20 + kept
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("audio.mp4: 20 frames decoded but its container reports 50" in w for w in warnings), warnings
+    assert any(f"cut.mkv: {kept} frames decoded but its container reports 20" in w for w in warnings), warnings
 
 
 def test_prepared_dataset_scores_carry_the_live_columns(trained, prepared, tmp_path):

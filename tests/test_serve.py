@@ -21,7 +21,7 @@ import imageio.v2 as imageio
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import ROOT, run_script
+from conftest import ROOT, run_script, video_with_longer_audio
 from PIL import Image
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
@@ -189,7 +189,7 @@ def test_clip_scores_equal_batch_scoring(server, media, batch):
         assert response.status_code == 200, response.text
         body = response.json()
         expected = df[df["video"] == ("Test001" if video == "upload" else video)]
-        assert body["video"] == video and body["n_frames"] == len(expected) == 24
+        assert body["video"] == video and body["n_frames"] == len(expected) == 24 and body["frames_lost"] == 0
         assert [f["frame"] for f in body["frames"]] == expected["frame"].tolist()
         np.testing.assert_allclose(_scores(body["frames"]), expected["score"], atol=1e-6, equal_nan=True)
         np.testing.assert_allclose(
@@ -202,6 +202,16 @@ def test_clip_scores_equal_batch_scoring(server, media, batch):
         assert len(mine) == len(theirs)
         if len(theirs):
             pd.testing.assert_frame_equal(mine[theirs.columns], theirs, check_dtype=False, atol=1e-6)
+
+
+def test_a_clip_whose_audio_outlasts_its_video_is_scored(server, tmp_path):
+    url, _, _ = server
+    clip = video_with_longer_audio(tmp_path / "cam.mp4")  # 20 frames, 5 s of sound
+    response = httpx.post(f"{url}/v1/score", files={"file": ("cam.mp4", clip.read_bytes(), "video/mp4")}, headers=AUTH)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["n_frames"] == 20 and body["frames_lost"] == 30 and body["fps"] == 10.0
+    assert len(body["frames"]) == 20 and body["frames"][1]["score"] is not None
 
 
 def test_stream_scores_equal_batch(server, media, batch):

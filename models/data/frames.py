@@ -175,6 +175,14 @@ def reported_frame_count(path: str | Path, meta: dict) -> int | None:
     return round(frames) if math.isfinite(frames) and frames > 0 else None
 
 
+def lost_frames_note(decoded: int, lost: int) -> str:
+    """What the frames missing from a video file (`frames_lost`) say, for a warning."""
+    return (
+        f"{decoded} frames decoded but its container reports {decoded + lost} (a file cut off, or an audio track "
+        "that outlasts the video)"
+    )
+
+
 def frames_lost(decoded: int, reported: int | None) -> int:
     """Frames missing from a decoded video file: 0 unless it is short of its container's count by more than
     1 frame and 1% (container durations are rounded, and an audio track may outlast the video a little)."""
