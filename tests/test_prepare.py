@@ -1,4 +1,5 @@
 import shutil
+import subprocess
 
 import h5py
 import hickle
@@ -233,6 +234,30 @@ def test_avi_header_gives_the_frame_count_a_truncation_cannot_hide(tmp_path):
     path.write_bytes(path.read_bytes()[: path.stat().st_size * 3 // 10])
     assert avi_frame_count(path) == 20
     assert frames_lost(19, 20) == 0 and frames_lost(2, 20) == 18  # one frame short is within rounding
+
+
+def test_a_variable_rate_video_gives_its_frames_as_stored_at_their_average_rate(tmp_path):
+    """A 10 frames/s camera that dropped frames 40-70 and 120-140 (a variable-rate file, 128 frames in 18 s):
+    its 128 frames, none repeated to fill the gaps, at its average rate, which the frame count matches."""
+    import imageio_ffmpeg
+
+    from models.data.frames import decode_video
+    from models.data.index import Video
+    from models.data.inputs import video_fps
+
+    path = tmp_path / "vfr.mp4"
+    keep = "not(between(n,40,70))*not(between(n,120,140))"
+    subprocess.run(
+        [imageio_ffmpeg.get_ffmpeg_exe(), "-loglevel", "error", "-f", "lavfi", "-i",
+         "testsrc=size=48x32:rate=10:duration=18", "-vf", f"select='{keep}'", "-fps_mode", "vfr", "-c:v", "libx264",
+         str(path)],
+        check=True,
+    )  # fmt: skip
+    video = Video("vfr", "test", path)
+    X, lost = decode_video(video, (16, 24), 1)
+    assert len(X) == 180 - 31 - 21 and lost == 0
+    assert (np.abs(np.diff(X.astype(int), axis=0)).max(axis=(1, 2, 3)) > 0).all()  # no frame repeated
+    assert video_fps(video) == pytest.approx(128 / 18, abs=0.01)
 
 
 def test_truncated_mkv_is_caught_by_its_duration_times_frame_rate(tmp_path):

@@ -193,11 +193,13 @@ def frames_lost(decoded: int, reported: int | None) -> int:
 
 
 def _iter_video_file(path: Path, meta: dict | None = None):
-    """Yields the frames of a video file as arrays; fills `meta` with the reader's metadata first."""
+    """Yields the frames of a video file as arrays, as they are stored (a variable-rate file's too: ffmpeg
+    would otherwise repeat frames to fill its gaps at the stream's nominal rate, which the rate reported for
+    it, the average, does not count); fills `meta` with the reader's metadata first."""
     import imageio.v2 as imageio
 
     try:
-        reader = imageio.get_reader(str(path), "ffmpeg")
+        reader = imageio.get_reader(str(path), "ffmpeg", output_params=["-fps_mode", "passthrough"])
     except Exception as err:  # imageio raises several types for unreadable files
         raise PipelineError(
             f"Cannot open video file {path}: {_first_line(err)} (not a video, or truncated before its index)"
