@@ -23,10 +23,9 @@ from __future__ import annotations
 import argparse
 import logging
 
-from models.alarms import DEFAULT_GAP, DEFAULT_MIN_FRAMES
-from models.args import existing_file, float_in, folder, int_at_least, positive_float, positive_int
+from models.args import existing_file, folder, int_at_least, positive_float, positive_int
 from models.calibration import DEFAULT_SMOOTH
-from models.cli import add_prepared_data_options, choose_prepared_dataset, import_keras, parser, run
+from models.cli import add_alarm_options, add_prepared_data_options, choose_prepared_dataset, import_keras, parser, run
 from models.config import add_config_option, parse_with_config
 from models.inference import DEFAULT_HORIZON
 from models.io import atomic_dir, check_output
@@ -80,24 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=DEFAULT_SMOOTH,
         help="with --calibrate_on or a new calibration: trailing frames averaged into the live score (default: 5)",
     )
-    g.add_argument(
-        "--fpr",
-        type=float_in(0, 1, low_open=True, high_open=True),
-        default=None,
-        help="alarm threshold as a false-positive rate on normal frames (default: the calibration's, 0.01)",
-    )
-    g.add_argument(
-        "--alarm_min_frames",
-        type=int_at_least(1, "frames"),
-        default=DEFAULT_MIN_FRAMES,
-        help="frames over the threshold that raise an alarm (default: 3)",
-    )
-    g.add_argument(
-        "--alarm_gap",
-        type=int_at_least(1, "frames"),
-        default=DEFAULT_GAP,
-        help="frames under the threshold that end one (default: 5)",
-    )
+    add_alarm_options(g)
     g.add_argument(
         "--overlays",
         type=int_at_least(0, "videos"),

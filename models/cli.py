@@ -257,6 +257,31 @@ def choose_dataset(
     p.error(f"argument --dataset: {root} holds {len(found)} datasets ({', '.join(found)}); pass --dataset NAME")
 
 
+def add_alarm_options(g) -> None:
+    """--fpr, --alarm_min_frames and --alarm_gap, the alarm of the live score (batch_scoring.py, serve.py)."""
+    from models.alarms import DEFAULT_GAP, DEFAULT_MIN_FRAMES
+    from models.args import float_in, int_at_least
+
+    g.add_argument(
+        "--fpr",
+        type=float_in(0, 1, low_open=True, high_open=True),
+        default=None,
+        help="alarm threshold as a false-positive rate on normal frames (default: the calibration's, 0.01)",
+    )
+    g.add_argument(
+        "--alarm_min_frames",
+        type=int_at_least(1, "frames"),
+        default=DEFAULT_MIN_FRAMES,
+        help="frames over the threshold that raise an alarm (default: 3)",
+    )
+    g.add_argument(
+        "--alarm_gap",
+        type=int_at_least(1, "frames"),
+        default=DEFAULT_GAP,
+        help="frames under the threshold that end one (default: 5)",
+    )
+
+
 def add_prepared_data_options(p: argparse.ArgumentParser, when: str = "") -> None:
     """--preprocessed_data and --dataset, for a script that reads what data_preparation.py wrote; `when`
     (e.g. "without --input: ") starts their help. `choose_prepared_dataset` resolves --dataset after parsing."""

@@ -56,6 +56,8 @@ class ServiceSettings:
         api_key: required in `X-API-Key` or `Authorization: Bearer` when set (never logged).
         calibration: a calibration.json to use instead of the model folder's (a camera recalibrated with
             `batch_scoring.py --calibrate_on`).
+        fpr, alarm_min_frames, alarm_gap: the alarm, as batch_scoring.py's options of those names (fpr: None
+            keeps the calibration's).
         batch_size: windows per model call when scoring a clip (batch_scoring.py's default: the same numbers).
         max_batch: streams per shared model call at most.
         max_wait_ms: how long a stream's frame waits for others to share its call.
@@ -69,6 +71,7 @@ class ServiceSettings:
     batch_size: int = 64
     max_batch: int = 32
     max_wait_ms: float = 5.0
+    fpr: float | None = None
     alarm_min_frames: int = DEFAULT_MIN_FRAMES
     alarm_gap: int = DEFAULT_GAP
     clip_workers: int = 1
@@ -122,6 +125,8 @@ class ScoringModel:
                 "before calibration existed, fit one with batch_scoring.py --calibrate_on and pass --calibration."
             )
         self.calibration = Calibration.load(cal_path)
+        if settings.fpr:
+            self.calibration.fpr = settings.fpr
         if not self.calibration.window:
             raise PipelineError(f"{cal_path} scores whole videos (window 0); the service needs a windowed one.")
         from models.inference import load_predictor  # Keras, once the folder is known to be usable

@@ -414,6 +414,31 @@ def test_load_test_paces_its_clients_and_counts_what_came_back(server):
     assert "server memory (RSS)" in done.stdout and "HTTP Request" not in done.stdout + done.stderr
 
 
+def test_the_alarm_options_are_batch_scoring_s(trained, media, tmp_path):
+    """serve.py --fpr, --alarm_min_frames and --alarm_gap shape its alarms as batch_scoring.py's options of those
+    names shape alarms.csv."""
+    import serve
+    from models.data.frames import read_video
+    from models.data.index import Video
+    from models.service import ScoringModel, ServiceSettings
+
+    options = ["--fpr", "0.2", "--alarm_min_frames", "2", "--alarm_gap", "1"]
+    done = run_script(
+        "batch_scoring.py", "--model_dir", trained, "--input", media / "Test001.mp4", "--scored_data", tmp_path / "s",
+        "--overlays", "0", *options,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    expected = pd.read_csv(tmp_path / "s" / "alarms.csv")
+    args = serve.parse_args(["--model_dir", str(trained), *options])
+    settings = ServiceSettings(fpr=args.fpr, alarm_min_frames=args.alarm_min_frames, alarm_gap=args.alarm_gap)
+    model = ScoringModel(trained, settings)
+    assert (model.rule.min_frames, model.rule.gap) == (2, 1) and model.rule.threshold == pytest.approx(-np.log10(0.2))
+    X = read_video(Video("Test001", "test", media / "Test001.mp4"), model.size, model.channels)
+    _, events = model.score_clip(X, "Test001", settings.batch_size)
+    assert len(expected) > 0  # a low threshold: alarms to compare
+    pd.testing.assert_frame_equal(events[expected.columns], expected, check_dtype=False, atol=1e-6)
+
+
 def test_startup_errors_are_one_line(trained, tmp_path):
     no_cal = tmp_path / "no_cal"
     no_cal.mkdir()
