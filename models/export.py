@@ -35,11 +35,11 @@ ARTEFACT = {"savedmodel": "saved_model", "onnx": "model.onnx"}
 
 def scorer_for_export(model_dir: str | Path, per_window: int | None = None, unroll: bool = False):
     """The window scorer of a model folder, its calibration, and the (window, per_window) it scores."""
-    from models.inference import load_predictor
+    from models.inference import check_model_dir, load_predictor
     from models.prednet import find_prednet, window_scorer
     from models.registry import model_name, require_prednet
 
-    model_dir = Path(model_dir)
+    model_dir = check_model_dir(model_dir)
     cal_path = model_dir / FILENAME
     if not cal_path.is_file():
         raise PipelineError(f"No calibration {cal_path}: train.py writes it; the export takes its window from it.")

@@ -34,3 +34,14 @@ def test_keras_load_model_works_after_import_models_alone(trained):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split()[0] == "prednet_training" and "PredNet" in done.stdout
+
+
+def test_a_damaged_model_file_is_named_as_such(tmp_path):
+    import pytest
+
+    from models.errors import PipelineError
+
+    path = tmp_path / "model.keras"
+    path.write_text("not a model")  # Keras itself would say "File not found"
+    with pytest.raises(PipelineError, match=r"model.keras: not a .keras file \(a zip archive\); it is damaged"):
+        load_model(path)

@@ -27,6 +27,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from benchmarks.load_test import start_server, stop_server
+from models.errors import PipelineError
 from models.streaming import window_position
 from models.uploads import Deadline, Limits, UploadError, archive_members, upload_kind
 
@@ -480,6 +481,8 @@ def test_exported_model_gives_the_keras_outputs(trained, tmp_path):
 
     from models.export import export_scorer, scorer_for_export
 
+    with pytest.raises(PipelineError, match=r"Model folder .*missing does not exist; run train.py first"):
+        export_scorer(tmp_path / "missing", tmp_path / "export")
     path = export_scorer(trained, tmp_path / "export")
     meta = json.loads((tmp_path / "export" / "export.json").read_text())
     assert meta["window"] == 4 and meta["per_window"] == 2 and (tmp_path / "export" / "calibration.json").is_file()

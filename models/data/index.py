@@ -54,10 +54,10 @@ VIDEO_SUFFIXES = (
     ".mpeg",
 )  # those imageio's ffmpeg reader opens
 UCSD_URL = "http://www.svcl.ucsd.edu/projects/anomaly/dataset.htm"
-EXPECTED_TREE = """\
-    <raw_data>/UCSD_Anomaly_Dataset.v1p2/<dataset>/Train/Train001/001.tif ...
-    <raw_data>/UCSD_Anomaly_Dataset.v1p2/<dataset>/Test/Test001/001.tif ...
-    <raw_data>/UCSD_Anomaly_Dataset.v1p2/<dataset>/Test/<dataset>.m"""
+EXPECTED_TREE = (
+    "<raw_data>/UCSD_Anomaly_Dataset.v1p2/<dataset>/Train/Train001/001.tif, .../Test/Test001/001.tif and "
+    ".../Test/<dataset>.m (docs/data_preparation.md)"
+)
 
 
 @dataclass
@@ -172,8 +172,7 @@ def resolve_root(raw_data: str | Path, dataset: str) -> Path:
     raise PipelineError(
         f"Dataset {dataset!r} not found under {raw_data}: no Train/ or Test/ folder in {raw_data / dataset} "
         f"or {raw_data / 'UCSD_Anomaly_Dataset.v1p2' / dataset}. Get UCSD from {UCSD_URL}, unpack it into "
-        f"{raw_data}, and check the tree:\n{EXPECTED_TREE}\n"
-        "Or make the synthetic dataset with --make_synthetic."
+        f"{raw_data} so that it holds {EXPECTED_TREE}, or make the synthetic dataset with --make_synthetic."
     )
 
 
@@ -323,7 +322,7 @@ def build_index(root: str | Path) -> list[Video]:
     if (root / "Test").is_dir():
         _attach_labels(root / "Test", [v for v in videos if v.split == "test"])
     if not any(v.split == "train" for v in videos):
-        raise PipelineError(f"No training videos in {root / 'Train'}; expected the tree:\n{EXPECTED_TREE}")
+        raise PipelineError(f"No training videos in {root / 'Train'}; expected {EXPECTED_TREE}.")
     return videos
 
 

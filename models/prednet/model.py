@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import keras
@@ -218,6 +219,10 @@ def load_model(path: str | Path, compile: bool = False) -> keras.Model:
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"No model file {path}; run train.py first (it writes <model_dir>/model.keras).")
+    if not zipfile.is_zipfile(path):  # Keras says "File not found" of it
+        raise PipelineError(
+            f"Cannot load model {path}: not a .keras file (a zip archive); it is damaged or another file."
+        )
     try:
         return keras.saving.load_model(path, compile=compile)
     except Exception as err:
