@@ -334,6 +334,18 @@ def staging_dir(model_dir: str | Path) -> Path:
     return sibling(model_dir, ".partial")
 
 
+def _finish_commit(staging: Path, model_dir: Path, marker: dict) -> None:
+    """A complete staging folder is what a kill left at the end of a run: the finished model, if the kill came
+    before it was swapped in (it is newer than the model folder, or there is none), which is then put in place;
+    else the replaced old model folder, which is deleted."""
+    current = read_marker(model_dir) if model_dir.is_dir() and not model_dir.is_symlink() else None
+    if current is not None and marker.get("created", "") <= current.get("created", ""):
+        remove_output(staging)
+        return
+    log.warning("%s holds a run that finished but was not put in place (killed at its end): putting it there", staging)
+    commit_dir(staging, model_dir, STAGE)
+
+
 def _open_run(s: TrainSettings, model_dir: Path, inputs: list) -> tuple[Path | None, Path | None]:
     """Decides, before any work, where the run trains and what it resumes. Writes nothing; deletes only a
     replaced model folder that a kill left under the staging name.
@@ -349,8 +361,8 @@ def _open_run(s: TrainSettings, model_dir: Path, inputs: list) -> tuple[Path | N
             raise PipelineError(
                 f"Refusing to use {staging}: it was not written by train.py (no train {MARKER}); move it away."
             )
-        if marker.get("complete"):  # a replaced model folder that a kill kept from being deleted
-            remove_output(staging)
+        if marker.get("complete"):
+            _finish_commit(staging, model_dir, marker)
     exists = model_dir.exists() or model_dir.is_symlink()
     if s.resume:
         if exists:

@@ -162,6 +162,30 @@ def test_a_note_put_in_the_model_folder_during_the_run_stays(trained, prepared, 
     assert len(pd.read_csv(kept[0] / "history.csv")) == 1 and read_marker(kept[0])["complete"]
 
 
+def test_a_run_killed_at_its_very_end_is_put_in_place_not_lost(prepared, tmp_path):
+    """Between a run's last marker and the swap, a kill leaves the finished model in the staging folder: the next
+    run puts it in place (it is newer than the model folder). After the swap, the staging folder holds the old
+    model folder: that one is deleted."""
+    from models.training import _open_run, staging_dir
+
+    def model(folder, created, note):
+        folder.mkdir()
+        (folder / "model.keras").write_text(note)
+        write_marker(folder, "train")
+        marker = json.loads((folder / ".prednet-output.json").read_text()) | {"created": created}
+        (folder / ".prednet-output.json").write_text(json.dumps(marker))
+
+    model_dir = tmp_path / "m"
+    s = tiny_settings(prepared, model_dir, overwrite=True)
+    model(model_dir, "2026-12-01T10:00:00+00:00", "old")
+    model(staging_dir(model_dir), "2026-12-03T10:00:00+00:00", "new")  # finished, not swapped in
+    _open_run(s, model_dir, [])
+    assert (model_dir / "model.keras").read_text() == "new" and not staging_dir(model_dir).exists()
+    model(staging_dir(model_dir), "2026-12-01T10:00:00+00:00", "old")  # swapped, the old one not yet deleted
+    _open_run(s, model_dir, [])
+    assert (model_dir / "model.keras").read_text() == "new" and not staging_dir(model_dir).exists()
+
+
 def test_fine_tuning_keeps_frozen_layers(trained, prepared, tmp_path):
     base = find_prednet(load_model(trained / "model.keras"))
     train(tiny_settings(prepared, tmp_path / "ft", fine_tuning=str(trained), freeze_layers=(0,), nb_epoch=1))
