@@ -199,14 +199,21 @@ def _whole_rows(sources):
     return starts, stops, steps
 
 
+def padded_rows(rows: int, batch_size: int) -> int:
+    """The rows a windowed call of `rows` rows is padded to: the next power of two, at least 8, at most
+    `batch_size` (a handful of shapes to compile, and a short clip is not scored as a whole batch)."""
+    return min(batch_size, max(8, 1 << max(rows - 1, 0).bit_length()))
+
+
 def _run_rows(scorer, X, sources, batch_size, window, horizon, per_window, maps, progress=None):
     """Frame t from the frames of its video in the row (window, or whole video) that scores it, read at its
     step; padded at the end (the model is causal, so padding never changes a step before it). With horizon
     > 1 (one frame per window) the model's own prediction replaces the frame at the steps after
     t - horizon, in the same call (closed loop), except at t itself, whose frame stays in so that the layer
     errors of its step compare it with its prediction (which does not depend on it). Rows travel as uint8,
-    and every windowed call has the same shape (the last one padded), so the scorer compiles once; whole
-    videos are padded to the longest of their call."""
+    and a windowed call's rows are padded to a power of two from 8 up to `batch_size` (`padded_rows`), so the
+    scorer compiles a few times at most and a short clip costs a few windows, not a whole batch; whole videos
+    are padded to the longest of their call."""
     if window:
         starts, stops, picked = window_rows(sources, window, per_window)
         length = window
@@ -224,7 +231,7 @@ def _run_rows(scorer, X, sources, batch_size, window, horizon, per_window, maps,
         last = step.max(axis=1)[:, None]  # with horizon > 1, the one step scored
         fed = ((steps > last - horizon) & (steps < last)).astype(np.float32)
         pick = (step[..., None] == steps).astype(np.float32)
-        pad = batch_size - len(start) if window else 0
+        pad = padded_rows(len(start), batch_size) - len(start) if window else 0
         if pad:
             frames, fed, pick = (
                 np.concatenate([a, np.zeros((pad, *a.shape[1:]), a.dtype)]) for a in (frames, fed, pick)

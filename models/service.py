@@ -279,10 +279,11 @@ def create_app(model_dir: str | Path, settings: ServiceSettings | None = None) -
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        if settings.warm_up:
-            window = scoring.calibration.window
-            blank = np.zeros((window + scoring.calibration.per_window + 1, *scoring.frame_shape), np.uint8)
-            scoring.score_clip(blank, "warm-up", settings.batch_size)
+        if settings.warm_up:  # a short clip and a long one: the smallest and the largest call (padded_rows)
+            cal = scoring.calibration
+            for rows in (1, settings.batch_size):
+                blank = np.zeros((cal.window + cal.per_window * (rows - 1) + 1, *scoring.frame_shape), np.uint8)
+                scoring.score_clip(blank, "warm-up", settings.batch_size)
             batcher.warm_up(blank[0])
         app.state.clip_slots = asyncio.Semaphore(settings.clip_workers)
         await batcher.start()

@@ -257,6 +257,21 @@ def test_window_rows_score_every_frame_once_from_enough_earlier_frames():
         assert (sources[starts] == "a").sum() == -(-window // per_window) + -(-17 // per_window)
 
 
+def test_a_call_is_padded_to_a_power_of_two_rows_and_scores_do_not_depend_on_it(trained, prepared):
+    """A short clip is scored in a call of 8 rows, not a whole batch of 64, with the same scores."""
+    from models.inference import load_predictor, padded_rows, predict_videos
+
+    assert [padded_rows(n, 64) for n in (1, 7, 8, 9, 33, 64)] == [8, 8, 8, 16, 64, 64]
+    assert [padded_rows(n, 5) for n in (1, 5)] == [5, 5]  # never above the batch size
+    model, _, _ = load_predictor(trained)
+    X, sources = load_split(prepared, "test")
+    X, sources = X[:24], sources[:24]  # 12 rows of 4-frame windows, 2 frames each: one call of 16 rows
+    padded, padded_err, _ = predict_videos(model, X, sources, batch_size=64, window=4, per_window=2)
+    tight, tight_err, _ = predict_videos(model, X, sources, batch_size=12, window=4, per_window=2)
+    np.testing.assert_allclose(padded, tight, atol=1e-6)
+    np.testing.assert_allclose(padded_err, tight_err, atol=1e-6)
+
+
 def test_several_frames_per_window_are_each_predicted_from_their_own_window(trained, prepared):
     from models.inference import load_predictor, predict_videos
 
