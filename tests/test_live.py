@@ -285,6 +285,10 @@ def test_inputs_of_one_name_in_different_folders_are_named_after_their_folder(tm
     assert [v.name for v in find_inputs([tmp_path / "recordings"])] == ["camA_clip", "camB_clip"]
     with pytest.raises(PipelineError, match="both named 'cam1_today'"):  # their folders share a name too
         find_inputs([tmp_path / "x" / "cam1", tmp_path / "y" / "cam1"])
+    (tmp_path / "cam1" / "today.webm").write_bytes(b"")  # one name in one folder: named after the suffix too
+    videos = find_inputs([tmp_path / "cam1", tmp_path / "cam2"])
+    assert [v.name for v in videos] == ["cam1_today_mp4", "cam1_today_webm", "cam2_today"]
+    assert [v.name for v in find_inputs([tmp_path / "cam1"])] == ["today_mp4", "today_webm"]
 
 
 def test_input_errors(trained, clips, tmp_path):

@@ -6,7 +6,7 @@ A file with a video suffix (.mp4, .avi, .mov, .mkv, ...) is one video, named by 
 holds frame files is one video, named by the folder; any other folder is searched one level down for both,
 and for video files in its folders (a folder per camera; hidden entries and `*_gt` mask folders are
 skipped). Videos of one name in different folders are named after their folder as well (cam1/today.mp4 ->
-cam1_today).
+cam1_today), files of one name in one folder after their suffix (clip.avi, clip.webm -> clip_avi, clip_webm).
 """
 
 from __future__ import annotations
@@ -96,7 +96,8 @@ def find_inputs(paths) -> list[Video]:
 
 def _unique_names(videos: list[Video]) -> list[Video]:
     """The videos, those of one name in different folders (cam1/today.mp4, cam2/today.mp4) named after their
-    folder as well (cam1_today, cam2_today).
+    folder as well (cam1_today, cam2_today), and files of one name in one folder after their suffix too
+    (clip.avi, clip.webm: clip_avi, clip_webm).
 
     Raises:
         PipelineError: a video given twice, or names that stay the same.
@@ -107,12 +108,17 @@ def _unique_names(videos: list[Video]) -> list[Video]:
             raise PipelineError(f"Input {v.path} is given twice (as {paths[v.path.resolve()]} before).")
         paths[v.path.resolve()] = v.path
     names = [v.name for v in videos]
-    for v in videos:
-        if names.count(v.name) > 1:
-            v.name = f"{v.path.parent.name}_{v.name}"
+    for name in {n for n in names if names.count(n) > 1}:
+        group = [v for v in videos if v.name == name]
+        folders = {v.path.parent for v in group}
+        for v in group:
+            beside = sum(u.path.parent == v.path.parent for u in group) > 1  # in one folder: by suffix
+            suffix = v.path.suffix.lstrip(".").lower()
+            folder = f"{v.path.parent.name}_" if len(folders) > 1 else ""
+            v.name = f"{folder}{name}" + (f"_{suffix}" if beside and suffix else "")
     renamed = sorted({v.name for v, old in zip(videos, names, strict=True) if v.name != old})
     if renamed:
-        log.info("inputs of one name in different folders, named after their folder too: %s", listed(renamed))
+        log.info("inputs of one name, named after their folder or their suffix too: %s", listed(renamed))
     seen: dict[str, Path] = {}
     for v in videos:
         if v.name in seen:
