@@ -49,6 +49,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--fps", type=positive_float, default=10.0, help="frames per second of folders of frames")
     p.add_argument(
+        "--sample_fps",
+        type=positive_float,
+        default=None,
+        help="with --input or --calibrate_on: score about this many frames a second of each video, every "
+        "round(rate / F)-th frame (a 30 fps camera at 10 for a model trained at Ped2's 10); default: every frame",
+    )
+    p.add_argument(
         "--model_dir",
         type=folder,
         default=None,
@@ -149,6 +156,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("argument --plot_videos: goes with --save_prediction_error_video_frames (the GIFs it names)")
     if args.labels and not args.input:
         p.error("argument --labels: goes with --input (a prepared dataset has its own labels)")
+    if args.sample_fps and not (args.input or args.calibrate_on):
+        p.error("argument --sample_fps: goes with --input or --calibrate_on (a prepared dataset is scored as prepared)")
     if args.calibration and args.calibrate_on:
         p.error("argument --calibration: not allowed with --calibrate_on, which fits a new calibration")
     if args.input:

@@ -3,6 +3,7 @@ model and its calibration; score; write the table, the alarms, the reports, the 
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from dataclasses import dataclass, field
@@ -31,29 +32,57 @@ class ScoringInputs:
     sources: np.ndarray
     y: np.ndarray | None
     masks: np.ndarray | None
-    fps: dict[str, float]  # video -> frames per second
+    fps: dict[str, float]  # video -> frames per second scored
     title: str
     model: object
     config: dict
     calibration: Calibration
     videos: dict[str, Video] = field(default_factory=dict)  # video -> where its frames are (--input)
     metadata: dict = field(default_factory=dict)
+    steps: dict[str, int] = field(default_factory=dict)  # video -> every how many of its frames is scored (1)
 
 
-def _read_videos(paths, size, channels, folder_fps: float):
+@dataclass
+class _Read:
+    """Videos read for scoring (`_read_videos`)."""
+
+    videos: list[Video]
+    X: np.ndarray
+    sources: np.ndarray
+    fps: dict[str, float]  # frames per second scored
+    steps: dict[str, int]  # every how many frames is scored
+    lengths: dict[str, int]  # frames in the video
+
+
+def frame_step(fps: float, sample_fps: float | None) -> int:
+    """Every how many frames a video of `fps` frames/s is scored to be scored at about `sample_fps` (1: all)."""
+    return max(1, round(fps / sample_fps)) if sample_fps else 1
+
+
+def _read_videos(paths, size, channels, folder_fps: float, sample_fps: float | None = None):
     """The videos at `paths`, their frames resized to `size` (decoded one at a time: a video is never held at
-    its own size), the video of each frame, and each video's frames per second (`folder_fps` for a folder of
-    frames)."""
+    its own size), the video of each frame, the frames per second scored of each video (`folder_fps` for a
+    folder of frames), every how many of its frames is kept (`frame_step` to `sample_fps`), and each video's
+    frame count."""
     videos = find_inputs(paths)
-    xs, names, rates = [], [], {}
+    xs, names, rates, steps, lengths = [], [], {}, {}, {}
     for video in progress(videos, unit="video", desc="reading"):
         frames, lost = frame_io.decode_video(video, size, channels, allow_truncated=True)
         if lost:
             log.warning("video file %s: %s; scoring them", video.path, frame_io.lost_frames_note(len(frames), lost))
+        rate = video_fps(video, folder_fps)
+        steps[video.name], lengths[video.name] = frame_step(rate, sample_fps), len(frames)
+        frames = frames[:: steps[video.name]]
         xs.append(frames)
         names.append(np.full(len(frames), video.name))
-        rates[video.name] = video_fps(video, folder_fps)
-    return videos, np.concatenate(xs), np.concatenate(names), rates
+        rates[video.name] = rate / steps[video.name]
+    if sample_fps:
+        log.info(
+            "--sample_fps %g: %s",
+            sample_fps,
+            listed(f"{n} 1 frame in {s} ({rates[n] * s:g} -> {rates[n]:g} frames/s)" for n, s in steps.items()),
+        )
+    return _Read(videos, np.concatenate(xs), np.concatenate(names), rates, steps, lengths)
 
 
 def _calibration(args, model, config, settings, dataset_dir):
@@ -63,7 +92,8 @@ def _calibration(args, model, config, settings, dataset_dir):
 
     frame_shape = tuple(config["frame_shape"])
     if args.calibrate_on:
-        _, X, sources, _ = _read_videos(args.calibrate_on, frame_shape[:2], frame_shape[2], args.fps)
+        read = _read_videos(args.calibrate_on, frame_shape[:2], frame_shape[2], args.fps, args.sample_fps)
+        X, sources = read.X, read.sources
         log.info("calibrating on %d frames of %s", len(X), count(len(set(sources)), "normal video"))
         fpr = args.fpr or DEFAULT_FPR
         with progress(total=len(X), unit="frame", desc="calibrating") as bar:
@@ -152,10 +182,10 @@ def load_scoring_inputs(args) -> ScoringInputs:
         )
     inputs, meta, masks, dataset_dir = {}, {}, None, None
     if args.input:
-        videos, X, sources, fps = _read_videos(args.input, (h, w), c, args.fps)
+        read = _read_videos(args.input, (h, w), c, args.fps, args.sample_fps)
+        videos, X, sources, fps, steps = read.videos, read.X, read.sources, read.fps, read.steps
         inputs = {v.name: v for v in videos}
-        lengths = {v.name: int((sources == v.name).sum()) for v in videos}
-        y = input_labels(videos, lengths, args.labels) if args.labels else None
+        y = input_labels(videos, read.lengths, args.labels, steps) if args.labels else None
         title = count(len(videos), "input video")
     else:
         dataset_dir = store.dataset_dir(args.preprocessed_data, args.dataset)
@@ -171,7 +201,7 @@ def load_scoring_inputs(args) -> ScoringInputs:
         y = store.load_labels(dataset_dir)
         mask_file = dataset_dir / "masks_test.hkl"
         masks = store.load(mask_file) if mask_file.is_file() else None
-        fps, title = {str(video): args.fps for video in dict.fromkeys(sources)}, args.dataset
+        fps, title, steps = {str(video): args.fps for video in dict.fromkeys(sources)}, args.dataset, {}
     _check_plot_videos(args.plot_videos, sources)
     calibration = _calibration(args, model, config, settings, dataset_dir)
     if args.fpr:
@@ -184,7 +214,7 @@ def load_scoring_inputs(args) -> ScoringInputs:
             calibration.fpr,
             tail.frames or len(tail.values),
         )
-    return ScoringInputs(X, sources, y, masks, fps, title, model, config, calibration, inputs, meta)
+    return ScoringInputs(X, sources, y, masks, fps, title, model, config, calibration, inputs, meta, steps)
 
 
 def _check_plot_videos(names: str | None, sources: np.ndarray) -> None:
@@ -214,6 +244,8 @@ def run_scoring(args, inputs: ScoringInputs, out: Path) -> dict:
             inputs.model, X, sources, cal, inputs.y, args.batch_size, args.patch, rule, bar,
             maps=bool(args.save_prediction_error_video_frames),
         )  # fmt: skip
+    if inputs.steps:  # each frame's number in its video (--sample_fps scores 1 frame in `step`)
+        df["frame"] = 1 + (df["frame"] - 1) * df["video"].map(inputs.steps).to_numpy()
     frames = count(len(X), "frame")
     log.info(
         f"scored {frames} of {count(len(set(sources)), 'video')} at {rate:.0f} frames/s (compilation included), "
@@ -243,7 +275,8 @@ def run_scoring(args, inputs: ScoringInputs, out: Path) -> dict:
         "fpr": cal.fpr,
         "alarm_min_frames": rule.min_frames,
         "alarm_gap": rule.gap,
-        "fps": dict(inputs.fps),  # each video's frames per second
+        "fps": dict(inputs.fps),  # each video's frames per second scored
+        **({"sample_fps": args.sample_fps, "frame_step": dict(inputs.steps)} if args.sample_fps else {}),
     }
     df.attrs = {**settings, "height": int(X.shape[1]), "width": int(X.shape[2])}
     portable(df).to_pickle(out / "df.pkl.gz")
@@ -328,9 +361,13 @@ def _write_overlays(args, inputs: ScoringInputs, df, heats, out: Path) -> None:
     (out / "overlays").mkdir(exist_ok=True)
     slices = store.video_slices(inputs.sources)[:n_videos]
     for name, sl in progress(slices, unit="video", desc="overlays"):
-        video = inputs.videos.get(name)
-        # an input video decoded again, at its own size and colours; a prepared one as stored
-        frames = inputs.X[sl] if video is None else frame_io.frame_arrays(frame_io.frame_images(video), name, 3)
+        video, step = inputs.videos.get(name), inputs.steps.get(name, 1)
+        # an input video decoded again, at its own size and colours (the frames scored); a prepared one as stored
+        frames = (
+            inputs.X[sl]
+            if video is None
+            else itertools.islice(frame_io.frame_arrays(frame_io.frame_images(video), name, 3), 0, None, step)
+        )
         write_overlay(
             out / "overlays" / f"{name}.mp4",
             frames,
@@ -339,6 +376,7 @@ def _write_overlays(args, inputs: ScoringInputs, df, heats, out: Path) -> None:
             inputs.calibration.threshold,
             df["alarm"].to_numpy()[sl],
             fps=inputs.fps[name],
+            frame_numbers=df["frame"].to_numpy()[sl],
             title=name,
         )
     log.info("overlays of %s -> %s/overlays/", count(len(slices), "video"), args.scored_data)

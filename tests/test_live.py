@@ -1,6 +1,7 @@
 """The live score: calibration on normal video, alarms, and batch_scoring.py --input on real encoded video."""
 
 import json
+import shutil
 
 import imageio.v2 as imageio
 import numpy as np
@@ -226,6 +227,41 @@ def test_videos_of_different_frame_rates_keep_their_own(trained, clips, tmp_path
             assert r.get_meta_data()["fps"] == pytest.approx(fps), name
             assert r.get_data(0).shape[-1] == 3  # drawn on the frame in colour
     assert "Test002 25" in (out / "metrics.md").read_text()
+
+
+def test_sample_fps_scores_a_faster_camera_at_the_model_s_rate(trained, clips, tmp_path):
+    """A 30 frames/s camera of the same scene (each frame of cam3 three times) scored with --sample_fps 10 gets
+    cam3's scores at 10 frames/s, each on its frame's number in the 30 frames/s video, as are its labels and
+    alarms; its overlay plays its 24 frames at 10 frames/s."""
+    folder, _ = clips
+    fast = tmp_path / "cam3_30"
+    fast.mkdir()
+    for i, p in enumerate(sorted((folder / "cam3").glob("*.png"))):
+        for k in range(3):
+            shutil.copy(p, fast / f"{3 * i + k + 1:03d}.png")
+    (tmp_path / "cam3.csv").write_text("video,start_frame,end_frame\ncam3,7,24\n")
+    (tmp_path / "cam3_30.csv").write_text("video,start_frame,end_frame\ncam3_30,19,72\n")  # the same frames
+    runs = {}
+    for name, extra in (("cam3", ["--fps", "10"]), ("cam3_30", ["--fps", "30", "--sample_fps", "10"])):
+        out = tmp_path / f"scored_{name}"
+        done = run_script(
+            "batch_scoring.py", "--model_dir", trained, "--input", folder / "cam3" if name == "cam3" else fast,
+            "--labels", tmp_path / f"{name}.csv", "--scored_data", out, "--fpr", "0.3", *extra,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[name] = (pd.read_pickle(out / "df.pkl.gz"), pd.read_csv(out / "alarms.csv"), out)
+    (slow, slow_alarms, _), (sampled, sampled_alarms, out) = runs["cam3"], runs["cam3_30"]
+    assert sampled["frame"].tolist() == list(range(1, 72, 3))
+    assert sampled["y"].tolist() == slow["y"].tolist()
+    for col in ("score", "alarm", "model_mse", "model_regularity_smooth15"):
+        np.testing.assert_allclose(sampled[col], slow[col], atol=1e-6, equal_nan=True, err_msg=col)
+    assert len(slow_alarms) > 0  # a low threshold: alarms to compare
+    for col in ("start_frame", "end_frame", "peak_frame"):
+        assert sampled_alarms[col].tolist() == [1 + 3 * (f - 1) for f in slow_alarms[col]]
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["fps"] == {"cam3_30": 10.0} and summary["frame_step"] == {"cam3_30": 3}
+    with imageio.get_reader(str(out / "overlays" / "cam3_30.mp4")) as r:
+        assert r.get_meta_data()["fps"] == pytest.approx(10) and r.count_frames() == 24
 
 
 def test_live_score_uses_no_later_frame(trained):

@@ -141,10 +141,13 @@ def video_fps(video: Video, default: float = DEFAULT_FPS) -> float:
     return fps if fps > 0 else default
 
 
-def input_labels(videos: list[Video], lengths: dict[str, int], labels_csv: str | Path) -> np.ndarray:
+def input_labels(
+    videos: list[Video], lengths: dict[str, int], labels_csv: str | Path, steps: dict[str, int] | None = None
+) -> np.ndarray:
     """0/1 per frame of the videos, in order, from a `video,start_frame,end_frame` CSV (a video without rows
     is all normal), or from a UCSD `.m` file, whose entries belong to the videos in their names' natural
-    order (Test001, Test002, ...), one to one.
+    order (Test001, Test002, ...), one to one; of every `steps[video]`-th frame only, where given (the frames
+    scored: `batch_scoring.py --sample_fps`). `lengths`: each video's frame count.
 
     Raises:
         PipelineError: the CSV names a video that is not among the inputs, the `.m` file has another number
@@ -170,5 +173,5 @@ def input_labels(videos: list[Video], lengths: dict[str, int], labels_csv: str |
     out = []
     for v in videos:
         v.ranges = table.get(v.name, [])
-        out.append(labels_for(v, lengths[v.name]))
+        out.append(labels_for(v, lengths[v.name])[:: (steps or {}).get(v.name, 1)])
     return np.concatenate(out) if out else np.zeros(0, np.uint8)
