@@ -25,7 +25,15 @@ import logging
 
 from models.args import existing_file, folder, int_at_least, positive_float, positive_int
 from models.calibration import DEFAULT_SMOOTH
-from models.cli import add_alarm_options, add_prepared_data_options, choose_prepared_dataset, import_keras, parser, run
+from models.cli import (
+    add_alarm_options,
+    add_prepared_data_options,
+    add_sample_fps_option,
+    choose_prepared_dataset,
+    import_keras,
+    parser,
+    run,
+)
 from models.config import add_config_option, parse_with_config
 from models.inference import DEFAULT_HORIZON
 from models.io import atomic_dir, check_output
@@ -48,13 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "order), for evaluation",
     )
     p.add_argument("--fps", type=positive_float, default=10.0, help="frames per second of folders of frames")
-    p.add_argument(
-        "--sample_fps",
-        type=positive_float,
-        default=None,
-        help="with --input or --calibrate_on: score about this many frames a second of each video, every "
-        "round(rate / F)-th frame (a 30 fps camera at 10 for a model trained at Ped2's 10); default: every frame",
-    )
+    add_sample_fps_option(p, "with --input or --calibrate_on: ")
     p.add_argument(
         "--model_dir",
         type=folder,

@@ -21,7 +21,7 @@ import logging
 import os
 
 from models.args import existing_file, float_in, non_negative_int, positive_float, positive_int
-from models.cli import add_alarm_options, import_keras, parser, run
+from models.cli import add_alarm_options, add_sample_fps_option, import_keras, parser, run
 from models.config import add_config_option, parse_with_config
 from models.errors import PipelineError
 
@@ -44,6 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--calibration", type=existing_file, default=None, help="calibration.json to use instead of the model folder's"
     )
+    add_sample_fps_option(p, "for clips (a stream is scored as its frames come): ")
     add_alarm_options(p.add_argument_group("alarms (as batch_scoring.py's)"))
     g = p.add_argument_group("limits (each refusal is a 4xx naming the limit)")
     g.add_argument(
@@ -92,6 +93,7 @@ def main(argv=None) -> int:
         api_key=args.api_key,
         calibration=args.calibration,
         fpr=args.fpr,
+        sample_fps=args.sample_fps,
         alarm_min_frames=args.alarm_min_frames,
         alarm_gap=args.alarm_gap,
         max_batch=args.max_batch,

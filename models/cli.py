@@ -282,6 +282,19 @@ def add_alarm_options(g) -> None:
     )
 
 
+def add_sample_fps_option(p, when: str = "") -> None:
+    """--sample_fps: score a faster camera at about the model's rate (batch_scoring.py, serve.py)."""
+    from models.args import positive_float
+
+    p.add_argument(
+        "--sample_fps",
+        type=positive_float,
+        default=None,
+        help=f"{when}score about this many frames a second of each video, every round(rate / F)-th frame (a 30 "
+        "fps camera at 10 for a model trained at Ped2's 10); default: every frame",
+    )
+
+
 def add_prepared_data_options(p: argparse.ArgumentParser, when: str = "") -> None:
     """--preprocessed_data and --dataset, for a script that reads what data_preparation.py wrote; `when`
     (e.g. "without --input: ") starts their help. `choose_prepared_dataset` resolves --dataset after parsing."""

@@ -152,6 +152,13 @@ def frame_table(sources, y, metrics: dict, layer_errors, first_scored: int = 1, 
     return add_regularity(df)
 
 
+def number_in_video(df: pd.DataFrame, steps: dict[str, int]) -> None:
+    """Gives each row of `frame_table` its frame's number in its video when 1 frame in `steps[video]` was scored
+    (`batch_scoring.py --sample_fps`): the k-th frame scored is frame 1 + (k - 1) * step."""
+    if steps:
+        df["frame"] = 1 + (df["frame"] - 1) * df["video"].map(steps).fillna(1).astype(int).to_numpy()
+
+
 def portable(df: pd.DataFrame) -> pd.DataFrame:
     """Plain-object strings in the labels and columns, so that a pickle written where pandas stores strings
     in pyarrow (a GPU machine, say) loads where pyarrow is not installed."""

@@ -16,7 +16,7 @@ from models.cli import progress
 from models.data import frames as frame_io
 from models.data import store
 from models.data.index import Video
-from models.data.inputs import find_inputs, input_labels, listed, video_fps
+from models.data.inputs import find_inputs, frame_step, input_labels, listed, video_fps
 from models.errors import PipelineError
 from models.io import atomic_file
 from models.report import count
@@ -52,11 +52,6 @@ class _Read:
     fps: dict[str, float]  # frames per second scored
     steps: dict[str, int]  # every how many frames is scored
     lengths: dict[str, int]  # frames in the video
-
-
-def frame_step(fps: float, sample_fps: float | None) -> int:
-    """Every how many frames a video of `fps` frames/s is scored to be scored at about `sample_fps` (1: all)."""
-    return max(1, round(fps / sample_fps)) if sample_fps else 1
 
 
 def _read_videos(paths, size, channels, folder_fps: float, sample_fps: float | None = None):
@@ -235,7 +230,7 @@ def run_scoring(args, inputs: ScoringInputs, out: Path) -> dict:
     from models.live import score_frames
     from models.plots import error_frames, plot_live_scores, plot_roc, save_gif
     from models.report import event_table, markdown, protocol_table, sawtooth_table
-    from models.scoring import add_smoothed, evaluate, metric_columns, portable
+    from models.scoring import add_smoothed, evaluate, metric_columns, number_in_video, portable
 
     cal, X, sources = inputs.calibration, inputs.X, inputs.sources
     rule = AlarmRule(cal.threshold, args.alarm_min_frames, args.alarm_gap)
@@ -244,8 +239,7 @@ def run_scoring(args, inputs: ScoringInputs, out: Path) -> dict:
             inputs.model, X, sources, cal, inputs.y, args.batch_size, args.patch, rule, bar,
             maps=bool(args.save_prediction_error_video_frames),
         )  # fmt: skip
-    if inputs.steps:  # each frame's number in its video (--sample_fps scores 1 frame in `step`)
-        df["frame"] = 1 + (df["frame"] - 1) * df["video"].map(inputs.steps).to_numpy()
+    number_in_video(df, inputs.steps)
     frames = count(len(X), "frame")
     log.info(
         f"scored {frames} of {count(len(set(sources)), 'video')} at {rate:.0f} frames/s (compilation included), "

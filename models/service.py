@@ -37,6 +37,7 @@ from models.alarms import DEFAULT_GAP, DEFAULT_MIN_FRAMES, AlarmRule, alarm_even
 from models.calibration import FILENAME, Calibration
 from models.cli import package_versions
 from models.data import frames as frame_io
+from models.data.inputs import frame_step
 from models.errors import PipelineError
 from models.inference import check_model_dir
 from models.uploads import ACCEPTED, Deadline, FrameDecoder, Limits, UploadError, media_type, read_upload, safe_name
@@ -58,6 +59,7 @@ class ServiceSettings:
             `batch_scoring.py --calibrate_on`).
         fpr, alarm_min_frames, alarm_gap: the alarm, as batch_scoring.py's options of those names (fpr: None
             keeps the calibration's).
+        sample_fps: score a clip at about this many frames a second, as batch_scoring.py --sample_fps.
         batch_size: windows per model call when scoring a clip (batch_scoring.py's default: the same numbers).
         max_batch: streams per shared model call at most.
         max_wait_ms: how long a stream's frame waits for others to share its call.
@@ -72,6 +74,7 @@ class ServiceSettings:
     max_batch: int = 32
     max_wait_ms: float = 5.0
     fpr: float | None = None
+    sample_fps: float | None = None
     alarm_min_frames: int = DEFAULT_MIN_FRAMES
     alarm_gap: int = DEFAULT_GAP
     clip_workers: int = 1
@@ -149,12 +152,16 @@ class ScoringModel:
     def channels(self) -> int:
         return self.frame_shape[2]
 
-    def score_clip(self, X: np.ndarray, name: str, batch_size: int, progress=None):
-        """score_frames on one video's frames: the table and the alarm events, as batch_scoring.py writes them."""
+    def score_clip(self, X: np.ndarray, name: str, batch_size: int, progress=None, step: int = 1):
+        """score_frames on one video's frames (1 in `step`): the table and the alarm events, as
+        batch_scoring.py writes them."""
         from models.live import score_frames
+        from models.scoring import number_in_video
 
+        X = X[::step]
         sources = np.full(len(X), name)
         df, _, _, _ = score_frames(self.model, X, sources, self.calibration, None, batch_size, 16, self.rule, progress)
+        number_in_video(df, {name: step})
         return df, alarm_events(df)
 
     def summary(self) -> dict:
@@ -385,7 +392,8 @@ def create_app(model_dir: str | Path, settings: ServiceSettings | None = None) -
         if upload.frames_lost:
             log.warning("clip %s: %s; scored them", name, frame_io.lost_frames_note(len(X), upload.frames_lost))
         deadline.check()
-        df, events = scoring.score_clip(X, name, settings.batch_size, deadline)
+        step = frame_step(upload.fps, settings.sample_fps)
+        df, events = scoring.score_clip(X, name, settings.batch_size, deadline, step)
         state["clips"] += 1
         state["clip_frames"] += len(X)
 
@@ -398,9 +406,9 @@ def create_app(model_dir: str | Path, settings: ServiceSettings | None = None) -
         ]
         return {
             "video": name,
-            "n_frames": len(X),
+            "n_frames": len(df),
             "frames_lost": upload.frames_lost,
-            "fps": upload.fps,
+            "fps": upload.fps / step,
             "threshold": scoring.rule.threshold,
             "frames": frames,
             "alarms": events.to_dict(orient="records"),

@@ -438,6 +438,13 @@ def test_the_alarm_options_are_batch_scoring_s(trained, media, tmp_path):
     _, events = model.score_clip(X, "Test001", settings.batch_size)
     assert len(expected) > 0  # a low threshold: alarms to compare
     pd.testing.assert_frame_equal(events[expected.columns], expected, check_dtype=False, atol=1e-6)
+    # --sample_fps: the clip at 30 frames/s (each frame three times) scores as the clip, on its own frame numbers
+    assert serve.parse_args(["--model_dir", str(trained), "--sample_fps", "10"]).sample_fps == 10
+    fast, fast_events = model.score_clip(np.repeat(X, 3, axis=0), "Test001", settings.batch_size, None, step=3)
+    slow, _ = model.score_clip(X, "Test001", settings.batch_size)
+    assert fast["frame"].tolist() == list(range(1, 3 * len(X), 3))
+    np.testing.assert_allclose(fast["score"], slow["score"], atol=1e-6, equal_nan=True)
+    assert fast_events["start_frame"].tolist() == [1 + 3 * (f - 1) for f in events["start_frame"]]
 
 
 def test_startup_errors_are_one_line(trained, tmp_path):

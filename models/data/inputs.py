@@ -141,6 +141,11 @@ def video_fps(video: Video, default: float = DEFAULT_FPS) -> float:
     return fps if fps > 0 else default
 
 
+def frame_step(fps: float, sample_fps: float | None) -> int:
+    """Every how many frames a video of `fps` frames/s is scored to be scored at about `sample_fps` (1: all)."""
+    return max(1, round(fps / sample_fps)) if sample_fps else 1
+
+
 def input_labels(
     videos: list[Video], lengths: dict[str, int], labels_csv: str | Path, steps: dict[str, int] | None = None
 ) -> np.ndarray:
