@@ -105,6 +105,7 @@ def main(argv=None) -> int:
     study = tuning.open_study(args.study, args.storage, args.sampler_seed, args.startup_trials, args.warmup_epochs)
     if not args.local_storage:  # a shared database opened: only now the folder
         tuning.claim_output_dir(args.output_dir, args.study, data)
+    tuning.check_trial_folders(args.output_dir, study)
     if args.enqueue_config:
         tuning.enqueue_config(study, space, config_values)
     study.optimize(tuning.Tuner(space, base, args.output_dir), n_trials=args.n_trials, catch=(tuning.TrialFailed,))

@@ -227,9 +227,17 @@ class Calibration:
             data.pop("threshold", None)
             data["norms"] = {k: LocalNorm(**v) for k, v in data["norms"].items()}
             data["tails"] = {k: NormalTail(**v) for k, v in data["tails"].items()}
-            return cls(**data)
-        except (KeyError, TypeError) as err:
+            cal = cls(**data)
+        except (KeyError, TypeError, AttributeError) as err:
             raise PipelineError(f"{path} is not a calibration file: {err}") from None
+        numbers = {k: getattr(cal, k) for k in ("cell", "window", "per_window", "horizon", "first_scored", "smooth")}
+        numbers["fpr"] = cal.fpr
+        wrong = {k: v for k, v in numbers.items() if isinstance(v, bool) or not isinstance(v, (int, float))}
+        if wrong:
+            raise PipelineError(f"{path} is not a calibration file: {wrong} must be numbers.")
+        if not 0 < cal.fpr < 1:
+            raise PipelineError(f"{path}: its fpr must be in (0, 1). Received: {cal.fpr}")
+        return cal
 
 
 def threshold_for(fpr: float) -> float:

@@ -22,9 +22,13 @@ def resolve_config(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if path.is_file():
         return path
+    if path.exists():
+        raise PipelineError(f"Config {name_or_path!r} is a folder, not a JSON file.")
     candidate = CONFIG_DIR / f"{name_or_path}.json"
     if candidate.is_file():
         return candidate
+    if "/" in name_or_path or name_or_path.endswith(".json"):
+        raise PipelineError(f"Config file {name_or_path!r} not found.")
     raise PipelineError(f"Config {name_or_path!r} not found (neither a file nor config/{name_or_path}.json).")
 
 

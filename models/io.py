@@ -167,7 +167,7 @@ def _foreign_files(folder: Path, marker: dict) -> list[str]:
             continue
         if _leftover(path):
             continue
-        if path.name.startswith(".") and path.name.endswith(MARKER):
+        if path.name.startswith(".") and path.name.endswith(MARKER) and len(path.name) > len(MARKER) + 1:
             owner = path.with_name(path.name[1 : -len(MARKER)])
             if owner.is_file():  # the file it marks is judged (and named) itself
                 continue
@@ -355,21 +355,25 @@ def replace_dir(src: str | Path, dest: str | Path) -> None:
     remove_output(old)
 
 
-def commit_dir(src: str | Path, dest: str | Path, stage: str) -> None:
-    """`replace_dir`, after checking `dest` again: a file the user put or changed in it while the run worked (a
-    note, an annotated alarms.csv) keeps it from being replaced, and the finished `src` is set aside beside it,
-    as `<name>.new-<time>`, instead of being lost.
+def commit_dir(src: str | Path, dest: str | Path, stage: str, overwrite: bool) -> None:
+    """`replace_dir`, after checking `dest` again (`check_output`): a file the user put or changed in it while
+    the run worked (a note, an annotated alarms.csv), or a folder that appeared at `dest` meanwhile without
+    `overwrite`, keeps it as it is, and the finished `src` is set aside beside it, as `<name>.new-<time>`,
+    instead of being lost.
 
     Raises:
         PipelineError: `dest` changed during the run; naming it and where the run's output is.
     """
     src, dest = Path(src), Path(dest)
     try:
-        check_output(dest, stage, overwrite=True)
-    except PipelineError as err:
+        check_output(dest, stage, overwrite)
+    except Exception as err:  # a PipelineError; anything else must not lose the output either
         kept = dest.with_name(f"{dest.name}.new-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
         src.rename(kept)
-        raise PipelineError(f"{err} It changed while this run worked: this run's output is in {kept}.") from None
+        why = str(err).removeprefix(f"Refusing to replace {dest}: ").removesuffix("; move it away first.")
+        raise PipelineError(
+            f"{dest} changed while this run worked ({why}), so it is left as it is; this run's output is in {kept}."
+        ) from None
     replace_dir(src, dest)
 
 
@@ -385,11 +389,17 @@ def clean_leftovers(dest: Path) -> None:
                     leftover.rmdir()  # empty: killed before its marker was written
 
 
+def temporary_dir(prefix: str, parent: str | Path) -> Path:
+    """A new folder `<prefix>*` in `parent`, with the permissions of any folder made (mkdtemp's are 0700)."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    tmp.chmod(0o777 & ~_umask())
+    return tmp
+
+
 def new_dir_beside(dest: str | Path, stage: str) -> Path:
     """A new temporary folder `.<name>.tmp-*` beside `dest`, marked as `stage`'s (incomplete) output."""
     base = sibling(dest, ".tmp-")
-    tmp = Path(tempfile.mkdtemp(prefix=base.name, dir=base.parent))
-    tmp.chmod(0o777 & ~_umask())
+    tmp = temporary_dir(base.name, base.parent)
     write_marker(tmp, stage, complete=False)
     return tmp
 
@@ -428,7 +438,7 @@ def atomic_dir(
             except BaseException:
                 remove_output(tmp)
                 raise
-            commit_dir(tmp, dest, stage)
+            commit_dir(tmp, dest, stage, overwrite)
     except BaseException:
         for folder in created:  # the run's own, deepest first; one that something else wrote into stays
             try:

@@ -8,7 +8,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -35,6 +34,7 @@ from models.io import (
     remove_output,
     replace_dir,
     sibling,
+    temporary_dir,
     write_json,
     write_marker,
 )
@@ -256,7 +256,7 @@ class _Checkpoints(keras.callbacks.Callback):
 
     def _commit(self, improved: bool) -> None:
         ckpt = self.run_dir / "checkpoints"
-        tmp = Path(tempfile.mkdtemp(prefix=".checkpoints.tmp-", dir=self.run_dir))
+        tmp = temporary_dir(".checkpoints.tmp-", self.run_dir)
         self.model.save(tmp / "last.keras")
         if improved:
             self.model.save(tmp / "best.keras")
@@ -336,14 +336,14 @@ def staging_dir(model_dir: str | Path) -> Path:
 
 def _finish_commit(staging: Path, model_dir: Path, marker: dict) -> None:
     """A complete staging folder is what a kill left at the end of a run: the finished model, if the kill came
-    before it was swapped in (it is newer than the model folder, or there is none), which is then put in place;
-    else the replaced old model folder, which is deleted."""
+    before it was swapped in (its marker names the model folder it replaces, which is still there, or there
+    is none), which is then put in place; else the replaced old model folder, which is deleted."""
     current = read_marker(model_dir) if model_dir.is_dir() and not model_dir.is_symlink() else None
-    if current is not None and marker.get("created", "") <= current.get("created", ""):
+    if current is not None and marker.get("replacing") != current.get("created"):
         remove_output(staging)
         return
     log.warning("%s holds a run that finished but was not put in place (killed at its end): putting it there", staging)
-    commit_dir(staging, model_dir, STAGE)
+    commit_dir(staging, model_dir, STAGE, overwrite=True)
 
 
 def _open_run(s: TrainSettings, model_dir: Path, inputs: list) -> tuple[Path | None, Path | None]:
@@ -792,8 +792,11 @@ def _train_locked(
         },
     }
     write_json(run_dir / "config.json", config)
-    write_marker(run_dir, STAGE)  # complete: from here on the run folder is a finished model folder
-    commit_dir(run_dir, model_dir, STAGE)
+    # complete: from here on the run folder is a finished model folder, which names the one it replaces (for
+    # `_finish_commit`, should a kill come before the swap)
+    replaced = read_marker(model_dir) if model_dir.is_dir() and not model_dir.is_symlink() else None
+    write_marker(run_dir, STAGE, replacing=replaced.get("created") if replaced else None)
+    commit_dir(run_dir, model_dir, STAGE, overwrite=s.overwrite or s.resume)
     return config
 
 

@@ -68,13 +68,30 @@ logging.getLogger("optuna").addFilter(_OneLineFailures())
 
 
 def shown_url(url: str) -> str:
-    """A storage URL for messages, its password hidden."""
-    try:
-        from sqlalchemy.engine import make_url
+    """A storage URL for messages, its credentials hidden: what comes before its host's last '@', and the
+    values of password parameters in its query."""
+    shown = re.sub(r"//[^/?#]*@", "//***@", url)
+    return re.sub(r"(?i)\b(password|passwd|pwd)=[^&;]*", r"\1=***", shown)
 
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not a URL SQLAlchemy can read: shown up to its credentials
-        return re.sub(r"//[^@/]*@", "//***@", url)
+
+def check_trial_folders(out: str | Path, study: optuna.Study) -> None:
+    """Refuses, before any trial, a folder holding trial folders of another study of the name (its database
+    deleted or another --storage: the new one numbers its trials from 0 again, onto them).
+
+    Raises:
+        PipelineError: naming the first such trial.
+    """
+    numbers = {t.number for t in study.get_trials(deepcopy=False)}
+    strays = sorted(
+        p.name
+        for p in Path(out).glob("trial_*")
+        if re.fullmatch(r"trial_\d{4,}(\.json)?", p.name) and int(p.name[6:].split(".")[0]) not in numbers
+    )
+    if strays:
+        raise PipelineError(
+            f"{Path(out) / strays[0]} is left from an earlier study of the name {study.study_name!r} (its trials are "
+            "not in this study's database); move the trial folders away or choose another --output_dir."
+        )
 
 
 def claim_output_dir(out: str | Path, study: str, inputs=()) -> None:
@@ -473,9 +490,9 @@ def write_reports(study: optuna.Study, space: dict[str, dict], config_values: di
         try:
             with atomic_output_file(out / name, True, stage=STAGE) as tmp:
                 write(tmp)
-        except PipelineError as err:
+        except PipelineError as err:  # changed by the user, or being written by another worker
             log.warning("%s", err)
-            notes.append(f"{name} not written: kept the one there, which was changed since tune.py wrote it")
+            notes.append(f"{name} not written: {err}")
             return
         notes.append(f"{what} -> {out / name}")
 

@@ -12,6 +12,7 @@ from conftest import run_script, video_with_longer_audio
 from models.alarms import AlarmRule, AlarmState, alarm_events, alarm_states, event_metrics
 from models.calibration import Calibration, LocalNorm, NormalTail, local_errors, threshold_for, trailing_mean
 from models.data.store import load_labels, load_split
+from models.errors import PipelineError
 from models.inference import frame_contexts, window_rows
 from models.report import sawtooth
 
@@ -135,6 +136,21 @@ def test_training_writes_a_calibration(trained):
     assert np.asarray(cal.norms["model"].mu).shape == (8, 12)
     config = json.loads((trained / "config.json").read_text())
     assert len(cal.tails["model"].values) == config["data"]["frames"]["val"] - 1  # each val frame but the first
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"fpr": "x"}, r"\{'fpr': 'x'\} must be numbers"),
+        ({"fpr": 1.5}, r"fpr must be in \(0, 1\)"),
+        ({"norms": []}, "not a calibration"),
+    ],
+)
+def test_a_hand_edited_calibration_is_refused_in_one_line(trained, tmp_path, change, message):
+    path = tmp_path / "calibration.json"
+    path.write_text(json.dumps(json.loads((trained / "calibration.json").read_text()) | change))
+    with pytest.raises(PipelineError, match=message):
+        Calibration.load(path)
 
 
 def _write_video(path, frames, fps=10):

@@ -379,8 +379,9 @@ def test_only_what_a_killed_run_leaves_is_taken_for_its_leftovers(tmp_path):
         lambda target: (target / "NOTES.txt").write_text("mine"),
         lambda target: (target / "a.txt").write_text("annotated"),
         lambda target: (target / "my_annotations").mkdir(),
+        lambda target: shutil.copytree(target, target / "backup"),  # holds a marker of its own
     ],
-    ids=["note added", "file edited", "folder made"],
+    ids=["note added", "file edited", "folder made", "backup copied in"],
 )
 def test_what_the_user_does_to_the_target_during_the_run_stops_the_replacement(tmp_path, meanwhile):
     """The target is checked again when the run ends, not only when it starts (a scoring run can take an hour):
@@ -388,7 +389,7 @@ def test_what_the_user_does_to_the_target_during_the_run_stops_the_replacement(t
     target = tmp_path / "out"
     with atomic_dir(target, stage="demo") as tmp:
         (tmp / "a.txt").write_text("old")
-    changed = r"changed while this run worked: this run's output is in .*out\.new-"
+    changed = r"out changed while this run worked \(.*\), so it is left as it is; this run's output is in .*out\.new-"
     with pytest.raises(PipelineError, match=changed), atomic_dir(target, True, stage="demo") as tmp:
         (tmp / "a.txt").write_text("new")
         meanwhile(target)
@@ -397,6 +398,22 @@ def test_what_the_user_does_to_the_target_during_the_run_stops_the_replacement(t
     kept = [p for p in tmp_path.iterdir() if p.name != "out"]
     assert len(kept) == 1 and kept[0].name.startswith("out.new-") and is_complete(kept[0], "demo")
     assert (kept[0] / "a.txt").read_text() == "new"
+
+
+def test_a_folder_that_appears_at_the_target_during_a_run_without_overwrite_stays(tmp_path):
+    """Without --overwrite nothing is replaced, even a folder of the pipeline's that appeared meanwhile."""
+    target, earlier = tmp_path / "out", tmp_path / "earlier"
+    with atomic_dir(earlier, stage="demo") as tmp:
+        (tmp / "a.txt").write_text("restored")
+    with (
+        pytest.raises(PipelineError, match=r"already exists; pass --overwrite"),
+        atomic_dir(target, stage="demo") as tmp,
+    ):
+        (tmp / "a.txt").write_text("new")
+        shutil.copytree(earlier, target)  # the user restores a backup there meanwhile
+    assert (target / "a.txt").read_text() == "restored"
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith("out.new-")]
+    assert len(kept) == 1 and (kept[0] / "a.txt").read_text() == "new"
 
 
 # --- Ctrl-C and kills ------------------------------------------------------------------------------------
