@@ -376,7 +376,8 @@ def test_a_cut_video_or_a_longer_audio_track_is_scored_with_a_warning(tmp_path, 
     data = (tmp_path / "cut.mkv").read_bytes()
     (tmp_path / "cut.mkv").write_bytes(data[: len(data) // 2])
     with caplog.at_level("WARNING"):
-        _, X, sources, _ = _read_videos([audio, tmp_path / "cut.mkv"], (16, 24), 1, 10.0)
+        read = _read_videos([audio, tmp_path / "cut.mkv"], (16, 24), 1, 10.0)
+    X, sources = read.X, read.sources
     kept = int((sources == "cut").sum())
     assert (sources == "audio").sum() == 20 and 0 < kept < 20 and len(X) == 20 + kept
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
