@@ -691,8 +691,8 @@ def _train_locked(
             )
         if run_dir is None and state["epoch"] + 1 >= s.nb_epoch:  # a finished model folder: more epochs, or none
             raise PipelineError(
-                f"The run in {resume_from.parent} has trained {state['epoch'] + 1} epochs, --nb_epoch {s.nb_epoch}: "
-                "pass a larger --nb_epoch to train on."
+                f"The run in {resume_from.parent} is complete ({state['epoch'] + 1} epochs, --nb_epoch {s.nb_epoch}): "
+                "nothing to resume; pass a larger --nb_epoch to train on."
             )
         model = load_model(resume_from / "last.keras", compile=True)
         initial_epoch = state["epoch"] + 1
