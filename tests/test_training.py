@@ -241,7 +241,10 @@ def test_resume_continues_the_run_with_its_own_settings(trained, prepared, tmp_p
     for extra, message in [
         (["--nb_epoch", "3", "--batch_size", "16"], r"\(--batch_size 2\); this run was given --batch_size 16"),
         (["--nb_epoch", "3", "--dataset", "Other"], rf"\(--dataset {prepared.name}\); this run was given --dataset"),
-        ([], "is complete (2 epochs, --nb_epoch 2): nothing to resume; pass a larger --nb_epoch"),  # a finished run: nothing to do
+        (
+            [],
+            r"is complete \(2 epochs, --nb_epoch 2\): nothing to resume; pass a larger --nb_epoch",
+        ),  # a finished run: nothing to do
     ]:
         with pytest.raises(PipelineError, match=message):
             train_script.main([*resume, *extra])
