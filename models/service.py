@@ -364,7 +364,9 @@ def create_app(model_dir: str | Path, settings: ServiceSettings | None = None) -
         openapi_extra=upload_doc,
     )
     async def score(
-        request: Request, video: str | None = Query(None, description="name for the video in the answer")
+        request: Request,
+        video: str | None = Query(None, description="name for the video in the answer"),
+        fps: float | None = Query(None, gt=0, description="frames per second of an archive of frames (default 10)"),
     ) -> JSONResponse:
         """Scores every frame of a video file (mp4, avi, mov, mkv) or a zip/tar archive of frame files: the
         body itself with its content type, or multipart/form-data with the file in the field `file`.
@@ -382,12 +384,13 @@ def create_app(model_dir: str | Path, settings: ServiceSettings | None = None) -
         except TimeoutError:
             raise deadline.expired() from None
         try:
-            return JSONResponse(await off_loop(clip_pool, _score_upload, body, content_type, filename, video, deadline))
+            answer = await off_loop(clip_pool, _score_upload, body, content_type, filename, video, fps, deadline)
+            return JSONResponse(answer)
         finally:
             app.state.clip_slots.release()
 
-    def _score_upload(body, content_type, filename, video, deadline: Deadline) -> dict:
-        upload = read_upload(body, content_type, filename, scoring.channels, scoring.size, limits, deadline)
+    def _score_upload(body, content_type, filename, video, fps, deadline: Deadline) -> dict:
+        upload = read_upload(body, content_type, filename, scoring.channels, scoring.size, limits, deadline, fps)
         X, name = upload.frames, safe_name(video or upload.folder or (Path(filename).stem if filename else None))
         if upload.frames_lost:
             log.warning("clip %s: %s; scored them", name, frame_io.lost_frames_note(len(X), upload.frames_lost))

@@ -324,8 +324,11 @@ def read_upload(
     size: tuple[int, int],
     limits: Limits,
     deadline: Deadline,
+    archive_fps: float | None = None,
 ) -> Upload:
-    """The frames of any upload at the model's size, their rate, the name it gives its video, frames lost.
+    """The frames of any upload at the model's size, their rate (a video file's own; an archive's
+    `archive_fps`, by default 10, as `batch_scoring.py --fps` for folders of frames), the name it gives its
+    video, frames lost.
 
     Raises:
         UploadError: with the status to answer and the limit, if any.
@@ -336,7 +339,7 @@ def read_upload(
     if kind == "video":
         return read_video_bytes(data, suffix, channels, size, limits, deadline)
     X, folder = read_archive_bytes(data, kind, channels, size, limits, deadline)
-    return Upload(X, DEFAULT_FPS, folder)
+    return Upload(X, archive_fps or DEFAULT_FPS, folder)
 
 
 class FrameDecoder:

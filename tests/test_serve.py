@@ -184,8 +184,9 @@ def test_clip_scores_equal_batch_scoring(server, media, batch):
         content=(media / "cam3.zip").read_bytes(),
         headers={**bearer, "Content-Type": "application/zip"},
     )
-    with open(media / "cam3.tar.gz", "rb") as f:
-        tarred = httpx.post(f"{url}/v1/score", files={"file": ("cam3.tar.gz", f)}, headers=AUTH)
+    with open(media / "cam3.tar.gz", "rb") as f:  # ?fps= for an archive, as --fps for a folder of frames
+        tarred = httpx.post(f"{url}/v1/score?fps=5", files={"file": ("cam3.tar.gz", f)}, headers=AUTH)
+    assert [r.json()["fps"] for r in (zipped, tarred)] == [10.0, 5.0]
     for response, video in ((multipart, "Test001"), (raw, "upload"), (zipped, "cam3"), (tarred, "cam3")):
         assert response.status_code == 200, response.text
         body = response.json()
