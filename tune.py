@@ -102,10 +102,12 @@ def main(argv=None) -> int:
     data = [dataset_dir(args.preprocessed_data, args.dataset)]
     if args.local_storage:  # the study database is in the folder
         tuning.claim_output_dir(args.output_dir, args.study, data)
+        if not (args.output_dir / "study.db").exists():  # a new database would have no trial: refuse before it
+            tuning.check_trial_folders(args.output_dir, args.study, set())
     study = tuning.open_study(args.study, args.storage, args.sampler_seed, args.startup_trials, args.warmup_epochs)
     if not args.local_storage:  # a shared database opened: only now the folder
         tuning.claim_output_dir(args.output_dir, args.study, data)
-    tuning.check_trial_folders(args.output_dir, study)
+    tuning.check_trial_folders(args.output_dir, args.study, {t.number for t in study.get_trials(deepcopy=False)})
     if args.enqueue_config:
         tuning.enqueue_config(study, space, config_values)
     study.optimize(tuning.Tuner(space, base, args.output_dir), n_trials=args.n_trials, catch=(tuning.TrialFailed,))

@@ -222,22 +222,56 @@ class Calibration:
 
     @classmethod
     def load(cls, path: str | Path) -> Calibration:
+        """Reads calibration.json, checking every field (it may have been edited by hand).
+
+        Raises:
+            PipelineError: one line naming the file and the field at fault.
+        """
         data = read_json(path)
-        try:
-            data.pop("threshold", None)
-            data["norms"] = {k: LocalNorm(**v) for k, v in data["norms"].items()}
-            data["tails"] = {k: NormalTail(**v) for k, v in data["tails"].items()}
-            cal = cls(**data)
-        except (KeyError, TypeError, AttributeError) as err:
-            raise PipelineError(f"{path} is not a calibration file: {err}") from None
-        numbers = {k: getattr(cal, k) for k in ("cell", "window", "per_window", "horizon", "first_scored", "smooth")}
-        numbers["fpr"] = cal.fpr
-        wrong = {k: v for k, v in numbers.items() if isinstance(v, bool) or not isinstance(v, (int, float))}
-        if wrong:
-            raise PipelineError(f"{path} is not a calibration file: {wrong} must be numbers.")
-        if not 0 < cal.fpr < 1:
-            raise PipelineError(f"{path}: its fpr must be in (0, 1). Received: {cal.fpr}")
-        return cal
+        data.pop("threshold", None)  # derived from fpr
+        missing = [k for k in _FIELDS if k not in data]
+        if missing:
+            raise PipelineError(f"{path} is not a calibration file: it has no {', '.join(missing)}.")
+        unknown = sorted(set(data) - set(_FIELDS) - {"fitted_on", "version"})
+        if unknown:
+            raise PipelineError(f"{path} is not a calibration file: unknown fields {unknown}.")
+        if data.get("version", 1) != 1:
+            raise PipelineError(f"{path} is calibration version {data['version']!r}; this pipeline reads version 1.")
+        for name, low in _INTS.items():
+            value = data[name]
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise PipelineError(f"{path}: {name} must be a whole number, {low} or more. Received: {value!r}")
+        if data["window"] and data["per_window"] > data["window"]:
+            raise PipelineError(f"{path}: per_window must be at most the window ({data['window']}).")
+        fpr = data["fpr"]
+        if isinstance(fpr, bool) or not isinstance(fpr, (int, float)) or not 0 < fpr < 1:
+            raise PipelineError(f"{path}: fpr must be a number in (0, 1). Received: {fpr!r}")
+        for group, kind in (("norms", LocalNorm), ("tails", NormalTail)):
+            entries = data[group]
+            if not isinstance(entries, dict) or set(entries) != set(SOURCES):
+                raise PipelineError(f"{path}: {group} must hold one entry for each of {list(SOURCES)}.")
+            try:
+                data[group] = {k: kind(**v) for k, v in entries.items()}
+            except TypeError as err:
+                raise PipelineError(f"{path}: {group} is not as calibration writes it: {err}") from None
+            for source, entry in data[group].items():
+                for field_name, value in vars(entry).items():
+                    if field_name == "frames":
+                        continue
+                    try:
+                        values = np.asarray(value, np.float64)
+                    except (TypeError, ValueError):
+                        values = None
+                    if values is None or values.size == 0 or not np.isfinite(values).all():
+                        raise PipelineError(
+                            f"{path}: {group}.{source}.{field_name} must be a non-empty array of finite numbers."
+                        )
+        return cls(**data)
+
+
+# calibration.json's fields, and the least value of each whole number among them
+_FIELDS = ("cell", "window", "per_window", "horizon", "first_scored", "smooth", "fpr", "norms", "tails")
+_INTS = {"cell": 1, "window": 0, "per_window": 1, "horizon": 1, "first_scored": 0, "smooth": 1}
 
 
 def threshold_for(fpr: float) -> float:

@@ -236,10 +236,10 @@ def check_output(
         raise PipelineError(f"Refusing to replace {dest}: it holds the output of {marker['stage']}, not of {stage}.")
     foreign = _foreign_files(dest, marker)
     if foreign:
-        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        more = f" and {len(foreign) - 1} more were" if len(foreign) > 1 else " was"
         raise PipelineError(
-            f"Refusing to replace {dest}: {os.path.join(dest, foreign[0])}{more} was not written by this pipeline, "
-            "or was changed since; move it away first."
+            f"Refusing to replace {dest}: {os.path.join(dest, foreign[0])}{more} not written by this pipeline, "
+            "or changed since; move it away first."
         )
     if not overwrite:
         raise PipelineError(f"Output folder {dest} already exists; pass --overwrite to replace it.")

@@ -71,6 +71,11 @@ def _read_videos(paths, size, channels, folder_fps: float, sample_fps: float | N
         xs.append(frames)
         names.append(np.full(len(frames), video.name))
         rates[video.name] = rate / steps[video.name]
+    slower = [f"{n} ({r:g})" for n, r in rates.items() if sample_fps and r < sample_fps / 1.5]
+    if slower:
+        log.warning(
+            "--sample_fps %g is above the frame rate of %s: every frame of it scored", sample_fps, listed(slower)
+        )
     if sample_fps:
         log.info(
             "--sample_fps %g: %s",

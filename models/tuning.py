@@ -74,14 +74,14 @@ def shown_url(url: str) -> str:
     return re.sub(r"(?i)\b(password|passwd|pwd)=[^&;]*", r"\1=***", shown)
 
 
-def check_trial_folders(out: str | Path, study: optuna.Study) -> None:
-    """Refuses, before any trial, a folder holding trial folders of another study of the name (its database
-    deleted or another --storage: the new one numbers its trials from 0 again, onto them).
+def check_trial_folders(out: str | Path, study_name: str, numbers: set[int]) -> None:
+    """Refuses, before any trial, a folder holding trial folders that are not among the study's trials
+    `numbers` (its database deleted, or another --storage: a new one numbers its trials from 0 again, onto
+    them).
 
     Raises:
         PipelineError: naming the first such trial.
     """
-    numbers = {t.number for t in study.get_trials(deepcopy=False)}
     strays = sorted(
         p.name
         for p in Path(out).glob("trial_*")
@@ -89,7 +89,7 @@ def check_trial_folders(out: str | Path, study: optuna.Study) -> None:
     )
     if strays:
         raise PipelineError(
-            f"{Path(out) / strays[0]} is left from an earlier study of the name {study.study_name!r} (its trials are "
+            f"{Path(out) / strays[0]} is left from an earlier study of the name {study_name!r} (its trials are "
             "not in this study's database); move the trial folders away or choose another --output_dir."
         )
 

@@ -141,15 +141,28 @@ def test_training_writes_a_calibration(trained):
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"fpr": "x"}, r"\{'fpr': 'x'\} must be numbers"),
-        ({"fpr": 1.5}, r"fpr must be in \(0, 1\)"),
-        ({"norms": []}, "not a calibration"),
+        ({"fpr": "x"}, r"fpr must be a number in \(0, 1\). Received: 'x'"),
+        ({"fpr": 1.5}, r"fpr must be a number in \(0, 1\)"),
+        ({"smooth": -5}, "smooth must be a whole number, 1 or more. Received: -5"),
+        ({"smooth": 2.5}, "smooth must be a whole number"),
+        ({"cell": 0}, "cell must be a whole number, 1 or more"),
+        ({"per_window": 9}, r"per_window must be at most the window \(4\)"),
+        ({"version": 2}, "calibration version 2; this pipeline reads version 1"),
+        ({"norms": []}, r"norms must hold one entry for each of \['model', 'copy'\]"),
+        ({"tails": {"model": {"values": []}, "copy": {"values": [1.0]}}}, "tails.model.values must be a non-empty"),
+        ({"tails": {"model": {"values": ["a"]}, "copy": {"values": [1.0]}}}, "tails.model.values must be a non-empty"),
+        ({"cel": 2}, r"unknown fields \['cel'\]"),
     ],
 )
 def test_a_hand_edited_calibration_is_refused_in_one_line(trained, tmp_path, change, message):
     path = tmp_path / "calibration.json"
     path.write_text(json.dumps(json.loads((trained / "calibration.json").read_text()) | change))
     with pytest.raises(PipelineError, match=message):
+        Calibration.load(path)
+    norms = json.loads((trained / "calibration.json").read_text())
+    norms["norms"]["model"]["mu"] = "x"
+    path.write_text(json.dumps(norms))
+    with pytest.raises(PipelineError, match="norms.model.mu must be a non-empty array of finite numbers"):
         Calibration.load(path)
 
 

@@ -152,7 +152,7 @@ def _rows_data_preparation(ws: Path, synthetic_root: Path, prepared: Path):
     yield (
         "prep: a user's edit of a file the pipeline wrote",
         _prep(ws / "data", ws / "pre5", "Ped", "--overwrite"),
-        "metadata.json was not written by this pipeline, or was changed since",
+        "metadata.json was not written by this pipeline, or changed since",
     )
     shutil.copytree(prepared, ws / "pre3" / "Ped")
     write_marker(ws / "pre3" / "Ped", "batch_scoring")

@@ -155,7 +155,7 @@ def test_a_note_put_in_the_model_folder_during_the_run_stays(trained, prepared, 
             (model_dir / "NOTES.txt").write_text("mine\n")
 
     changed = (
-        r"m changed while this run worked \(.*NOTES.txt was not written by this pipeline, or was changed since\), "
+        r"m changed while this run worked \(.*NOTES.txt was not written by this pipeline, or changed since\), "
         r"so it is left as it is; this run's output is in .*m.new-"
     )
     with pytest.raises(PipelineError, match=changed):

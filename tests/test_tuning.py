@@ -231,7 +231,7 @@ def test_a_trial_folder_of_an_earlier_study_stops_the_study(prepared, tmp_path):
     (tmp_path / "trial_0000" / "model.keras").write_text("an earlier study's model")
     study = open_study("s", f"sqlite:///{tmp_path / 'study.db'}", 0, 1, 0)
     with pytest.raises(PipelineError, match=r"trial_0000 is left from an earlier study of the name 's'"):
-        check_trial_folders(tmp_path, study)  # tune.py's check, before any trial
+        check_trial_folders(tmp_path, "s", {t.number for t in study.get_trials()})  # tune.py's, before any trial
     base = TrainSettings(preprocessed_data=str(prepared.parent), dataset=prepared.name, model_dir="")
     entries = {k: v for k, v in TINY_SPACE.items() if not k.startswith("_")}
     with pytest.raises(PipelineError, match=r"trial_0000 is left from an earlier study of the name 's'"):
