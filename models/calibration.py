@@ -256,7 +256,12 @@ class Calibration:
                 raise PipelineError(f"{path}: {group} is not as calibration writes it: {err}") from None
             for source, entry in data[group].items():
                 for field_name, value in vars(entry).items():
-                    if field_name == "frames":
+                    if field_name == "frames":  # NormalTail's count of the normal frames fitted on
+                        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                            raise PipelineError(
+                                f"{path}: {group}.{source}.frames must be a whole number, 0 or more. "
+                                f"Received: {value!r}"
+                            )
                         continue
                     try:
                         values = np.asarray(value, np.float64)

@@ -85,18 +85,17 @@ def _folders(folder: Path) -> list[str]:
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_dir() and not p.is_symlink())
 
 
+def _stamp(stage: str) -> dict:
+    """What every marker begins with: the stage that wrote, when, and the markers' version."""
+    return {"stage": stage, "created": datetime.now(UTC).isoformat(timespec="seconds"), "version": MARKER_VERSION}
+
+
 def write_marker(folder: str | Path, stage: str, complete: bool = True, **fields) -> None:
     """Marks `folder` as the output of `stage` (with `fields` besides); a complete folder's marker also lists
     the files in it, and the SHA-256 of each (links: none), so that a later run can tell a file the user
     changed."""
     folder = Path(folder)
-    marker = {
-        "stage": stage,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "version": MARKER_VERSION,
-        "complete": complete,
-        **fields,
-    }
+    marker = {**_stamp(stage), "complete": complete, **fields}
     if complete:
         marker["files"] = _files(folder)
         marker["sha256"] = {rel: _sha256(folder / rel) for rel in marker["files"] if not (folder / rel).is_symlink()}
@@ -112,13 +111,7 @@ def mark_file(path: str | Path, stage: str, content: str | Path | None = None) -
     """Marks the file `path` as `stage`'s: its own marker beside it, with the SHA-256 of its content (or of the
     file `content`, which is about to become it)."""
     path = Path(path)
-    marker = {
-        "stage": stage,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "version": MARKER_VERSION,
-        "sha256": _sha256(Path(content or path)),
-    }
-    write_json(_file_marker(path), marker)
+    write_json(_file_marker(path), {**_stamp(stage), "sha256": _sha256(Path(content or path))})
 
 
 def _sha256(path: Path) -> str:
@@ -158,7 +151,8 @@ def _foreign_files(folder: Path, marker: dict) -> list[str]:
     hashes = marker.get("sha256") if isinstance(marker.get("sha256"), dict) else {}
     foreign = []
     if isinstance(marker.get("folders"), list):
-        foreign += [f"{rel}/" for rel in _folders(folder) if rel not in set(marker["folders"])]
+        known = set(marker["folders"])
+        foreign += [f"{rel}/" for rel in _folders(folder) if rel not in known]
     for rel in _files(folder):
         path = folder / rel
         if rel in listed:

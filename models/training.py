@@ -334,11 +334,16 @@ def staging_dir(model_dir: str | Path) -> Path:
     return sibling(model_dir, ".partial")
 
 
+def _model_marker(model_dir: Path) -> dict | None:
+    """The marker of the model folder a run would replace, if there is one (a link is not looked through)."""
+    return read_marker(model_dir) if model_dir.is_dir() and not model_dir.is_symlink() else None
+
+
 def _finish_commit(staging: Path, model_dir: Path, marker: dict) -> None:
     """A complete staging folder is what a kill left at the end of a run: the finished model, if the kill came
     before it was swapped in (its marker names the model folder it replaces, which is still there, or there
     is none), which is then put in place; else the replaced old model folder, which is deleted."""
-    current = read_marker(model_dir) if model_dir.is_dir() and not model_dir.is_symlink() else None
+    current = _model_marker(model_dir)
     if current is not None and marker.get("replacing") != current.get("created"):
         remove_output(staging)
         return
@@ -794,7 +799,7 @@ def _train_locked(
     write_json(run_dir / "config.json", config)
     # complete: from here on the run folder is a finished model folder, which names the one it replaces (for
     # `_finish_commit`, should a kill come before the swap)
-    replaced = read_marker(model_dir) if model_dir.is_dir() and not model_dir.is_symlink() else None
+    replaced = _model_marker(model_dir)
     write_marker(run_dir, STAGE, replacing=replaced.get("created") if replaced else None)
     commit_dir(run_dir, model_dir, STAGE, overwrite=s.overwrite or s.resume)
     return config

@@ -48,7 +48,8 @@ STAGE = "tune"
 REPORTS = ("trials.md", "best_config.json", "history.png", "intermediate.png", "importances.png")
 # What tune.py writes in its folder: the study database, the reports, and per trial a model folder (train.py's
 # own) and its settings; of a run that a kill stopped, hidden locks, staging and temporary entries of those.
-_STUDY_ENTRY = re.compile(r"(study\.db|" + "|".join(map(re.escape, REPORTS)) + r"|trial_\d{4,}(\.json)?|\..*)")
+_TRIAL = re.compile(r"trial_(\d{4,})(\.json)?")  # a trial's model folder, or its settings beside it
+_STUDY_ENTRY = re.compile(r"(study\.db|" + "|".join(map(re.escape, REPORTS)) + rf"|{_TRIAL.pattern}|\..*)")
 
 
 class _OneLineFailures(logging.Filter):
@@ -83,15 +84,17 @@ def check_trial_folders(out: str | Path, study_name: str, numbers: set[int]) -> 
         PipelineError: naming the first such trial.
     """
     strays = sorted(
-        p.name
-        for p in Path(out).glob("trial_*")
-        if re.fullmatch(r"trial_\d{4,}(\.json)?", p.name) and int(p.name[6:].split(".")[0]) not in numbers
+        p for p in Path(out).glob("trial_*") if (m := _TRIAL.fullmatch(p.name)) and int(m.group(1)) not in numbers
     )
     if strays:
-        raise PipelineError(
-            f"{Path(out) / strays[0]} is left from an earlier study of the name {study_name!r} (its trials are "
-            "not in this study's database); move the trial folders away or choose another --output_dir."
-        )
+        raise _left_from_earlier_study(strays[0], study_name)
+
+
+def _left_from_earlier_study(path: Path, study_name: str) -> PipelineError:
+    return PipelineError(
+        f"{path} is left from an earlier study of the name {study_name!r} (its trials are not in this study's "
+        "database, which numbers them from 0 again); move the trial folders away or choose another --output_dir."
+    )
 
 
 def claim_output_dir(out: str | Path, study: str, inputs=()) -> None:
@@ -134,7 +137,7 @@ def claim_output_dir(out: str | Path, study: str, inputs=()) -> None:
 
 def _earlier_study(out: Path, entries: list[str]) -> bool:
     """Whether an unmarked folder is one an earlier tune.py wrote: only its entries, a trial folder among them."""
-    trials = [out / e for e in entries if re.fullmatch(r"trial_\d{4,}", e)]
+    trials = [out / e for e in entries if (m := _TRIAL.fullmatch(e)) and not m.group(2)]
     return all(_STUDY_ENTRY.fullmatch(e) for e in entries) and any(
         (read_marker(t) or {}).get("stage") == "train" for t in trials
     )
@@ -325,12 +328,8 @@ class Tuner:
                 f"The space no longer matches study {name!r}: {err} New choices need a new --study."
             ) from None
         for path in (Path(s.model_dir), config_path(s.model_dir)):
-            if path.exists():
-                raise PipelineError(
-                    f"{path} is left from an earlier study of the name {trial.study.study_name!r} (a new study "
-                    "database numbers its trials from 0 again); move the trial folders away or choose another "
-                    "--output_dir."
-                )
+            if path.exists():  # (tune.py refuses them before any trial: `check_trial_folders`)
+                raise _left_from_earlier_study(path, trial.study.study_name)
         trial.set_user_attr("settings", recorded_settings(s))
         trial.set_user_attr("model_dir", s.model_dir)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")

@@ -152,6 +152,7 @@ def test_training_writes_a_calibration(trained):
         ({"tails": {"model": {"values": []}, "copy": {"values": [1.0]}}}, "tails.model.values must be a non-empty"),
         ({"tails": {"model": {"values": ["a"]}, "copy": {"values": [1.0]}}}, "tails.model.values must be a non-empty"),
         ({"cel": 2}, r"unknown fields \['cel'\]"),
+        ({"tails": {"model": {"values": [1.0], "frames": "x"}, "copy": {"values": [1.0]}}}, "tails.model.frames must"),
     ],
 )
 def test_a_hand_edited_calibration_is_refused_in_one_line(trained, tmp_path, change, message):
