@@ -269,7 +269,9 @@ def output_lock(dest: str | Path) -> Iterator[Path]:
     """Holds the exclusive lock of the output `dest`, `.<name>.lock` beside it, or refuses at once.
 
     The lock is the kernel's (flock, through `filelock`), so a killed run releases it. The lock file is
-    removed on release while still held, so that nothing is left behind after a clean run.
+    removed on release while still held, so that nothing is left behind after a clean run; a run that
+    opened it just before gets no lock (filelock refuses a locked file that has lost its name), and
+    refuses like any run that finds the lock taken.
 
     Raises:
         PipelineError: another run holds the lock.
