@@ -62,10 +62,11 @@ def _read_videos(paths, size, channels, folder_fps: float, sample_fps: float | N
     videos = find_inputs(paths)
     xs, names, rates, steps, lengths = [], [], {}, {}, {}
     for video in progress(videos, unit="video", desc="reading"):
-        frames, lost = frame_io.decode_video(video, size, channels, allow_truncated=True)
+        meta: dict = {}
+        frames, lost = frame_io.decode_video(video, size, channels, allow_truncated=True, meta=meta)
         if lost:
             log.warning("video file %s: %s; scoring them", video.path, frame_io.lost_frames_note(len(frames), lost))
-        rate = video_fps(video, folder_fps)
+        rate = video_fps(video, folder_fps, meta)
         steps[video.name], lengths[video.name] = frame_step(rate, sample_fps), len(frames)
         frames = frames[:: steps[video.name]]
         xs.append(frames)

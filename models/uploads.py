@@ -184,7 +184,7 @@ def read_video_bytes(
         frames = frame_io.frame_arrays(_limit_pixels(images, limits), "upload", channels, size)
         X = _collect(frames, limits, deadline)
         lost = frame_io.frames_lost(len(X), frame_io.reported_frame_count(path, meta))
-        return Upload(X, video_fps(video), None, lost)
+        return Upload(X, video_fps(video, meta=meta), None, lost)
     except UploadError:
         raise
     except PipelineError as err:

@@ -253,11 +253,13 @@ def test_a_variable_rate_video_gives_its_frames_as_stored_at_their_average_rate(
          str(path)],
         check=True,
     )  # fmt: skip
-    video = Video("vfr", "test", path)
-    X, lost = decode_video(video, (16, 24), 1)
+    video, meta = Video("vfr", "test", path), {}
+    X, lost = decode_video(video, (16, 24), 1, meta=meta)
     assert len(X) == 180 - 31 - 21 and lost == 0
     assert (np.abs(np.diff(X.astype(int), axis=0)).max(axis=(1, 2, 3)) > 0).all()  # no frame repeated
     assert video_fps(video) == pytest.approx(128 / 18, abs=0.01)
+    path.unlink()  # the rate the decoder read, without opening the file again
+    assert video_fps(video, meta=meta) == pytest.approx(128 / 18, abs=0.01)
 
 
 def test_truncated_mkv_is_caught_by_its_duration_times_frame_rate(tmp_path):

@@ -225,11 +225,12 @@ def read_video(video: Video, size: tuple[int, int], channels: int, allow_truncat
 
 
 def decode_video(
-    video: Video, size: tuple[int, int], channels: int, allow_truncated: bool = False
+    video: Video, size: tuple[int, int], channels: int, allow_truncated: bool = False, meta: dict | None = None
 ) -> tuple[np.ndarray, int]:
     """`read_video`, also returning the number of frames lost: how many fewer a video file decoded to than
-    its container reports (0 for frame folders and complete files; see `frames_lost`)."""
-    meta: dict = {}
+    its container reports (0 for frame folders and complete files; see `frames_lost`). A video file's
+    reader's metadata fills `meta` if given (for `video_fps`)."""
+    meta = {} if meta is None else meta
     out = list(frame_arrays(frame_images(video, meta), video.name, channels, size))
     if not out:
         raise PipelineError(f"Video {video.name} ({video.path}) has no frames.")

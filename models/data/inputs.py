@@ -12,6 +12,7 @@ cam1_today), files of one name in one folder after their suffix (clip.avi, clip.
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -127,18 +128,25 @@ def _unique_names(videos: list[Video]) -> list[Video]:
     return videos
 
 
-def video_fps(video: Video, default: float = DEFAULT_FPS) -> float:
-    """Frames per second of a video file (its container's rate), or `default` for a folder of frames."""
+def video_fps(video: Video, default: float = DEFAULT_FPS, meta: dict | None = None) -> float:
+    """Frames per second of a video file (its container's rate), or `default` for a folder of frames.
+    `meta`: the metadata its reader gave when it was decoded (`frames.decode_video`), so that the file is
+    not opened again."""
     if video.frames is not None:
         return default
-    import imageio.v2 as imageio
+    if not meta:
+        import imageio.v2 as imageio
 
+        try:
+            with imageio.get_reader(str(video.path), "ffmpeg") as reader:
+                meta = reader.get_meta_data()
+        except Exception as err:  # imageio raises several types for unreadable files
+            raise PipelineError(f"Cannot open video file {video.path}: {err}") from None
     try:
-        with imageio.get_reader(str(video.path), "ffmpeg") as reader:
-            fps = float(reader.get_meta_data().get("fps") or default)
-    except Exception as err:  # imageio raises several types for unreadable files
-        raise PipelineError(f"Cannot open video file {video.path}: {err}") from None
-    return fps if fps > 0 else default
+        fps = float(meta.get("fps") or default)
+    except (TypeError, ValueError):
+        return default
+    return fps if math.isfinite(fps) and fps > 0 else default
 
 
 def frame_step(fps: float, sample_fps: float | None) -> int:
