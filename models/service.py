@@ -29,8 +29,10 @@ from pathlib import Path
 
 import numpy as np
 from fastapi import Depends, FastAPI, Query, Request, WebSocket
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.websockets import WebSocketDisconnect
 
 from models.alarms import DEFAULT_GAP, DEFAULT_MIN_FRAMES, AlarmRule, alarm_events
@@ -46,6 +48,7 @@ log = logging.getLogger("prednet.service")
 DRAIN_BYTES = 16 * 1024 * 1024  # past the upload limit, read this much more before answering 413
 SERVICE_PACKAGES = ("fastapi", "starlette", "uvicorn", "pydantic", "websockets")
 API_KEY_ENV = "PREDNET_API_KEY"
+MAX_FPS = 1000  # the most frames per second a request may name (?fps=); cameras run at 1-120
 
 
 @dataclass
@@ -317,6 +320,16 @@ def create_app(model_dir: str | Path, settings: ServiceSettings | None = None) -
         state["refused"] += 1
         return _error(err)
 
+    @app.exception_handler(RequestValidationError)
+    async def bad_parameter(request: Request, err: RequestValidationError):  # a query value of the wrong kind
+        state["refused"] += 1
+        problems = [f"{'.'.join(map(str, e.get('loc', ())[1:]))}: {e.get('msg', '')}" for e in err.errors()]
+        return _error(UploadError(f"Bad request parameter ({'; '.join(problems)}).", 422))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException):  # 404, 405: the same JSON as the rest
+        return JSONResponse({"error": str(err.detail), "limit": None}, err.status_code, headers=err.headers)
+
     @app.exception_handler(Exception)
     async def unexpected(request: Request, err: Exception):  # answered as JSON, and the service goes on
         log.exception("unexpected error on %s", request.url.path)
@@ -366,7 +379,9 @@ def create_app(model_dir: str | Path, settings: ServiceSettings | None = None) -
     async def score(
         request: Request,
         video: str | None = Query(None, description="name for the video in the answer"),
-        fps: float | None = Query(None, gt=0, description="frames per second of an archive of frames (default 10)"),
+        fps: float | None = Query(
+            None, gt=0, le=MAX_FPS, description=f"frames/s of an archive of frames (default 10; at most {MAX_FPS})"
+        ),
     ) -> JSONResponse:
         """Scores every frame of a video file (mp4, avi, mov, mkv) or a zip/tar archive of frame files: the
         body itself with its content type, or multipart/form-data with the file in the field `file`.
@@ -458,14 +473,14 @@ def create_app(model_dir: str | Path, settings: ServiceSettings | None = None) -
             data = message.get("bytes")
             if data is None:
                 await websocket.send_json(
-                    {"frame": None, "error": "Send each frame as a binary message (PNG or JPEG)."}
+                    {"frame": None, "error": "Send each frame as a binary message (PNG or JPEG).", "limit": None}
                 )
                 continue
             try:
                 frame = await off_loop(decode_pool, decoder.decode, data, f"message {received}")
             except UploadError as err:
                 state["refused"] += 1
-                await websocket.send_json({"frame": None, "error": str(err)})
+                await websocket.send_json({"frame": None, "error": str(err), "limit": err.limit})
                 continue
             scored = scorer.prepare(frame)
             prediction = await batcher.submit(states, frame)  # every frame moves the states on

@@ -21,6 +21,7 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -28,6 +29,9 @@ from models.data import frames as frame_io
 from models.data.index import FRAME_SUFFIXES, VIDEO_SUFFIXES, Video
 from models.data.inputs import DEFAULT_FPS, video_fps
 from models.errors import PipelineError
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 VIDEO_TYPES = {
     "video/mp4": ".mp4",
@@ -196,6 +200,20 @@ def read_video_bytes(
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def decode_frame(data: bytes, name: str, max_pixels: int) -> Image.Image:
+    """An encoded frame of an upload or a stream (`frame_io.decode_image`).
+
+    Raises:
+        UploadError: not an image (422), or over `max_pixels` (413, before it is decoded).
+    """
+    try:
+        return frame_io.decode_image(data, name, max_pixels)
+    except frame_io.TooManyPixels as err:
+        raise UploadError(str(err), 413, "max_pixels") from None
+    except PipelineError as err:
+        raise UploadError(str(err)) from None
+
+
 def _limit_pixels(images, limits: Limits):
     for path, image in images:
         if image.size[0] * image.size[1] > limits.max_pixels:
@@ -255,10 +273,15 @@ class _Budget:
         self.frames += 1
         if self.frames > self.limits.max_frames:
             raise _too_many_frames(self.limits)
+        self.skip(size)
+
+    def skip(self, size: int) -> None:
+        """Counts `size` bytes the archive must be read through (a tar's other files too: a compressed
+        tar is decompressed to reach the next member), before they are read."""
         self.bytes += size
         if self.bytes > self.limits.max_bytes:
             raise UploadError(
-                f"The archive's frames are over max_upload_mb = {self.limits.max_upload_mb:g} MB uncompressed.",
+                f"The archive is over max_upload_mb = {self.limits.max_upload_mb:g} MB uncompressed.",
                 413,
                 "max_upload_mb",
             )
@@ -293,6 +316,7 @@ def _tar_members(data: bytes, limits: Limits, deadline: Deadline) -> list[tuple[
             if not member.isfile():
                 raise UploadError(f"Archive member {member.name!r} is a link or a special file; refused.")
             if not _is_frame(member.name):
+                budget.skip(member.size)  # the next header lies beyond its data
                 continue
             budget.take(member.name, member.size)
             out.append((member.name, archive.extractfile(member).read()))
@@ -305,7 +329,7 @@ def read_archive_bytes(
     """Frames (n, h, w, c) of an archive of frame files at the model's `size`, decoded in memory as
     batch scoring reads a folder of frames, and the name of the folder that held them (None: the top)."""
     members = archive_members(data, kind, limits, deadline)
-    images = ((name, frame_io.decode_image(content, name, limits.max_pixels)) for name, content in members)
+    images = ((name, decode_frame(content, name, limits.max_pixels)) for name, content in members)
     try:
         X = _collect(frame_io.frame_arrays(images, "upload", channels, size), limits, deadline)
     except UploadError:
@@ -358,10 +382,7 @@ class FrameDecoder:
         """
         if not data:
             raise UploadError(f"{name} is empty: send each frame as an encoded image (PNG or JPEG).")
-        try:
-            image = frame_io.decode_image(data, name, self.max_pixels)
-        except PipelineError as err:
-            raise UploadError(str(err)) from None
+        image = decode_frame(data, name, self.max_pixels)
         if self.native is not None and image.size != self.native:
             raise UploadError(
                 f"{name} is {image.size[0]}x{image.size[1]} pixels but the stream's frames are "

@@ -62,9 +62,9 @@ def _zip(members: dict[str, bytes]) -> bytes:
     return buf.getvalue()
 
 
-def _tar(members: dict[str, bytes], symlink: str | None = None) -> bytes:
+def _tar(members: dict[str, bytes], symlink: str | None = None, mode: str = "w:gz") -> bytes:
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as t:
+    with tarfile.open(fileobj=buf, mode=mode) as t:
         for name, data in members.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)
@@ -292,6 +292,11 @@ def _bad_requests(media: Path) -> list[tuple[str, dict, bytes | None, dict | Non
          _zip({"v/001.png": png, "v/002.png": b"\x89PNG broken"}), None, 422, None),
         ("frames of two sizes", {**AUTH, "Content-Type": "application/zip"},
          _zip({"v/001.png": png, "v/002.png": _png(np.zeros((8, 8, 1), np.uint8))}), None, 422, None),
+        ("tar of a huge other file", {**AUTH, "Content-Type": "application/x-tar"},
+         _tar({"v/notes.txt": bytes(int(MAX_UPLOAD_MB * 1024 * 1024) * 8), "v/001.png": png}, mode="w:bz2"), None,
+         413, "max_upload_mb"),  # counted before it is decompressed (a few hundred bytes: a decompression bomb)
+        ("frame over max_pixels in an archive", {**AUTH, "Content-Type": "application/zip"},
+         _zip({"v/001.png": _png(np.zeros((4097, 4097, 1), np.uint8))}), None, 413, "max_pixels"),
         ("traversal zip", {**AUTH, "Content-Type": "application/zip"}, _zip({"../../evil.png": png}), None, 422, None),
         ("absolute tar", {**AUTH, "Content-Type": "application/x-tar"}, _tar({"/tmp/evil.png": png}), None, 422, None),
         ("symlink tar", {**AUTH, "Content-Type": "application/gzip"}, _tar({"v/001.png": png}, "v/002.png"), None,
@@ -317,6 +322,12 @@ def test_bad_requests_get_4xx_and_the_service_stays_healthy(server, media):
         assert str(tmp) not in r.json()["error"], what  # no server path in a message
         if what == "not a video":
             assert r.json()["error"].startswith("Cannot open the uploaded video: "), r.json()
+    frames = _zip({f"v/{p.name}": p.read_bytes() for p in sorted((media / "cam3").glob("*.png"))[:3]})
+    for query in ("fps=0", "fps=abc", "fps=inf", "fps=1e300", "fps=-5"):  # refused before the clip is read
+        r = httpx.post(f"{url}/v1/score?{query}", headers={**AUTH, "Content-Type": "application/zip"}, content=frames)
+        assert r.status_code == 422 and r.json()["limit"] is None and "fps" in r.json()["error"], (query, r.text)
+    r = httpx.get(f"{url}/v1/score", headers=AUTH)
+    assert r.status_code == 405 and r.json() == {"error": "Method Not Allowed", "limit": None}
     assert httpx.get(f"{url}/v1/model").status_code == 401
     assert httpx.get(f"{url}/v1/model", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
     assert httpx.get(f"{url}/health").json()["status"] == "ok" and proc.poll() is None
@@ -347,10 +358,12 @@ def test_stream_refusals_and_bad_frames(server, media):
             assert code == 1013 and message["limit"] == "max_streams"
             await a.send(pngs[0])
             assert json.loads(await a.recv())["frame"] == 1
-            for bad in (b"not an image", b"", _png(np.zeros((8, 8, 1), np.uint8))):  # dropped, the stream goes on
-                await a.send(bad)
+            huge = _png(np.zeros((4097, 4097, 1), np.uint8))
+            for bad, limit in ((b"not an image", None), (b"", None), (_png(np.zeros((8, 8, 1), np.uint8)), None),
+                               (huge, "max_pixels")):  # fmt: skip
+                await a.send(bad)  # dropped, the stream goes on
                 reply = json.loads(await a.recv())
-                assert reply["frame"] is None and reply["error"], reply
+                assert reply["frame"] is None and reply["error"] and reply["limit"] == limit, reply
             await a.send("a text message")
             assert "binary" in json.loads(await a.recv())["error"]
             await a.send(pngs[1])

@@ -95,6 +95,10 @@ def _open(path: Path) -> Image.Image:
     return image
 
 
+class TooManyPixels(PipelineError):
+    """A frame over the pixel limit `decode_image` was given (checked before it is decoded)."""
+
+
 def decode_image(data: bytes, name: str, max_pixels: int | None = None) -> Image.Image:
     """An encoded frame (PNG, JPEG, TIFF, BMP bytes) decoded in memory, as `_open` reads a frame file.
 
@@ -104,12 +108,13 @@ def decode_image(data: bytes, name: str, max_pixels: int | None = None) -> Image
         max_pixels: refuse images with more pixels than this, before decoding them.
 
     Raises:
-        PipelineError: bytes that are not an image, a truncated image, or one over `max_pixels`.
+        PipelineError: bytes that are not an image, a truncated image, or one over `max_pixels`
+            (`TooManyPixels`).
     """
     try:
         image = Image.open(io.BytesIO(data))
         if max_pixels is not None and image.size[0] * image.size[1] > max_pixels:
-            raise PipelineError(
+            raise TooManyPixels(
                 f"Frame {name} is {image.size[0]}x{image.size[1]} pixels, over the limit of {max_pixels} pixels."
             )
         image.load()
