@@ -61,7 +61,7 @@ def cut_at_labels(X, sources, y):
 def main(argv=None) -> int:
     args = parse_args(argv)
     from models.alarms import AlarmRule, alarm_states
-    from models.calibration import apply_calibration, default_cell, fit_calibration, trailing_mean
+    from models.calibration import apply_calibration, default_cell, fit_calibration, trailing_count, trailing_mean
     from models.data.store import dataset_dir, load_labels, load_split
     from models.inference import frame_contexts, load_predictor, predict_videos
     from models.live import _local, predictable_mask, score_frames, scoring_settings
@@ -126,8 +126,9 @@ def main(argv=None) -> int:
     by_width = {}
     for source in ("model", "copy"):
         for k in WIDTHS:
-            live = trailing_mean(df[f"{source}_local"].to_numpy(), videos, k)
-            df[f"{source}_score_w{k}"] = cals[k].tails[source].score(live)
+            local = df[f"{source}_local"].to_numpy()
+            live, counts = trailing_mean(local, videos, k), trailing_count(local, videos, k)
+            df[f"{source}_score_w{k}"] = cals[k].tails[source].score(live, counts)
         by_width[source] = {k: float(evaluate(df, [f"{source}_score_w{k}"]).iloc[0]["micro_auc"]) for k in WIDTHS}
         held = pd.Series(np.nan, index=df.index)
         chosen = {}

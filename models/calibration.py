@@ -10,11 +10,14 @@ The live score of a frame, for a source of predictions (the model, or copying th
    video, fitted on normal frames (the training videos and the val videos: many frames per place).
    `heat` = L - mu - delta: the log of how many times the normal error of that place the error is (1: e
    times, 2.3: ten times); removing delta[c] removes the period-`per_window` sawtooth of windowed scoring
-   and the start-up spike of each video. (Dividing by each cell's normal spread as well, a z-score, was
+   and the higher error at each video's start. (Dividing by each cell's normal spread as well, a z-score, was
    measured and is worse: cells where normal error hardly varies, such as empty background, then turn
    small changes of light or camera noise in new video into large scores; docs/experiments.md.)
 3. `local` = the largest heat of the frame (where the frame is least normal), and `live` its mean over the
-   last `smooth` frames (trailing: no look-ahead).
+   last `smooth` frames (trailing: no look-ahead). The first frames of a video have fewer frames to average,
+   and a mean of fewer frames strays further: its distance from the normal median is scaled by the normal
+   spread of `smooth`-frame means over that of k-frame means (`NormalTail.spread`, measured on the same
+   normal frames), so that the start of a video or a stream reaches a score as often as any other frame.
 4. `score` = -log10 of the fraction of normal frames whose live value is at least as high, estimated on the
    normal val videos (held out from training, so their errors are those of new normal video), with an
    exponential tail above their 90th percentile: a score of 2 is where this estimate puts 1 normal frame in
@@ -149,22 +152,56 @@ def trailing_mean(values: np.ndarray, videos: np.ndarray, window: int) -> np.nda
     return np.where(np.isnan(values), np.nan, out.to_numpy())
 
 
+def trailing_count(values: np.ndarray, videos: np.ndarray, window: int) -> np.ndarray:
+    """How many values `trailing_mean` averages at each frame (0 where it is NaN)."""
+    series = pd.Series(values, dtype=float)
+    out = series.groupby(np.asarray(videos)).transform(lambda v: v.rolling(window, min_periods=1).count())
+    return np.where(np.isnan(values), 0, out.to_numpy()).astype(int)
+
+
+def mean_spreads(values: np.ndarray, videos: np.ndarray, window: int) -> list[float]:
+    """The standard deviation of the means of k consecutive values of the same video, for k = 1 ... `window`
+    (on normal frames: how far a mean of k frames strays); a k with fewer than 2 means takes the next k's."""
+    groups, spreads = pd.Series(values, dtype=float).groupby(np.asarray(videos)), []
+    for k in range(window, 0, -1):
+        means = groups.transform(lambda v, k=k: v.rolling(k).mean()).to_numpy()
+        means = means[np.isfinite(means)]
+        spread = float(np.std(means, ddof=1)) if len(means) > 1 else 0.0
+        spreads.append(spread if spread > 0 else (spreads[-1] if spreads else 1.0))
+    return spreads[::-1]
+
+
 @dataclass
 class NormalTail:
     """The distribution of a live value on normal frames, as sorted values, turned into -log10 exceedance."""
 
     values: list
     frames: int = 0  # normal frames fitted on (`values` keeps at most MAX_NORMAL_VALUES quantiles of them)
+    # The normal spread of means of k frames, k = 1 ... smooth (`mean_spreads`); empty in calibrations written
+    # before 2026-12-03, whose first frames of each video are scored like the others.
+    spread: list = field(default_factory=list)
 
     @classmethod
-    def fit(cls, values: np.ndarray) -> NormalTail:
+    def fit(cls, values: np.ndarray, spread: list[float] | None = None) -> NormalTail:
         values = np.sort(np.asarray(values, np.float64)[np.isfinite(values)])
         if len(values) < 10:
             raise PipelineError(f"Calibration needs at least 10 scored normal frames. Received: {len(values)}")
         frames = len(values)
         if len(values) > MAX_NORMAL_VALUES:
             values = np.quantile(values, np.linspace(0, 1, MAX_NORMAL_VALUES))
-        return cls(values.tolist(), frames)
+        return cls(values.tolist(), frames, list(spread or []))
+
+    def as_full_mean(self, live: np.ndarray, counts: np.ndarray | None) -> np.ndarray:
+        """Live values that are means of `counts` frames, fewer than `smooth` at a video's start, moved toward
+        the normal median by the ratio of the normal spreads of full means and of means of that many frames
+        (never away from it), so that they are as rare as full means."""
+        live = np.asarray(live, np.float64)
+        if counts is None or len(self.spread) < 2:
+            return live
+        spread = np.asarray(self.spread, np.float64)
+        ratio = np.minimum(spread[-1] / spread, 1.0)[np.clip(np.asarray(counts), 1, len(spread)) - 1]
+        center = float(np.median(self.values))
+        return np.where(ratio < 1, center + (live - center) * ratio, live)
 
     @property
     def observed_fpr(self) -> float:
@@ -172,8 +209,10 @@ class NormalTail:
         is read off the exponential tail fitted beyond the data."""
         return 1.0 / ((self.frames or len(self.values)) + 1)
 
-    def score(self, live: np.ndarray) -> np.ndarray:
-        """-log10 P(normal live value >= live): 2 means an estimated 1 normal value in 100 is as high."""
+    def score(self, live: np.ndarray, counts: np.ndarray | None = None) -> np.ndarray:
+        """-log10 P(normal live value >= live): 2 means an estimated 1 normal value in 100 is as high. `counts`:
+        how many frames each live value averages (`as_full_mean`); None: all of them."""
+        live = self.as_full_mean(live, counts)
         normal = np.asarray(self.values)
         n = len(normal)
         exceed = (n - np.arange(n)) / (n + 1)  # the share of normal values >= each sorted value
@@ -181,7 +220,6 @@ class NormalTail:
         p_q = float(np.interp(q, normal, exceed))
         above = normal[normal > q]
         scale = max(float((above - q).mean()) if len(above) else 0.0, 1e-6)
-        live = np.asarray(live, np.float64)
         body = np.interp(live, normal, exceed, left=1.0)
         tail = p_q * np.exp(-np.maximum(live - q, 0.0) / scale)
         p = np.where(live > q, tail, body)
@@ -267,6 +305,14 @@ class Calibration:
                         values = np.asarray(value, np.float64)
                     except (TypeError, ValueError):
                         values = None
+                    if field_name == "spread":  # NormalTail's: empty (an earlier calibration), or one per frame
+                        if values is None or values.ndim != 1 or values.size not in (0, data["smooth"]):
+                            raise PipelineError(
+                                f"{path}: {group}.{source}.spread must hold {data['smooth']} numbers (smooth), or none."
+                            )
+                        if not (np.isfinite(values) & (values > 0)).all():
+                            raise PipelineError(f"{path}: {group}.{source}.spread must hold positive numbers.")
+                        continue
                     if values is None or values.size == 0 or not np.isfinite(values).all():
                         raise PipelineError(
                             f"{path}: {group}.{source}.{field_name} must be a non-empty array of finite numbers."
@@ -287,10 +333,11 @@ def threshold_for(fpr: float) -> float:
 
 
 def live_values(heat: np.ndarray, predictable: np.ndarray, videos: np.ndarray, smooth: int):
-    """`local` (the largest heat of each frame, NaN where not predictable) and `live` (its trailing mean)."""
+    """`local` (the largest heat of each frame, NaN where not predictable), `live` (its trailing mean) and how
+    many frames that averages."""
     peak = np.nan_to_num(heat.reshape(len(heat), -1), nan=-np.inf).max(axis=1, initial=-np.inf)
     local = np.where(predictable & np.isfinite(peak), peak, np.nan)
-    return local, trailing_mean(local, videos, smooth)
+    return local, trailing_mean(local, videos, smooth), trailing_count(local, videos, smooth)
 
 
 def fit_calibration(
@@ -316,8 +363,10 @@ def fit_calibration(
     for source, errors in local_by_source.items():
         norm = LocalNorm.fit(errors[predictable], contexts[predictable], n_contexts)
         heat = norm.heat(errors, contexts)
-        _, live = live_values(heat, predictable, videos, settings["smooth"])
-        norms[source], tails[source] = norm, NormalTail.fit(live[tail_mask & predictable])
+        local, live, _ = live_values(heat, predictable, videos, settings["smooth"])
+        held_out = tail_mask & predictable
+        spread = mean_spreads(local[held_out], videos[held_out], settings["smooth"])
+        norms[source], tails[source] = norm, NormalTail.fit(live[held_out], spread)
     return Calibration(norms=norms, tails=tails, **settings)
 
 
@@ -333,9 +382,9 @@ def apply_calibration(
     for source, errors in local_by_source.items():
         heat = calibration.norms[source].heat(errors, contexts)
         heat[~predictable] = np.nan
-        local, live = live_values(heat, predictable, videos, calibration.smooth)
+        local, live, counts = live_values(heat, predictable, videos, calibration.smooth)
         columns[f"{source}_local"] = local
         columns[f"{source}_live"] = live
-        columns[f"{source}_score"] = calibration.tails[source].score(live)
+        columns[f"{source}_score"] = calibration.tails[source].score(live, counts)
         heats[source] = heat
     return columns, heats

@@ -127,7 +127,7 @@ class StreamScorer:
             values.append(local)
             finite = [v for v in values if np.isfinite(v)]
             live = float(np.mean(finite)) if finite and np.isfinite(local) else np.nan
-            scores[source] = float(c.tails[source].score(np.array([live]))[0])
+            scores[source] = float(c.tails[source].score(np.array([live]), np.array([len(finite)]))[0])
         on = self.alarm.update(scores["model"])
         return FrameScore(self.t + 1, scores["model"], on, scores["copy"], context)
 

@@ -10,7 +10,16 @@ import pytest
 from conftest import run_script, video_with_longer_audio
 
 from models.alarms import AlarmRule, AlarmState, alarm_events, alarm_states, event_metrics
-from models.calibration import Calibration, LocalNorm, NormalTail, local_errors, threshold_for, trailing_mean
+from models.calibration import (
+    Calibration,
+    LocalNorm,
+    NormalTail,
+    local_errors,
+    mean_spreads,
+    threshold_for,
+    trailing_count,
+    trailing_mean,
+)
 from models.data.store import load_labels, load_split
 from models.errors import PipelineError
 from models.inference import frame_contexts, window_rows
@@ -65,6 +74,29 @@ def test_trailing_mean_never_looks_ahead():
     changed = values.copy()
     changed[2] = 100.0
     np.testing.assert_allclose(trailing_mean(changed, videos, 2)[:2], out[:2])
+
+
+def test_the_first_frames_of_a_video_reach_the_threshold_as_rarely_as_the_others():
+    """A trailing mean over fewer frames strays further: unadjusted, a video's first frame (a mean of one
+    frame) would reach a 1% threshold set on 5-frame means of independent normal values about 15% of the
+    time. Scaled by the normal spreads of 1- and 5-frame means, every frame reaches it about 1% of the time."""
+    rng = np.random.default_rng(0)
+
+    def videos(n, length=50):
+        return rng.normal(size=n * length), np.repeat(np.arange(n), length)
+
+    local, names = videos(400)
+    spread = mean_spreads(local, names, 5)
+    assert spread == pytest.approx([1 / np.sqrt(k) for k in range(1, 6)], rel=0.05)
+    tail = NormalTail.fit(trailing_mean(local, names, 5), spread)
+    local, names = videos(4000)
+    live, counts = trailing_mean(local, names, 5), trailing_count(local, names, 5)
+    first, full = counts == 1, counts == 5
+    assert first.sum() == 4000 and (counts[:6] == [1, 2, 3, 4, 5, 5]).all()
+    scores = tail.score(live, counts)
+    assert 0.005 < (scores[first] >= 2).mean() < 0.02 and 0.005 < (scores[full] >= 2).mean() < 0.02
+    assert (tail.score(live)[first] >= 2).mean() > 0.1  # without the counts, as calibrations before spread
+    assert (scores[full] == tail.score(live)[full]).all()  # full means are scored as before
 
 
 def test_contexts_follow_the_windows():
@@ -136,6 +168,8 @@ def test_training_writes_a_calibration(trained):
     assert np.asarray(cal.norms["model"].mu).shape == (8, 12)
     config = json.loads((trained / "config.json").read_text())
     assert len(cal.tails["model"].values) == config["data"]["frames"]["val"] - 1  # each val frame but the first
+    spread = cal.tails["model"].spread  # a mean of more frames strays less
+    assert len(spread) == cal.smooth and spread[0] > spread[-1] > 0
 
 
 @pytest.mark.parametrize(
@@ -153,6 +187,8 @@ def test_training_writes_a_calibration(trained):
         ({"tails": {"model": {"values": ["a"]}, "copy": {"values": [1.0]}}}, "tails.model.values must be a non-empty"),
         ({"cel": 2}, r"unknown fields \['cel'\]"),
         ({"tails": {"model": {"values": [1.0], "frames": "x"}, "copy": {"values": [1.0]}}}, "tails.model.frames must"),
+        ({"tails": {"model": {"values": [1.0], "spread": [1.0]}, "copy": {"values": [1.0]}}}, "spread must hold 5"),
+        ({"tails": {"model": {"values": [1.0], "spread": [1, 1, 0, 1, 1]}, "copy": {"values": [1.0]}}}, "positive"),
     ],
 )
 def test_a_hand_edited_calibration_is_refused_in_one_line(trained, tmp_path, change, message):
