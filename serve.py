@@ -109,7 +109,8 @@ def main(argv=None) -> int:
         )
     app = create_app(args.model_dir, settings)
     auth = "API key required on /v1/*" if args.api_key else "no API key"
-    log.info("warming up %s on http://%s:%s (%s; docs at /docs)", args.model_dir, host, port, auth)
+    address = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
+    log.info("warming up %s on http://%s:%s (%s; docs at /docs)", args.model_dir, address, port, auth)
     serve(app, sock, limits, args.log_level)
     return 0
 

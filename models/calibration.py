@@ -246,6 +246,17 @@ class Calibration:
     def threshold(self) -> float:
         return threshold_for(self.fpr)
 
+    def extrapolated_fpr_note(self) -> str | None:
+        """What to say when the false-positive rate is rarer than the calibration frames can show (its
+        threshold then comes from the fitted tail alone), else None."""
+        tail = self.tails["model"]
+        if self.fpr >= tail.observed_fpr:
+            return None
+        return (
+            f"--fpr {self.fpr:g} is below 1 in {tail.frames or len(tail.values)} normal calibration frames: its "
+            "threshold is extrapolated from the fitted tail; calibrate on more normal video to measure it"
+        )
+
     def psnr_offset(self, source: str, contexts: np.ndarray) -> np.ndarray:
         """dB to add to the PSNR of frames predicted with these contexts to take out the context's effect on
         the error (10 log10(e) delta_mse[c]): the offline regularity made of it has no sawtooth and no spike at a

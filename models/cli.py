@@ -43,6 +43,7 @@ _CHATTY = (
     "tf2onnx",
 )
 _NEVER_DEBUG = ("matplotlib", "PIL")
+SECRET_OPTIONS = ("api_key",)  # options whose value --help never shows
 
 _quiet = False
 _verbose = False
@@ -62,7 +63,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         text = action.help or ""
         default = action.default
         if action.dest in self.config_values and "default" in text.lower():  # the help explains the default
-            return f"{text} (the --config file: {option_text(default).replace('%', '%%')})"
+            shown = "set, not shown" if action.dest in SECRET_OPTIONS else option_text(default).replace("%", "%%")
+            return f"{text} (the --config file: {shown})"
         if (
             "default" in text.lower()
             or default is None

@@ -207,14 +207,9 @@ def load_scoring_inputs(args) -> ScoringInputs:
     calibration = _calibration(args, model, config, settings, dataset_dir)
     if args.fpr:
         calibration.fpr = args.fpr
-    tail = calibration.tails["model"]
-    if calibration.fpr < tail.observed_fpr:
-        log.warning(
-            "--fpr %g is below 1 in %d normal calibration frames: its threshold is extrapolated from the fitted "
-            "tail; calibrate on more normal video to measure it",
-            calibration.fpr,
-            tail.frames or len(tail.values),
-        )
+    note = calibration.extrapolated_fpr_note()
+    if note:
+        log.warning(note)
     return ScoringInputs(X, sources, y, masks, fps, title, model, config, calibration, inputs, meta, steps)
 
 

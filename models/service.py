@@ -133,6 +133,9 @@ class ScoringModel:
         self.calibration = Calibration.load(cal_path)
         if settings.fpr:
             self.calibration.fpr = settings.fpr
+            note = self.calibration.extrapolated_fpr_note()
+            if note:
+                log.warning(note)
         if not self.calibration.window:
             raise PipelineError(f"{cal_path} scores whole videos (window 0); the service needs a windowed one.")
         from models.inference import load_predictor  # Keras, once the folder is known to be usable

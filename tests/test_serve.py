@@ -429,7 +429,7 @@ def test_load_test_paces_its_clients_and_counts_what_came_back(server):
     assert "server memory (RSS)" in done.stdout and "HTTP Request" not in done.stdout + done.stderr
 
 
-def test_the_alarm_options_are_batch_scoring_s(trained, media, tmp_path):
+def test_the_alarm_options_are_batch_scoring_s(trained, media, tmp_path, caplog):
     """serve.py --fpr, --alarm_min_frames and --alarm_gap shape its alarms as batch_scoring.py's options of those
     names shape alarms.csv."""
     import serve
@@ -459,6 +459,9 @@ def test_the_alarm_options_are_batch_scoring_s(trained, media, tmp_path):
     assert fast["frame"].tolist() == list(range(1, 3 * len(X), 3))
     np.testing.assert_allclose(fast["score"], slow["score"], atol=1e-6, equal_nan=True)
     assert fast_events["start_frame"].tolist() == [1 + 3 * (f - 1) for f in events["start_frame"]]
+    with caplog.at_level("WARNING"):  # rarer than the calibration frames show: said, as batch_scoring.py says it
+        ScoringModel(trained, ServiceSettings(fpr=1e-4))
+    assert any("--fpr 0.0001 is below 1 in" in r.getMessage() for r in caplog.records), caplog.text
 
 
 def test_startup_errors_are_one_line(trained, tmp_path):
@@ -488,6 +491,11 @@ def test_startup_errors_are_one_line(trained, tmp_path):
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 2 and "No calibration" in lines[1], done.stderr
     assert lines[0].startswith("warning: listening on 0.0.0.0 without an API key: anyone who can reach")
+    config = tmp_path / "serve.json"
+    config.write_text('{"api_key": "s3cret-in-a-file", "max_streams": 3}')
+    done = run_script("serve.py", "--config", config, "--help")  # the help shows the file's values, not its key
+    assert done.returncode == 0 and "(the --config file: 3)" in done.stdout, done.stdout
+    assert "s3cret" not in done.stdout and "(the --config file: set, not shown)" in done.stdout
     for args, message in (
         (["--max_streams", "0"], "argument --max_streams: must be 1 or more"),
         (["--request_timeout_s", "-1"], "argument --request_timeout_s: must be greater than 0"),
