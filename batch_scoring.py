@@ -147,7 +147,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument(
         "--save_prediction_error_video_frames",
         action="store_true",
-        help="write frame | prediction | error GIFs for --plot_videos",
+        help="write <video>_prediction_error.gif (frame | prediction | error) for --plot_videos",
     )
     g.add_argument("--plot_videos", default=None, help="comma-separated videos for the GIFs (default: the first 2)")
     p.add_argument(

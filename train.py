@@ -8,8 +8,9 @@ r"""Stage 2: train PredNet to predict the next frame of normal video (or a ConvL
 
 On the GPU machine without TensorFlow: KERAS_BACKEND=jax python train.py ... (see docs/model_development.md).
 On several GPUs: KERAS_BACKEND=jax python train.py ... --distribute (data-parallel; see docs/tuning.md).
-Writes <model_dir>/model.keras, config.json, history.csv, history.png and checkpoints/, all at once at the end:
-the run trains in .<model_dir name>.partial/ beside it, which --resume continues after a kill (docs/safety.md).
+Writes <model_dir>/model.keras, config.json, calibration.json, history.csv, history.png and checkpoints/, all at
+once at the end: the run trains in .<model_dir name>.partial/ beside it, which --resume continues after a kill
+(docs/safety.md).
 """
 
 from __future__ import annotations

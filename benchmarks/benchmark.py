@@ -159,13 +159,15 @@ def bench(args, batch_size: int, precision: str) -> dict:
 
 def main(argv=None) -> int:
     p = parser(__doc__)
-    p.add_argument("--config", default="cpu")
-    p.add_argument("--stack_sizes", default=None)
-    p.add_argument("--R0_channels", type=int, default=None)
-    p.add_argument("--nt", type=int, default=None)
+    p.add_argument("--config", default="cpu", help="settings of the model timed: a name in config/ or a file")
+    p.add_argument("--stack_sizes", default=None, help="channels of layers 1..: 48,96,192 (default: the config's)")
+    p.add_argument("--R0_channels", type=int, default=None, help="channels of layer 0's state (default: the config's)")
+    p.add_argument("--nt", type=int, default=None, help="frames per training window (default: the config's)")
     p.add_argument("--size", default="64x96x1", help="HEIGHTxWIDTHxCHANNELS")
-    p.add_argument("--batch_sizes", default="4")
-    p.add_argument("--precisions", default="float32")
+    p.add_argument("--batch_sizes", default="4", help="training batch sizes to time, comma-separated: 8,16,32")
+    p.add_argument(
+        "--precisions", default="float32", help="Keras dtype policies to time, comma-separated: float32,mixed_bfloat16"
+    )
     p.add_argument("--steps", type=int, default=20, help="timed training steps")
     p.add_argument("--frames", type=int, default=720, help="random frames to sample windows from")
     p.add_argument("--score_videos", type=int, default=6, help="sequences per raw scoring call")

@@ -253,7 +253,7 @@ class Calibration:
         if self.fpr >= tail.observed_fpr:
             return None
         return (
-            f"--fpr {self.fpr:g} is below 1 in {tail.frames or len(tail.values)} normal calibration frames: its "
+            f"--fpr {self.fpr:g} is below 1 in {tail.frames or len(tail.values)} scored normal calibration frames: its "
             "threshold is extrapolated from the fitted tail; calibrate on more normal video to measure it"
         )
 

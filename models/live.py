@@ -94,13 +94,15 @@ def calibrate(
     contexts = frame_contexts(sources, settings["window"], settings["per_window"], settings["horizon"])
     predictable = predictable_mask(sources, settings["first_scored"])
     tail = np.ones(len(X), bool) if tail_videos is None else np.isin(sources, list(tail_videos))
-    if tail.sum() * fpr < MIN_FRAMES_OVER_THRESHOLD:
+    scored = int((tail & predictable).sum())
+    if scored * fpr < MIN_FRAMES_OVER_THRESHOLD:
         log.warning(
-            "the alarm threshold rests on %d normal frames: at a false-positive rate of %g about %.1f of them lie "
-            "over it, too few to trust that rate; calibrate on a few minutes of normal footage (%d frames or more)",
-            tail.sum(),
+            "the alarm threshold rests on %d scored normal frames: at a false-positive rate of %g about %.1f of "
+            "them lie over it, too few to trust that rate; calibrate on a few minutes of normal footage (%d frames "
+            "or more)",
+            scored,
             fpr,
-            tail.sum() * fpr,
+            scored * fpr,
             int(np.ceil(MIN_FRAMES_OVER_THRESHOLD / fpr)),
         )
     return fit_calibration(

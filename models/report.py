@@ -137,7 +137,8 @@ def markdown(
     if saw:
         lines += [
             "",
-            "## Sawtooth: F statistic of each score by frames of context in its window (about 1: none)",
+            "## Sawtooth: F statistic of each score by frames of context in its window (about 1: none; far above: "
+            "the score depends on the frame's place in its window, docs/anomaly_detection.md)",
             "",
         ]
         lines += [f"- {k}: {v:.3f}" if np.isfinite(v) else f"- {k}: too few normal frames" for k, v in saw.items()]
