@@ -54,12 +54,12 @@ class _Read:
     lengths: dict[str, int]  # frames in the video
 
 
-def _read_videos(paths, size, channels, folder_fps: float, sample_fps: float | None = None):
+def _read_videos(paths, size, channels, folder_fps: float, sample_fps: float | None = None, known=()):
     """The videos at `paths`, their frames resized to `size` (decoded one at a time: a video is never held at
     its own size), the video of each frame, the frames per second scored of each video (`folder_fps` for a
     folder of frames), every how many of its frames is kept (`frame_step` to `sample_fps`), and each video's
-    frame count."""
-    videos = find_inputs(paths)
+    frame count. `known`: files among them read for another purpose (`find_inputs`)."""
+    videos = find_inputs(paths, known)
     xs, names, rates, steps, lengths = [], [], {}, {}, {}
     for video in progress(videos, unit="video", desc="reading"):
         meta: dict = {}
@@ -183,7 +183,7 @@ def load_scoring_inputs(args) -> ScoringInputs:
         )
     inputs, meta, masks, dataset_dir = {}, {}, None, None
     if args.input:
-        read = _read_videos(args.input, (h, w), c, args.fps, args.sample_fps)
+        read = _read_videos(args.input, (h, w), c, args.fps, args.sample_fps, known=[args.labels])
         videos, X, sources, fps, steps = read.videos, read.X, read.sources, read.fps, read.steps
         inputs = {v.name: v for v in videos}
         y = input_labels(videos, read.lengths, args.labels, steps) if args.labels else None

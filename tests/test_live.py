@@ -271,14 +271,15 @@ def test_videos_of_different_frame_rates_keep_their_own(trained, clips, tmp_path
     with imageio.get_reader(str(folder / "Test002.mp4")) as r:
         _write_video(fast / "Test002.webm", [f[..., :1] for f in r], fps=25)  # a WebM (VP9) camera at 25 fps
     (fast / "notes.txt").write_text("not a video\n")
+    (fast / "labels.csv").write_text((folder / "labels.csv").read_text())  # the labels, given: not "skipped"
     _write_video(fast / "short.webm", [np.zeros((24, 24, 1), np.uint8)], fps=25)  # nothing before its frame
     out = tmp_path / "scored"
     done = run_script(
         "batch_scoring.py", "--model_dir", trained, "--input", folder / "Test001.mp4", fast, folder / "cam3",
-        "--fps", "5", "--labels", folder / "labels.csv", "--scored_data", out,
+        "--fps", "5", "--labels", fast / "labels.csv", "--scored_data", out,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "skipped 1 entries of" in done.stderr and "notes.txt" in done.stderr
+    assert "skipped 1 entries of" in done.stderr and "notes.txt" in done.stderr and "labels.csv" not in done.stderr
     assert "too short for a score: short (a video's first scored frame is frame 2)" in done.stderr
     rates = {"Test001": 10.0, "Test002": 25.0, "short": 25.0, "cam3": 5.0}  # cam3: a folder of frames, at --fps
     summary = json.loads((out / "metrics.json").read_text())

@@ -51,13 +51,15 @@ def _as_video(path: Path) -> Video | None:
     return None
 
 
-def find_inputs(paths) -> list[Video]:
-    """The videos named by `paths` (files, frame folders, or folders holding them), in the order given.
+def find_inputs(paths, known=()) -> list[Video]:
+    """The videos named by `paths` (files, frame folders, or folders holding them), in the order given. Other
+    entries of a folder are skipped with a warning, except the files in `known` (read for another purpose:
+    the labels).
 
     Raises:
         PipelineError: a path that does not exist, holds no video, or two videos with one name.
     """
-    videos = []
+    videos, known = [], {Path(k).resolve() for k in known if k}
     for raw in paths:
         path = Path(raw)
         if not path.exists():
@@ -82,7 +84,7 @@ def find_inputs(paths) -> list[Video]:
         if not found:
             raise PipelineError(f"Input folder {path} holds no video files, frames or folders of frames.")
         used = {v.path for v in found} | {v.mask_dir for v in found} | {v.path.parent for v in found}
-        skipped = [p.name for p in entries if p not in used and not p.name.startswith(".")]
+        skipped = [p.name for p in entries if p not in used and not p.name.startswith(".") and p.resolve() not in known]
         if skipped:
             log.warning(
                 "skipped %d entries of %s that are not video files (%s) or folders of frames: %s",
