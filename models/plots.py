@@ -143,9 +143,14 @@ def plot_history(history_csv: Path, out_png: Path, copy_loss: float | None = Non
     epochs = hist["epoch"] + 1
     fig, ax = plt.subplots(figsize=(7, 4.5))
     names = {"loss": "training windows", "val_loss": "validation windows"}
+    style = "o-" if len(hist) <= 60 else "-"  # markers hide the curve over hundreds of epochs
     for col, name in names.items():
         if col in hist:
-            ax.plot(epochs, hist[col], "o-", ms=3, lw=1.5, label=name)
+            ax.plot(epochs, hist[col], style, ms=3, lw=1.5, label=name)
+    losses = hist[[c for c in names if c in hist]].to_numpy(float)
+    losses = losses[np.isfinite(losses) & (losses > 0)]
+    if len(losses) and losses.max() > 10 * losses.min():  # the first epochs would flatten the rest
+        ax.set_yscale("log")
     if "val_loss" in hist and hist["val_loss"].notna().any():
         best = int(hist["val_loss"].idxmin())
         ax.axvline(epochs[best], color="0.5", ls=":", lw=1, label=f"best validation epoch ({epochs[best]})")
@@ -161,7 +166,7 @@ def plot_history(history_csv: Path, out_png: Path, copy_loss: float | None = Non
         title=f"{title} training: "
         + ("next-frame prediction error per epoch" if prednet else "reconstruction error per epoch"),
     )
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)  # below: never over a curve
     _save(fig, out_png)
 
 
