@@ -127,8 +127,10 @@ def plot_importances(table: pd.DataFrame, path: Path, classifier: str, folds: in
     ax.barh(names, order["permutation_auc_drop"], xerr=spread, color="tab:blue", ecolor="0.3", capsize=3)
     ax.axvline(0, color="k", lw=0.8)
     ax.set_xlabel("drop in ROC AUC when the feature is shuffled (held-out videos)")
+    note = " (each fold's training videos pick its metric)" if classifier == "best_single_metric" else ""
     ax.set_title(
-        f"Held-out permutation importance, {classifier.replace('_', ' ')}\nmean \u00b1 SD over {folds} folds by video",
+        f"Held-out permutation importance, {classifier.replace('_', ' ')}\nmean \u00b1 SD over {folds} folds by "
+        f"video{note}",
         fontsize=10,
     )
     ax.tick_params(axis="y", labelsize=9)
