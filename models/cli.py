@@ -330,12 +330,15 @@ def prepared_datasets(root: str | Path) -> list[str]:
 
 
 def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
-    """Runs a script's `main`: a `PipelineError` becomes a one-line message and exit code 2, Ctrl-C the line
-    "interrupted" and exit code 130 (outputs are left as they were: see models/io.py)."""
+    """Runs a script's `main`: a `PipelineError` (or a `PermissionError`) becomes a one-line message and exit
+    code 2, Ctrl-C the line "interrupted" and exit code 130 (outputs are left as they were: see models/io.py)."""
     try:
         code = main(argv)
     except PipelineError as err:
         print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except PermissionError as err:  # a file or folder this account may not write (or read), however it came up
+        print(f"error: no permission: {err.strerror} ({err.filename}); outputs are left as they were", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -23,6 +23,7 @@ import errno
 import glob
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -35,6 +36,8 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from models.errors import PipelineError
+
+log = logging.getLogger(__name__)
 
 MARKER = ".prednet-output.json"
 MARKER_VERSION = 1
@@ -133,13 +136,30 @@ def _file_is_ours(path: Path, stage: str | None = None) -> bool:
 
 # What a killed run of this module can leave in a folder: an (empty) lock file, an `atomic_file` temporary file.
 _LOCK = re.compile(r"\..+\.lock")
-_TEMPORARY = re.compile(r"\..+\.tmp-[a-z0-9_]{8}(\.[A-Za-z0-9]+)*")
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.tmp-[a-z0-9_]{8}(?P<suffix>\.[A-Za-z0-9]+)?")
 
 
-def _leftover(path: Path) -> bool:
+def temporary_file_of(name: str) -> str | None:
+    """The file an `atomic_file` temporary file named `name` stands for (`.<file>.tmp-<8 random><file's
+    suffix>`), or None for any other name."""
+    match = _TEMPORARY.fullmatch(name)
+    if match is None or (match["suffix"] or "") != Path(match["name"]).suffix:
+        return None
+    return match["name"]
+
+
+def _leftover(path: Path, listed: set[str], folder: Path) -> bool:
+    """A killed run's leftover: an empty lock file, or the temporary file of a file the marker lists or that
+    lies beside it (a user's file of a look-alike name stays theirs)."""
     if path.is_symlink() or not path.is_file():
         return False
-    return bool(_TEMPORARY.fullmatch(path.name)) or (bool(_LOCK.fullmatch(path.name)) and path.stat().st_size == 0)
+    if _LOCK.fullmatch(path.name):
+        return path.stat().st_size == 0
+    of = temporary_file_of(path.name)
+    if of is None:
+        return False
+    target = path.with_name(of)
+    return target.is_file() or target.relative_to(folder).as_posix() in listed
 
 
 def _foreign_files(folder: Path, marker: dict) -> list[str]:
@@ -159,7 +179,7 @@ def _foreign_files(folder: Path, marker: dict) -> list[str]:
             if rel in hashes and (path.is_symlink() or _sha256(path) != hashes[rel]):
                 foreign.append(rel)
             continue
-        if _leftover(path):
+        if _leftover(path, listed, folder):
             continue
         if path.name.startswith(".") and path.name.endswith(MARKER) and len(path.name) > len(MARKER) + 1:
             owner = path.with_name(path.name[1 : -len(MARKER)])
@@ -196,6 +216,17 @@ def check_inputs(dest: str | Path, inputs: Iterable[str | Path | None] = ()) -> 
         raise PipelineError(f"Refusing to write {dest}: it {why}; choose another output.")
 
 
+def _check_writable(dest: Path, replacing: bool) -> None:
+    """Refuses, before any work, a target whose folder this process may not write in (nor, when `replacing`
+    it, the folder itself, whose files go with it)."""
+    parent = dest.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    for folder in (parent, dest) if replacing else (parent,):
+        if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+            raise PipelineError(f"Cannot write {dest}: no permission to write in {folder}; choose another output.")
+
+
 def check_output(
     dest: str | Path, stage: str, overwrite: bool = False, inputs: Iterable[str | Path | None] = ()
 ) -> None:
@@ -217,6 +248,7 @@ def check_output(
             f"Output {dest} is a symbolic link (to {os.readlink(dest)}); name the folder itself, or another output."
         )
     if not dest.exists():
+        _check_writable(dest, replacing=False)
         return
     if not dest.is_dir():
         raise PipelineError(f"Output {dest} exists and is not a folder; choose another output.")
@@ -237,6 +269,7 @@ def check_output(
         )
     if not overwrite:
         raise PipelineError(f"Output folder {dest} already exists; pass --overwrite to replace it.")
+    _check_writable(dest, replacing=True)
 
 
 def check_output_file(
@@ -250,6 +283,7 @@ def check_output_file(
     dest = Path(dest)
     check_inputs(dest, inputs)
     if not (dest.exists() or dest.is_symlink()):
+        _check_writable(dest, replacing=False)
         return
     if not dest.is_file():
         raise PipelineError(f"Output {dest} exists and is not a file; choose another output.")
@@ -259,6 +293,7 @@ def check_output_file(
         )
     if not overwrite:
         raise PipelineError(f"Output file {dest} already exists; pass --overwrite to replace it.")
+    _check_writable(dest, replacing=False)
 
 
 # --- locks -----------------------------------------------------------------------------------------------
@@ -277,18 +312,27 @@ def output_lock(dest: str | Path) -> Iterator[Path]:
         PipelineError: another run holds the lock.
     """
     path = sibling(dest, ".lock")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(path, timeout=0)
+    if path.is_symlink() or (path.exists() and (not path.is_file() or path.stat().st_size > 0)):
+        raise PipelineError(
+            f"{path} is in the way of the lock of {dest} (this pipeline's lock files are empty: it is yours); "
+            "move it away."
+        )
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(path, timeout=0)
         lock.acquire(blocking=False)
     except Timeout:
         raise PipelineError(
             f"Another run is writing {dest} (it holds the lock {path}); wait for it to end or choose another output."
         ) from None
+    except PermissionError:
+        raise PipelineError(f"Cannot write {dest}: no permission to write in {path.parent}.") from None
     try:
         yield path
     finally:
-        path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            if path.stat().st_size == 0:  # written to since: not removed
+                path.unlink()
         lock.release()
 
 
@@ -379,7 +423,10 @@ def clean_leftovers(dest: Path) -> None:
     for leftover in map(Path, glob.glob(pattern)):
         if leftover.is_dir() and not leftover.is_symlink():
             if read_marker(leftover) is not None:
-                remove_output(leftover)
+                try:
+                    remove_output(leftover)
+                except OSError as err:  # a folder made read-only: it stays, and the run goes on
+                    log.warning("cannot remove %s, which a killed run left: %s; remove it by hand", leftover, err)
             else:
                 with contextlib.suppress(OSError):
                     leftover.rmdir()  # empty: killed before its marker was written

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field, fields, replace
@@ -35,6 +36,7 @@ from models.io import (
     replace_dir,
     sibling,
     temporary_dir,
+    temporary_file_of,
     write_json,
     write_marker,
 )
@@ -323,10 +325,36 @@ def _read_state(ckpt: Path, frame_shape: tuple[int, int, int], nt: int) -> dict:
     return state
 
 
+# What a run writes in its staging folder, and nothing else (`_foreign_in_run`).
+_RUN_FILES = frozenset({MARKER, "model.keras", "config.json", CALIBRATION_FILE, "history.csv", "history.png"})
+_CHECKPOINT_FILES = frozenset({"last.keras", "best.keras", "history.csv", "last.json"})
+_CHECKPOINTS_TMP = re.compile(r"\.checkpoints\.tmp-[a-z0-9_]{8}")  # an epoch's commit killed midway
+
+
+def _foreign_in_run(run_dir: Path) -> list[str]:
+    """Entries of an interrupted run's staging folder that train.py does not write there (a user's notes):
+    they stop a run that would continue or delete it."""
+    foreign = []
+    for entry in sorted(run_dir.iterdir()):
+        if entry.is_symlink():
+            foreign.append(entry.name)
+        elif entry.is_dir() and (entry.name == "checkpoints" or _CHECKPOINTS_TMP.fullmatch(entry.name)):
+            foreign += [
+                f"{entry.name}/{e.name}"
+                for e in sorted(entry.iterdir())
+                if e.is_symlink() or not e.is_file() or e.name not in _CHECKPOINT_FILES
+            ]
+        elif entry.is_dir() or not (entry.name in _RUN_FILES or temporary_file_of(entry.name) in _RUN_FILES):
+            foreign.append(entry.name + ("/" if entry.is_dir() else ""))
+    return foreign
+
+
 def _clean_run_dir(run_dir: Path) -> None:
-    """Deletes what a killed epoch commit or final write left in a staging folder: `.*.tmp-*` entries."""
-    for leftover in run_dir.glob(".*.tmp-*"):
-        remove_output(leftover)
+    """Deletes what a killed epoch commit or final write left in a staging folder (`_foreign_in_run` has
+    found nothing else there)."""
+    for leftover in run_dir.iterdir():
+        if _CHECKPOINTS_TMP.fullmatch(leftover.name) or temporary_file_of(leftover.name) in _RUN_FILES:
+            remove_output(leftover)
 
 
 def staging_dir(model_dir: str | Path) -> Path:
@@ -366,8 +394,17 @@ def _open_run(s: TrainSettings, model_dir: Path, inputs: list) -> tuple[Path | N
             raise PipelineError(
                 f"Refusing to use {staging}: it was not written by train.py (no train {MARKER}); move it away."
             )
-        if marker.get("complete"):
+        if marker.get("complete"):  # a whole model folder, its files listed
+            check_output(staging, STAGE, overwrite=True)
             _finish_commit(staging, model_dir, marker)
+        else:
+            foreign = _foreign_in_run(staging)
+            if foreign:
+                more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+                raise PipelineError(
+                    f"Refusing to use {staging}: {staging / foreign[0]}{more} was not written by train.py; move it "
+                    "away first."
+                )
     exists = model_dir.exists() or model_dir.is_symlink()
     if s.resume:
         if exists:

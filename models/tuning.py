@@ -109,6 +109,8 @@ def claim_output_dir(out: str | Path, study: str, inputs=()) -> None:
     """
     out = Path(out)
     check_inputs(out, inputs)
+    if out.is_symlink():
+        raise PipelineError(f"--output_dir {out} is a symbolic link (to {os.readlink(out)}); name the folder itself.")
     if out.exists() and not out.is_dir():
         raise PipelineError(f"--output_dir {out} is a file; choose a folder.")
     with output_lock(out):

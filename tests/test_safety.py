@@ -264,6 +264,10 @@ def test_train_refusals_leave_everything_as_it_was(prepared, other_size, tmp_pat
     shutil.copytree(model_folder(ws / "b_model") / "checkpoints", staging_dir(corrupt_run) / "checkpoints")
     write_marker(staging_dir(corrupt_run), "train", complete=False)  # an interrupted run: no hashes yet
     (staging_dir(corrupt_run) / "checkpoints" / "last.json").write_text("{not json")
+    noted = ws / "noted"  # an interrupted run that the user put notes in
+    shutil.copytree(model_folder(ws / "c_model") / "checkpoints", staging_dir(noted) / "checkpoints")
+    write_marker(staging_dir(noted), "train", complete=False)
+    (staging_dir(noted) / "NOTES.txt").write_text("why this run was stopped")
     done = model_folder(ws / "done")
     rows = [
         ("model folder is the data", dict(model_dir=prepared, overwrite=True), "is the input"),
@@ -276,6 +280,8 @@ def test_train_refusals_leave_everything_as_it_was(prepared, other_size, tmp_pat
         ("nothing to resume", dict(model_dir=ws / "none", resume=True), "Nothing to resume"),
         ("changed last.json", dict(model_dir=corrupt, resume=True), "last.json was not written by this pipeline, or"),
         ("corrupt last.json", dict(model_dir=corrupt_run, resume=True), "last.json: it is missing or corrupt"),
+        ("a user's note in a run, --overwrite", dict(model_dir=noted, overwrite=True), "NOTES.txt was not written by"),
+        ("a user's note in a run, --resume", dict(model_dir=noted, resume=True), "NOTES.txt was not written by"),
         ("--nb_epoch 0", dict(model_dir=ws / "zero", nb_epoch=0), "--nb_epoch must be 1"),
     ]
     with output_lock(ws / "locked"):
@@ -371,6 +377,49 @@ def test_only_what_a_killed_run_leaves_is_taken_for_its_leftovers(tmp_path):
             pass
         assert (target / name).exists() and (target / "a.txt").read_text() == "b"
         shutil.rmtree(target / name) if (target / name).is_dir() else (target / name).unlink()
+    # a user's file named like a temporary file: of a file that is not there, or with another suffix
+    for name in (".paper.tmp-20241201.md", ".draft.md.tmp-abcd1234.md"):
+        (target / name).write_text("mine")
+        with pytest.raises(PipelineError, match=name.replace(".", r"\.")), atomic_dir(target, True, stage="demo"):
+            pass
+        assert (target / name).read_text() == "mine"
+        (target / name).unlink()
+
+
+def test_a_lock_path_that_is_not_an_empty_file_is_the_user_s(tmp_path):
+    """The lock beside a target is an empty file: a file with something in it, a folder or a link there is the
+    user's, refused in one line and left as it was (a run used to delete the file when it ended)."""
+    target = tmp_path / "out"
+    lock = sibling(target, ".lock")
+    for make in (lambda p: p.write_text("my notes"), Path.mkdir, lambda p: p.symlink_to(tmp_path / "notes.txt")):
+        (tmp_path / "notes.txt").write_text("notes")
+        make(lock)
+        with pytest.raises(PipelineError, match=r"\.out\.lock is in the way of the lock of .*out"), output_lock(target):
+            pass
+        assert (lock.read_text() == "my notes") if lock.is_file() and not lock.is_symlink() else lock.exists()
+        assert (tmp_path / "notes.txt").read_text() == "notes" and not target.exists()
+        shutil.rmtree(lock) if lock.is_dir() and not lock.is_symlink() else lock.unlink()
+    with output_lock(target):  # an empty one a kill left is taken, and removed at the end
+        pass
+    assert not lock.exists()
+
+
+def test_a_folder_this_account_may_not_write_is_refused_before_any_work(tmp_path, monkeypatch):
+    """A read-only place for the output (its folder, or the output itself when it is replaced) is refused in
+    one line by the checks every stage makes first (tested with os.access: the tests may run as root)."""
+    from models.io import check_output
+
+    target = tmp_path / "ro" / "out"
+    with atomic_dir(target, stage="demo") as tmp:
+        (tmp / "a.txt").write_text("a")
+    real = os.access
+    for read_only in (target.parent, target):
+        monkeypatch.setattr(os, "access", lambda p, mode, ro=read_only: Path(p) != ro and real(p, mode))
+        with pytest.raises(PipelineError, match=f"Cannot write .*out: no permission to write in {read_only}"):
+            check_output(target, "demo", overwrite=True)
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != target.parent and real(p, mode))
+    with pytest.raises(PipelineError, match="no permission to write in"):
+        check_output(target.parent / "new", "demo")
 
 
 @pytest.mark.parametrize(

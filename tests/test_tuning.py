@@ -222,6 +222,10 @@ def test_the_folder_of_a_study_is_its_own(tmp_path):
     write_marker(tmp_path / "scored", "batch_scoring", complete=False)
     with pytest.raises(PipelineError, match="holds the output of batch_scoring, not of tune.py"):
         claim_output_dir(tmp_path / "scored", "s")
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")  # a link, dangling or not, is never followed
+    with pytest.raises(PipelineError, match="--output_dir .*link is a symbolic link"):
+        claim_output_dir(tmp_path / "link", "s")
+    assert not (tmp_path / "nowhere").exists()
 
 
 def test_a_trial_folder_of_an_earlier_study_stops_the_study(prepared, tmp_path):
