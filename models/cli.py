@@ -13,12 +13,15 @@ Every script builds its parser with `parser(__doc__)`, which gives it the house 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
 import logging
 import os
 import platform
+import signal
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -195,7 +198,32 @@ def import_keras() -> None:
     they load (TensorFlow 2.21's "oneDNN custom operations are on" and "All log messages before
     absl::InitializeLog()" lines, which TF_CPP_MIN_LOG_LEVEL does not reach) unless --verbose. Should the
     import fail, the hidden lines are written out before the error."""
-    if _verbose or "keras" in sys.modules:
+    if "keras" in sys.modules:
+        return
+    with _interrupt_after():
+        _import_keras()
+
+
+@contextlib.contextmanager
+def _interrupt_after():
+    """Holds Ctrl-C back until the block ends, then raises it: a KeyboardInterrupt raised inside a callback
+    of the libraries being imported (a garbage-collection hook) is printed and dropped by Python, and the run
+    went on as if never stopped."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending = []
+    previous = signal.signal(signal.SIGINT, lambda *_: pending.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pending:
+        raise KeyboardInterrupt
+
+
+def _import_keras() -> None:
+    if _verbose:
         import keras  # noqa: F401
 
         return

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -212,3 +213,17 @@ def test_quiet_and_verbose_set_logging_progress_and_keras(capsys, monkeypatch):
     finally:
         configure_output(p.parse_args([]))
     assert logging.getLogger("absl").level == logging.ERROR
+
+
+def test_ctrl_c_while_keras_loads_stops_the_run_after_it():
+    """Ctrl-C during the import of Keras is raised once the import is over: raised inside a library's callback
+    (a garbage-collection hook), Python printed it and dropped it, and the run went on."""
+    import signal
+
+    from models.cli import _interrupt_after
+
+    finished = []
+    with pytest.raises(KeyboardInterrupt), _interrupt_after():
+        os.kill(os.getpid(), signal.SIGINT)
+        finished.append(True)  # the block is not cut short
+    assert finished == [True] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
