@@ -383,7 +383,10 @@ def create_app(model_dir: str | Path, settings: ServiceSettings | None = None) -
         request: Request,
         video: str | None = Query(None, description="name for the video in the answer"),
         fps: float | None = Query(
-            None, gt=0, le=MAX_FPS, description=f"frames/s of an archive of frames (default 10; at most {MAX_FPS})"
+            None,
+            gt=0,
+            le=MAX_FPS,
+            description=f"frames/s of the upload (default: a video's own, 10 for frames; at most {MAX_FPS})",
         ),
     ) -> JSONResponse:
         """Scores every frame of a video file (mp4, avi, mov, mkv) or a zip/tar archive of frame files: the

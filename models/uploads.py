@@ -11,6 +11,7 @@ names its limit.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import re
 import shutil
@@ -348,11 +349,12 @@ def read_upload(
     size: tuple[int, int],
     limits: Limits,
     deadline: Deadline,
-    archive_fps: float | None = None,
+    fps: float | None = None,
 ) -> Upload:
-    """The frames of any upload at the model's size, their rate (a video file's own; an archive's
-    `archive_fps`, by default 10, as `batch_scoring.py --fps` for folders of frames), the name it gives its
-    video, frames lost.
+    """The frames of any upload at the model's size, their rate, the name it gives its video, frames lost.
+    The rate is `fps` if given (the client's word: a raw camera stream's container names none, and ffmpeg
+    then assumes 25), else a video file's own, or 10 for an archive (as `batch_scoring.py --fps` for folders
+    of frames).
 
     Raises:
         UploadError: with the status to answer and the limit, if any.
@@ -361,9 +363,10 @@ def read_upload(
         raise UploadError("The request body is empty: send a video file or an archive of frames.")
     kind, suffix = upload_kind(content_type, filename, data)
     if kind == "video":
-        return read_video_bytes(data, suffix, channels, size, limits, deadline)
+        upload = read_video_bytes(data, suffix, channels, size, limits, deadline)
+        return dataclasses.replace(upload, fps=fps) if fps else upload
     X, folder = read_archive_bytes(data, kind, channels, size, limits, deadline)
-    return Upload(X, archive_fps or DEFAULT_FPS, folder)
+    return Upload(X, fps or DEFAULT_FPS, folder)
 
 
 class FrameDecoder:

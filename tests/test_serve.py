@@ -175,8 +175,10 @@ def test_clip_scores_equal_batch_scoring(server, media, batch):
     df, events = batch
     with open(media / "Test001.mp4", "rb") as f:
         multipart = httpx.post(f"{url}/v1/score", files={"file": ("Test001.mp4", f, "video/mp4")}, headers=AUTH)
-    raw = httpx.post(
-        f"{url}/v1/score", content=(media / "Test001.mp4").read_bytes(), headers={**AUTH, "Content-Type": "video/mp4"}
+    raw = httpx.post(  # ?fps= in place of the file's own rate (a raw camera dump names none)
+        f"{url}/v1/score?fps=4",
+        content=(media / "Test001.mp4").read_bytes(),
+        headers={**AUTH, "Content-Type": "video/mp4"},
     )
     bearer = {"Authorization": f"Bearer {KEY}"}
     zipped = httpx.post(
@@ -186,7 +188,7 @@ def test_clip_scores_equal_batch_scoring(server, media, batch):
     )
     with open(media / "cam3.tar.gz", "rb") as f:  # ?fps= for an archive, as --fps for a folder of frames
         tarred = httpx.post(f"{url}/v1/score?fps=5", files={"file": ("cam3.tar.gz", f)}, headers=AUTH)
-    assert [r.json()["fps"] for r in (zipped, tarred)] == [10.0, 5.0]
+    assert [r.json()["fps"] for r in (multipart, raw, zipped, tarred)] == [10.0, 4.0, 10.0, 5.0]
     for response, video in ((multipart, "Test001"), (raw, "upload"), (zipped, "cam3"), (tarred, "cam3")):
         assert response.status_code == 200, response.text
         body = response.json()
