@@ -97,6 +97,24 @@ def test_the_first_frames_of_a_video_reach_the_threshold_as_rarely_as_the_others
     assert 0.005 < (scores[first] >= 2).mean() < 0.02 and 0.005 < (scores[full] >= 2).mean() < 0.02
     assert (tail.score(live)[first] >= 2).mean() > 0.1  # without the counts, as calibrations before spread
     assert (scores[full] == tail.score(live)[full]).all()  # full means are scored as before
+    # videos too short for two full means: nothing to scale to, so no scaling (not an invented spread)
+    short, names = videos(6, length=3)
+    assert mean_spreads(short, names, 5) == [] and mean_spreads(np.zeros(100), np.zeros(100), 5) == []
+    unscaled = NormalTail.fit(live)  # no spread: the counts change nothing
+    assert (unscaled.score(live, counts) == unscaled.score(live)).all()
+
+
+def test_a_calibration_from_before_the_spreads_scores_as_it_did(trained, tmp_path):
+    """calibration.json written before `spread` existed (other model folders) loads, and scores every frame
+    as then: without scaling the first frames."""
+    data = json.loads((trained / "calibration.json").read_text())
+    for tail in data["tails"].values():
+        del tail["spread"]
+    (tmp_path / "calibration.json").write_text(json.dumps(data))
+    old, new = Calibration.load(tmp_path / "calibration.json"), Calibration.load(trained / "calibration.json")
+    assert old.tails["model"].spread == [] and len(new.tails["model"].spread) == new.smooth
+    live, counts = np.linspace(0, 8, 50), np.tile([1, 2, 3, 4, 5], 10)
+    np.testing.assert_array_equal(old.tails["model"].score(live, counts), old.tails["model"].score(live))
 
 
 def test_contexts_follow_the_windows():
