@@ -11,8 +11,11 @@ names its limit.
 
 from __future__ import annotations
 
+import bz2
 import dataclasses
+import gzip
 import io
+import lzma
 import re
 import shutil
 import tarfile
@@ -250,7 +253,7 @@ def archive_members(data: bytes, kind: str, limits: Limits, deadline: Deadline) 
     """
     try:
         members = _zip_members(data, limits, deadline) if kind == "zip" else _tar_members(data, limits, deadline)
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError, ValueError) as err:
+    except (zipfile.BadZipFile, tarfile.TarError, lzma.LZMAError, EOFError, OSError, ValueError) as err:
         raise UploadError(f"Cannot read the {kind} archive: {err}") from None
     if not members:
         raise UploadError(f"The {kind} archive holds no frame files ({', '.join(FRAME_SUFFIXES)}).")
@@ -305,9 +308,46 @@ def _zip_members(data: bytes, limits: Limits, deadline: Deadline) -> list[tuple[
     return out
 
 
+class _Counted(io.RawIOBase):
+    """A decompressed stream whose every byte counts against the upload's budget before it is used: a tar's
+    headers too (a GNU long name or a pax header is read whole into memory before its member is seen)."""
+
+    def __init__(self, raw, budget: _Budget, limit: int):
+        self.raw, self.budget, self.limit, self.read_bytes = raw, budget, limit, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        self.budget.deadline.check()
+        n = self.raw.readinto(buffer)
+        self.read_bytes += n
+        if self.read_bytes > self.limit:
+            raise UploadError(
+                f"The archive is over max_upload_mb = {self.budget.limits.max_upload_mb:g} MB uncompressed.",
+                413,
+                "max_upload_mb",
+            )
+        return n
+
+
+def _decompressor(data: bytes):
+    """The tar archive inside `data`: gzip, bzip2 and xz are undone as the archive is read, never at once."""
+    raw = io.BytesIO(data)
+    if data[:2] == b"\x1f\x8b":
+        return gzip.GzipFile(fileobj=raw)
+    if data[:3] == b"BZh":
+        return bz2.BZ2File(raw)
+    if data[:6] == b"\xfd7zXZ\x00":
+        return lzma.LZMAFile(raw)
+    return raw
+
+
 def _tar_members(data: bytes, limits: Limits, deadline: Deadline) -> list[tuple[str, bytes]]:
     budget, out = _Budget(limits, deadline), []
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as archive:
+    # Headers, padding and the members the budget counts: a little more than the files themselves.
+    stream = _Counted(_decompressor(data), budget, limits.max_bytes + 1024 * 1024)
+    with tarfile.open(fileobj=io.BufferedReader(stream), mode="r|") as archive:
         for member in archive:  # one header at a time: stops at the first limit, however long the archive
             deadline.check()
             if _unsafe(member.name):

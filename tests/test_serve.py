@@ -62,9 +62,9 @@ def _zip(members: dict[str, bytes]) -> bytes:
     return buf.getvalue()
 
 
-def _tar(members: dict[str, bytes], symlink: str | None = None, mode: str = "w:gz") -> bytes:
+def _tar(members: dict[str, bytes], symlink: str | None = None, mode: str = "w:gz", **kwargs) -> bytes:
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode=mode) as t:
+    with tarfile.open(fileobj=buf, mode=mode, **kwargs) as t:
         for name, data in members.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)
@@ -297,6 +297,12 @@ def _bad_requests(media: Path) -> list[tuple[str, dict, bytes | None, dict | Non
         ("tar of a huge other file", {**AUTH, "Content-Type": "application/x-tar"},
          _tar({"v/notes.txt": bytes(int(MAX_UPLOAD_MB * 1024 * 1024) * 8), "v/001.png": png}, mode="w:bz2"), None,
          413, "max_upload_mb"),  # counted before it is decompressed (a few hundred bytes: a decompression bomb)
+        ("tar of a huge long-name header", {**AUTH, "Content-Type": "application/x-tar"},
+         _tar({"v/" + "n" * int(MAX_UPLOAD_MB * 1024 * 1024 * 8) + ".png": png}, mode="w:xz",
+              format=tarfile.GNU_FORMAT), None, 413, "max_upload_mb"),  # read whole before its member is seen
+        ("tar of a huge pax header", {**AUTH, "Content-Type": "application/x-tar"},
+         _tar({"v/001.png": png}, mode="w:gz", format=tarfile.PAX_FORMAT,
+              pax_headers={"comment": "c" * int(MAX_UPLOAD_MB * 1024 * 1024 * 8)}), None, 413, "max_upload_mb"),
         ("frame over max_pixels in an archive", {**AUTH, "Content-Type": "application/zip"},
          _zip({"v/001.png": _png(np.zeros((4097, 4097, 1), np.uint8))}), None, 413, "max_pixels"),
         ("traversal zip", {**AUTH, "Content-Type": "application/zip"}, _zip({"../../evil.png": png}), None, 422, None),
