@@ -366,7 +366,7 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except PermissionError as err:  # a file or folder this account may not write (or read), however it came up
-        print(f"error: no permission: {err.strerror} ({err.filename}); outputs are left as they were", file=sys.stderr)
+        print(f"error: no permission: {err.strerror}: {err.filename}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

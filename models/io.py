@@ -143,7 +143,7 @@ def temporary_file_of(name: str) -> str | None:
     """The file an `atomic_file` temporary file named `name` stands for (`.<file>.tmp-<8 random><file's
     suffix>`), or None for any other name."""
     match = _TEMPORARY.fullmatch(name)
-    if match is None or (match["suffix"] or "") != Path(match["name"]).suffix:
+    if match is None or match["name"] in (".", "..") or (match["suffix"] or "") != Path(match["name"]).suffix:
         return None
     return match["name"]
 
@@ -216,13 +216,21 @@ def check_inputs(dest: str | Path, inputs: Iterable[str | Path | None] = ()) -> 
         raise PipelineError(f"Refusing to write {dest}: it {why}; choose another output.")
 
 
+def _nearest_existing(path: Path) -> Path:
+    """`path`'s nearest folder that exists (itself, or a parent)."""
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def _check_writable(dest: Path, replacing: bool) -> None:
     """Refuses, before any work, a target whose folder this process may not write in (nor, when `replacing`
-    it, the folder itself, whose files go with it)."""
-    parent = dest.absolute().parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    for folder in (parent, dest) if replacing else (parent,):
+    it, the folder itself and every folder in it, whose files go with it)."""
+    folders = [_nearest_existing(dest.absolute().parent)]
+    if replacing and dest.is_dir():
+        folders += [Path(root) for root, _, _ in os.walk(dest)]
+    for folder in folders:
         if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
             raise PipelineError(f"Cannot write {dest}: no permission to write in {folder}; choose another output.")
 
@@ -326,7 +334,9 @@ def output_lock(dest: str | Path) -> Iterator[Path]:
             f"Another run is writing {dest} (it holds the lock {path}); wait for it to end or choose another output."
         ) from None
     except PermissionError:
-        raise PipelineError(f"Cannot write {dest}: no permission to write in {path.parent}.") from None
+        raise PipelineError(
+            f"Cannot write {dest}: no permission to write in {_nearest_existing(path.parent)}."
+        ) from None
     try:
         yield path
     finally:
@@ -387,12 +397,25 @@ def replace_dir(src: str | Path, dest: str | Path) -> None:
         src.rename(dest)
         return
     if _exchange(src, dest):
-        remove_output(src)
+        _remove_replaced(src, dest)
         return
     old = src.with_name(src.name + ".old")
     dest.rename(old)
     src.rename(dest)
-    remove_output(old)
+    _remove_replaced(old, dest)
+
+
+def _remove_replaced(old: Path, dest: Path) -> None:
+    """Deletes the folder a new `dest` replaced; one it may not delete (made read-only meanwhile) stays, said."""
+    try:
+        remove_output(old)
+    except OSError as err:
+        log.warning(
+            "%s is in place; the folder it replaced, now %s, could not be deleted (%s): delete it by hand",
+            dest,
+            old,
+            err,
+        )
 
 
 def commit_dir(src: str | Path, dest: str | Path, stage: str, overwrite: bool) -> None:

@@ -257,6 +257,7 @@ class _Checkpoints(keras.callbacks.Callback):
         self._commit(improved)
 
     def _commit(self, improved: bool) -> None:
+        refuse_foreign_in_run(self.run_dir)
         ckpt = self.run_dir / "checkpoints"
         tmp = temporary_dir(".checkpoints.tmp-", self.run_dir)
         self.model.save(tmp / "last.keras")
@@ -347,6 +348,22 @@ def _foreign_in_run(run_dir: Path) -> list[str]:
         elif entry.is_dir() or not (entry.name in _RUN_FILES or temporary_file_of(entry.name) in _RUN_FILES):
             foreign.append(entry.name + ("/" if entry.is_dir() else ""))
     return foreign
+
+
+def refuse_foreign_in_run(run_dir: Path) -> None:
+    """Stops a run, before it replaces its checkpoints or puts its model in place, when something was saved in
+    its staging folder while it trained (`_foreign_in_run`): kept, never deleted nor carried into the model.
+
+    Raises:
+        PipelineError: naming the first such entry.
+    """
+    foreign = _foreign_in_run(run_dir)
+    if foreign:
+        more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+        raise PipelineError(
+            f"{run_dir / foreign[0]}{more} was saved in {run_dir} while it trained; it is kept, and the run stops at "
+            "its last saved epoch: move it away, then continue with --resume."
+        )
 
 
 def _clean_run_dir(run_dir: Path) -> None:
@@ -837,6 +854,7 @@ def _train_locked(
     # complete: from here on the run folder is a finished model folder, which names the one it replaces (for
     # `_finish_commit`, should a kill come before the swap)
     replaced = _model_marker(model_dir)
+    refuse_foreign_in_run(run_dir)  # the marker lists what is there: the run's own files only
     write_marker(run_dir, STAGE, replacing=replaced.get("created") if replaced else None)
     commit_dir(run_dir, model_dir, STAGE, overwrite=s.overwrite or s.resume)
     return config

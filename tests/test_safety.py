@@ -299,6 +299,40 @@ def test_train_refusals_leave_everything_as_it_was(prepared, other_size, tmp_pat
     print(f"{len(rows) + 1} refused train() calls")
 
 
+def test_a_note_saved_in_a_training_run_s_folder_stops_it_and_is_kept(prepared, tmp_path):
+    """Something saved in `.<name>.partial/` while train.py runs is never deleted with the old checkpoints nor
+    carried into the model folder (whose next --overwrite would delete it): the run stops at its last saved
+    epoch, one line naming it, and --resume finishes once it is moved away."""
+    import keras
+
+    from models.training import staging_dir, train
+
+    class SaveNote(keras.callbacks.Callback):
+        def __init__(self, path: Path, when: str):
+            super().__init__()
+            self.path, self.when = path, when
+
+        def on_train_batch_end(self, batch, logs=None):  # in the second epoch (4 steps each)
+            if self.when == "epoch 1" and self.model.optimizer.iterations.numpy() > 4 and not self.path.exists():
+                self.path.write_text("mine")
+
+        def on_train_end(self, logs=None):  # after the last epoch's checkpoints, before the model is put in place
+            if self.when == "end":
+                self.path.write_text("mine")
+
+    for where, when in (("checkpoints/keep-epoch0.keras", "epoch 1"), ("NOTES.md", "end")):
+        model_dir = tmp_path / when.replace(" ", "")
+        note = staging_dir(model_dir) / where
+        with pytest.raises(PipelineError, match=f"{where} was saved in .*partial while it trained; it is kept"):
+            train(tiny_settings(prepared, model_dir), extra_callbacks=[SaveNote(note, when)])
+        assert note.read_text() == "mine" and not model_dir.exists()
+        note.rename(tmp_path / note.name)  # moved away: the run finishes
+        train(tiny_settings(prepared, model_dir, resume=True))
+        assert (model_dir / "model.keras").is_file() and not staging_dir(model_dir).exists()
+        assert not (model_dir / note.name).exists() and not (model_dir / where).exists()
+        assert (tmp_path / note.name).read_text() == "mine"
+
+
 def _wait_for_lock(lock: Path, proc: subprocess.Popen) -> None:
     """Waits until the flock of `lock` is held (/proc/locks names its inode), or `proc` ends.
 
@@ -412,8 +446,10 @@ def test_a_folder_this_account_may_not_write_is_refused_before_any_work(tmp_path
     target = tmp_path / "ro" / "out"
     with atomic_dir(target, stage="demo") as tmp:
         (tmp / "a.txt").write_text("a")
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "b.txt").write_text("b")
     real = os.access
-    for read_only in (target.parent, target):
+    for read_only in (target.parent, target, target / "sub"):  # a folder in it too: its files would stay
         monkeypatch.setattr(os, "access", lambda p, mode, ro=read_only: Path(p) != ro and real(p, mode))
         with pytest.raises(PipelineError, match=f"Cannot write .*out: no permission to write in {read_only}"):
             check_output(target, "demo", overwrite=True)
