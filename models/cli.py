@@ -360,6 +360,14 @@ def prepared_datasets(root: str | Path) -> list[str]:
 def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
     """Runs a script's `main`: a `PipelineError` (or a `PermissionError`) becomes a one-line message and exit
     code 2, Ctrl-C the line "interrupted" and exit code 130 (outputs are left as they were: see models/io.py)."""
+    interrupted = []
+
+    def on_ctrl_c(signum, frame):
+        interrupted.append(True)
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, on_ctrl_c)
     try:
         code = main(argv)
     except PipelineError as err:
@@ -369,6 +377,11 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
         print(f"error: no permission: {err.strerror}: {err.filename}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception:  # Ctrl-C raised inside a native library's callback comes out as another error
+        if not interrupted:
+            raise
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)

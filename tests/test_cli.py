@@ -227,3 +227,29 @@ def test_ctrl_c_while_keras_loads_stops_the_run_after_it():
         os.kill(os.getpid(), signal.SIGINT)
         finished.append(True)  # the block is not cut short
     assert finished == [True] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ctrl_c_that_a_native_library_turns_into_another_error_still_reads_interrupted(capsys):
+    """Ctrl-C during a training step came out of TensorFlow as `SystemError: ... bad argument to internal
+    function` (a traceback, exit code 1): after a Ctrl-C, any error ends as "interrupted", 130."""
+    import signal
+
+    from models.cli import run
+
+    def interrupted_then_mangled(argv):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+        except KeyboardInterrupt:
+            raise SystemError("Objects/listobject.c:338: bad argument to internal function") from None
+
+    def plain_error(argv):
+        raise SystemError("a real bug")
+
+    try:
+        with pytest.raises(SystemExit) as code:
+            run(interrupted_then_mangled, [])
+        assert code.value.code == 130 and capsys.readouterr().err == "interrupted\n"
+        with pytest.raises(SystemError, match="a real bug"):  # without Ctrl-C, an error is what it is
+            run(plain_error, [])
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
