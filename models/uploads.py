@@ -49,7 +49,14 @@ VIDEO_TYPES = {
     "video/mpeg": ".mpg",
 }
 ZIP_TYPES = ("application/zip", "application/x-zip-compressed")
-TAR_TYPES = ("application/x-tar", "application/gzip", "application/x-gzip", "application/x-gtar")
+TAR_TYPES = (
+    "application/x-tar",
+    "application/gzip",
+    "application/x-gzip",
+    "application/x-gtar",
+    "application/x-bzip2",
+    "application/x-xz",
+)
 SNIFF_TYPES = ("application/octet-stream", "")
 ACCEPTED = (*VIDEO_TYPES, *ZIP_TYPES, *TAR_TYPES, "application/octet-stream")
 
@@ -118,7 +125,7 @@ def upload_kind(content_type: str | None, filename: str | None, data: bytes) -> 
             return "video", suffix
     if name.endswith(".zip"):
         return "zip", ""
-    if name.endswith((".tar", ".tar.gz", ".tgz")):
+    if name.endswith((".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")):
         return "tar", ""
     kind = media_type(content_type)
     if kind in VIDEO_TYPES:
@@ -130,7 +137,7 @@ def upload_kind(content_type: str | None, filename: str | None, data: bytes) -> 
     if kind in SNIFF_TYPES:
         if data[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
             return "zip", ""
-        if data[:2] == b"\x1f\x8b" or data[257:262] == b"ustar":
+        if data[:2] == b"\x1f\x8b" or data[:3] == b"BZh" or data[:6] == b"\xfd7zXZ\x00" or data[257:262] == b"ustar":
             return "tar", ""
         return "video", ".mp4"  # ffmpeg finds the container from its content, whatever the suffix
     raise UploadError(

@@ -259,6 +259,8 @@ def test_upload_kinds_and_archive_paths():
     assert upload_kind("video/mp4", None, b"") == ("video", ".mp4")
     assert upload_kind("application/octet-stream", None, b"PK\x03\x04...") == ("zip", "")
     assert upload_kind(None, "clip.AVI", b"") == ("video", ".avi")
+    for compressed in ("w:bz2", "w:xz"):  # a compressed tar sent as octet-stream is a tar, not a video
+        assert upload_kind("application/octet-stream", None, _tar({"1.png": b"1"}, mode=compressed)) == ("tar", "")
     with pytest.raises(UploadError) as err:
         upload_kind("text/plain", None, b"hello")
     assert err.value.status == 415
