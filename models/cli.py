@@ -366,8 +366,8 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
         interrupted.append(True)
         raise KeyboardInterrupt
 
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, on_ctrl_c)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, on_ctrl_c) if main_thread else None
     try:
         code = main(argv)
     except PipelineError as err:
@@ -384,6 +384,9 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
             raise
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
     sys.exit(code or 0)
 
 

@@ -222,11 +222,11 @@ def test_ctrl_c_while_keras_loads_stops_the_run_after_it():
 
     from models.cli import _interrupt_after
 
-    finished = []
+    finished, before = [], signal.getsignal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt), _interrupt_after():
         os.kill(os.getpid(), signal.SIGINT)
         finished.append(True)  # the block is not cut short
-    assert finished == [True] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert finished == [True] and signal.getsignal(signal.SIGINT) is before  # the handler it found
 
 
 def test_ctrl_c_that_a_native_library_turns_into_another_error_still_reads_interrupted(capsys):
@@ -245,11 +245,13 @@ def test_ctrl_c_that_a_native_library_turns_into_another_error_still_reads_inter
     def plain_error(argv):
         raise SystemError("a real bug")
 
+    before = signal.getsignal(signal.SIGINT)
     try:
         with pytest.raises(SystemExit) as code:
             run(interrupted_then_mangled, [])
         assert code.value.code == 130 and capsys.readouterr().err == "interrupted\n"
         with pytest.raises(SystemError, match="a real bug"):  # without Ctrl-C, an error is what it is
             run(plain_error, [])
+        assert signal.getsignal(signal.SIGINT) is before  # run() puts back the handler it found
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGINT, before)
